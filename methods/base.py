@@ -1,0 +1,99 @@
+"""The `Detector` interface every method implements, in the scikit-learn / pyod style.
+
+* Hyperparameters are constructor arguments (with defaults) stored unchanged as attributes,
+  so `get_params()` (from scikit-learn's `BaseEstimator`) lists them for the job record.
+* `fit(X)` learns from normal training images only.
+* `decision_function(X)` returns one float per image; higher = more anomalous.
+
+Input images are float32 arrays of shape (N, C, H, W) scaled to [0, 1] at native size;
+each detector does its own further preprocessing through `methods.preprocess`.
+"""
+from __future__ import annotations
+
+import abc
+from typing import Any, Callable, Iterator, Optional
+
+import numpy as np
+from sklearn.base import BaseEstimator
+
+# Called after every training epoch as callback(epoch_index_from_1, detector). The runner uses
+# it only for the optional per-epoch AUROC diagnostic; it never changes what is trained.
+EpochCallback = Callable[[int, "Detector"], None]
+
+
+class DivergedError(RuntimeError):
+    """Training produced a non-finite loss. The runner records the job as `diverged`."""
+
+    def __init__(self, epoch: int, step: int, detail: str = "non-finite loss") -> None:
+        self.epoch = epoch
+        self.step = step
+        self.detail = detail
+        super().__init__(f"{detail} at epoch {epoch}, step {step}")
+
+
+def check_positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def check_positive_float(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not np.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+
+
+def check_nonneg_float(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not np.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+
+
+def check_choice(name: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+
+
+def check_images(X: Any) -> np.ndarray:
+    """Validate the (N, C, H, W) float input every detector receives."""
+    X = np.asarray(X)
+    if X.ndim != 4:
+        raise ValueError(f"expected images of shape (N, C, H, W), got shape {X.shape}")
+    if X.shape[0] == 0:
+        raise ValueError("expected at least one image, got an empty array")
+    return X.astype(np.float32, copy=False)
+
+
+class Detector(BaseEstimator, abc.ABC):
+    """Base class. Subclasses implement `_check_params`, `fit` and `decision_function`."""
+
+    #: seconds-free, JSON-serialisable facts about training (losses, D re-inits, ...), set by fit.
+    training_log_: dict
+
+    def check_params(self) -> "Detector":
+        """Raise ValueError naming the bad hyperparameter. The runner calls this for every job
+        before any work starts, so a bad value is a usage error, not a failed job."""
+        self._check_params()
+        return self
+
+    def _check_params(self) -> None:  # pragma: no cover - default: nothing to check
+        pass
+
+    @abc.abstractmethod
+    def fit(self, X: np.ndarray, epoch_callback: Optional[EpochCallback] = None) -> "Detector":
+        ...
+
+    @abc.abstractmethod
+    def decision_function(self, X: np.ndarray) -> np.ndarray:
+        ...
+
+    def run_info(self) -> dict:
+        """Facts for the job record besides the hyperparameters (device, determinism, ...)."""
+        return {}
+
+
+def iterate_minibatches(n: int, batch_size: int, drop_last: bool, generator: Any, device: Any) -> Iterator[Any]:
+    """Shuffled index tensors on `device` for one epoch (torch.randperm with `generator`)."""
+    import torch
+
+    perm = torch.randperm(n, generator=generator, device=generator.device).to(device)
+    stop = n - n % batch_size if (drop_last and n >= batch_size) else n
+    for start in range(0, stop, batch_size):
+        yield perm[start:start + batch_size]

@@ -1,0 +1,77 @@
+"""The memory module of MemAE (Gong et al. 2019) as Mem_GANomaly uses it: METHOD.md eqs. 15-21,
+and the addressing-weight entropy of eqs. 28-30. Used as is by Mem_GANomaly (on the latent
+vector) and MemAE (on a feature map, one address per spatial position)."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class MemoryModule(nn.Module):
+    """Memory M in R^{N x C}, learned by backprop.
+
+    Args:
+        num_slots: N, the number of memory items.
+        dim: C, the feature dimension (Mem_GANomaly's nz).
+        shrink_threshold: lambda of eq. 18. None means 1/N, the documented default (the paper
+            gives none; MemAE's range is [1/N, 3/N]). 0 disables the hard-shrink gate.
+        addressing: "dot" (eq. 15, the default) or "cosine" (the MemAE paper's eq. 10).
+        eps: epsilon of eq. 18 and of the l1 renormalisation (MemAE's 1e-12).
+
+    forward(z) takes (B, C) vectors or (B, C, H, W) maps (or (B, C, 1, 1)) and returns
+    (z', w'): z' with z's shape, and the addressing weights w' with the slot axis at dim 1,
+    shape (B, N) or (B, N, H, W).
+    """
+
+    def __init__(self, num_slots: int, dim: int, shrink_threshold: Optional[float] = None,
+                 addressing: str = "dot", eps: float = 1e-12) -> None:
+        super().__init__()
+        if num_slots <= 0 or dim <= 0:
+            raise ValueError(f"num_slots and dim must be positive, got {num_slots}, {dim}")
+        if addressing not in ("dot", "cosine"):
+            raise ValueError(f"addressing must be 'dot' or 'cosine', got {addressing!r}")
+        self.num_slots = num_slots
+        self.dim = dim
+        self.shrink_threshold = 1.0 / num_slots if shrink_threshold is None else float(shrink_threshold)
+        if self.shrink_threshold < 0:
+            raise ValueError(f"shrink_threshold must be >= 0, got {shrink_threshold}")
+        self.addressing = addressing
+        self.eps = eps
+        bound = 1.0 / math.sqrt(dim)  # MemAE's init: U(-1/sqrt(C), 1/sqrt(C))
+        self.memory = nn.Parameter(torch.empty(num_slots, dim).uniform_(-bound, bound))
+
+    def address(self, queries: torch.Tensor) -> torch.Tensor:
+        """(B, C) queries -> (B, N) addressing weights w' (eqs. 15-20)."""
+        if self.addressing == "dot":
+            similarity = queries @ self.memory.t()                                        # (15)
+        else:
+            similarity = F.normalize(queries, dim=1) @ F.normalize(self.memory, dim=1).t()
+        weights = torch.softmax(similarity, dim=1)                                         # (16)
+        if self.shrink_threshold > 0:
+            shifted = weights - self.shrink_threshold
+            weights = F.relu(shifted) * weights / (shifted.abs() + self.eps)               # (18, 19)
+            # (20); F.normalize's eps makes an all-cut row give w' = 0, hence z' = 0, not NaN.
+            weights = F.normalize(weights, p=1, dim=1, eps=self.eps)
+        return weights
+
+    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if z.dim() == 2:
+            weights = self.address(z)
+            return weights @ self.memory, weights                                          # (21)
+        if z.dim() != 4 or z.shape[1] != self.dim:
+            raise ValueError(f"expected (B, {self.dim}) or (B, {self.dim}, H, W), got {tuple(z.shape)}")
+        b, c, h, w = z.shape
+        queries = z.permute(0, 2, 3, 1).reshape(-1, c)
+        weights = self.address(queries)
+        recalled = (weights @ self.memory).reshape(b, h, w, c).permute(0, 3, 1, 2)
+        return recalled, weights.reshape(b, h, w, self.num_slots).permute(0, 3, 1, 2)
+
+
+def addressing_entropy(weights: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """Eqs. 28-30: sum over slots (dim 1) of -w' log w', averaged over samples (and positions).
+    A zero weight contributes exactly zero, with a finite gradient (log is clamped at eps)."""
+    return -(weights * torch.log(weights.clamp_min(eps))).sum(dim=1).mean()
