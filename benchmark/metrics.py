@@ -1,0 +1,64 @@
+"""Metrics of the paper's section 4.1 (METHOD.md, 'Metrics').
+
+AUROC from the raw scores; scores min-max scaled to [0, 1] (eqs. 9 / 34); the threshold is the
+ROC point maximising Youden's J = TPR - FPR (chosen on the test labels, as the paper must have:
+optimistic, but that is what Table 4 reports). At that threshold, with NORMAL as the positive
+class: gmean = sqrt(recall on normals * recall on anomalies) (eq. 35), false-alarm rate = share
+of normal images flagged anomalous (eq. 36), miss rate = share of anomalies accepted as normal
+(eq. 37). An image is flagged anomalous when its scaled score is >= the threshold.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+from sklearn.metrics import roc_auc_score, roc_curve
+
+
+def _check(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    scores = np.asarray(scores, dtype=np.float64).ravel()
+    labels = np.asarray(labels).ravel()
+    if scores.shape != labels.shape:
+        raise ValueError(f"{len(scores)} scores but {len(labels)} labels")
+    bad = ~np.isfinite(scores)
+    if bad.any():
+        raise ValueError(f"{int(bad.sum())} of {len(scores)} scores are not finite (NaN or inf); "
+                         "the detector's output cannot be evaluated")
+    if not np.isin(labels, (0, 1)).all():
+        raise ValueError("labels must be 0 (normal) or 1 (anomaly)")
+    if len(np.unique(labels)) < 2:
+        raise ValueError("the test set holds only one class; AUROC and the Youden threshold need normal and anomalous images")
+    return scores, labels.astype(np.int64)
+
+
+def min_max_scale(scores: np.ndarray) -> np.ndarray:
+    """Eq. 34: (s - min) / (max - min); all-equal scores map to 0."""
+    scores = np.asarray(scores, dtype=np.float64)
+    low, span = scores.min(), np.ptp(scores)
+    return (scores - low) / span if span > 0 else np.zeros_like(scores)
+
+
+def youden_threshold(scores: np.ndarray, labels: np.ndarray) -> tuple[Optional[float], float, float]:
+    """(threshold, false-alarm rate, detection rate) at the ROC point maximising J.
+    Ties in J go to the highest threshold (scikit-learn's first such point). When no point beats
+    J = 0 (an inverted or useless detector) that is the "flag nothing" point, whose threshold
+    is +inf: returned as None."""
+    fpr, tpr, thresholds = roc_curve(labels, scores)  # positive = anomaly: fpr = false alarms
+    best = int(np.argmax(tpr - fpr))
+    threshold = float(thresholds[best]) if np.isfinite(thresholds[best]) else None
+    return threshold, float(fpr[best]), float(tpr[best])
+
+
+def evaluate(scores: np.ndarray, labels: np.ndarray) -> dict[str, Optional[float]]:
+    """All reported metrics for one task. `scores`: higher = more anomalous; labels: 1 = anomaly."""
+    scores, labels = _check(scores, labels)
+    scaled = min_max_scale(scores)
+    threshold, false_alarm_rate, detection_rate = youden_threshold(scaled, labels)
+    miss_rate = 1.0 - detection_rate
+    return {
+        "auroc": float(roc_auc_score(labels, scores)),
+        "gmean": float(np.sqrt((1.0 - false_alarm_rate) * detection_rate)),
+        "false_alarm_rate": false_alarm_rate,
+        "miss_rate": miss_rate,
+        "threshold": threshold,
+    }

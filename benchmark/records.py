@@ -1,0 +1,218 @@
+"""Job records on disk: one JSON record + one compressed .npz of per-image scores and labels
+per job, written atomically; per-job locks so concurrent runners never train a job twice at once.
+
+Layout: <results>/<profile>/<protocol>/<dataset>/<method>/class<k>_seed<s>.{json,npz,lock}
+(<profile> carries a "+tag" suffix for runs with overridden hyperparameters).
+The JSON is written last: a record exists only once its scores are safely on disk.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import numpy as np
+
+SCHEMA_VERSION = 1
+TMP_PREFIX = ".tmp-"
+REQUIRED_FIELDS = ("schema_version", "dataset", "normal_class", "method", "seed", "profile", "protocol", "status", "metrics")
+STATUSES = ("ok", "failed", "diverged")
+
+
+class ResultsWriteError(OSError):
+    """Writing into the results folder failed (disk full, read-only, ...). Names the path."""
+
+
+class UnreadableRecord(Exception):
+    """A record file that cannot be used (truncated, hand-edited, older format)."""
+
+
+@dataclass(frozen=True)
+class JobKey:
+    dataset: str
+    normal_class: int
+    method: str
+    seed: int
+    profile: str   # profile directory name, e.g. "quick" or "quick+epochs=2"
+    protocol: str
+
+    def directory(self, results_dir: Path) -> Path:
+        method_dir = self.method.replace(":", "-")  # pyod:knn -> pyod-knn
+        return Path(results_dir) / self.profile / self.protocol / self.dataset / method_dir
+
+    def stem(self) -> str:
+        return f"class{self.normal_class}_seed{self.seed}"
+
+    def json_path(self, results_dir: Path) -> Path:
+        return self.directory(results_dir) / f"{self.stem()}.json"
+
+    def scores_path(self, results_dir: Path) -> Path:
+        return self.directory(results_dir) / f"{self.stem()}.npz"
+
+    def lock_path(self, results_dir: Path) -> Path:
+        return self.directory(results_dir) / f"{self.stem()}.lock"
+
+    def label(self) -> str:
+        return f"{self.dataset}/{self.method}/class{self.normal_class}/seed{self.seed}"
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, (str, int, bool)) or value is None:
+        return value
+    return repr(value)
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    """write(file_object) into a temp file beside `path`, fsync, then rename over `path`."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{path.name}.", dir=path.parent)
+    except OSError as exc:
+        raise ResultsWriteError(exc.errno, f"cannot write results into {path.parent}: {exc.strerror}", str(path.parent)) from exc
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, path)
+    except BaseException as exc:
+        try:
+            os.unlink(tmp_name)
+        except OSError:
+            pass
+        if isinstance(exc, OSError):
+            raise ResultsWriteError(exc.errno, f"cannot write {path}: {exc.strerror or exc}", str(path)) from exc
+        raise
+
+
+def write_record(results_dir: Path, key: JobKey, record: dict, scores: Optional[np.ndarray], labels: Optional[np.ndarray]) -> Path:
+    """Scores first, then the JSON (the commit point). Returns the JSON path."""
+    if scores is not None:
+        _atomic_write(key.scores_path(results_dir),
+                      lambda handle: np.savez_compressed(handle, scores=np.asarray(scores, np.float64), labels=np.asarray(labels, np.int8)))
+        record = {**record, "scores_file": key.scores_path(results_dir).name}
+    text = json.dumps(_json_safe(record), indent=2, allow_nan=False, sort_keys=False) + "\n"
+    _atomic_write(key.json_path(results_dir), lambda handle: handle.write(text.encode()))
+    return key.json_path(results_dir)
+
+
+def read_record(path: Path) -> dict:
+    """Parse and validate a JSON record; UnreadableRecord says what is wrong with it."""
+    try:
+        record = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UnreadableRecord(f"{path}: unreadable record ({exc})") from exc
+    if not isinstance(record, dict):
+        raise UnreadableRecord(f"{path}: not a JSON object")
+    missing = [name for name in REQUIRED_FIELDS if name not in record]
+    if missing:
+        raise UnreadableRecord(f"{path}: missing fields {missing} (an older or hand-edited record)")
+    if record["schema_version"] != SCHEMA_VERSION:
+        raise UnreadableRecord(f"{path}: schema version {record['schema_version']!r}, this version reads {SCHEMA_VERSION}")
+    if record["status"] not in STATUSES:
+        raise UnreadableRecord(f"{path}: unknown status {record['status']!r}")
+    if record["status"] == "ok":
+        metrics = record["metrics"]
+        if not isinstance(metrics, dict) or not all(isinstance(metrics.get(m), (int, float)) for m in ("auroc", "gmean", "false_alarm_rate", "miss_rate")):
+            raise UnreadableRecord(f"{path}: status ok but metrics incomplete")
+        scores_file = Path(path).with_suffix(".npz")
+        if not scores_file.is_file():
+            raise UnreadableRecord(f"{path}: its scores file {scores_file.name} is missing")
+    return record
+
+
+def read_scores(json_path: Path) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        with np.load(Path(json_path).with_suffix(".npz")) as archive:
+            return archive["scores"], archive["labels"]
+    except Exception as exc:
+        raise UnreadableRecord(f"{Path(json_path).with_suffix('.npz')}: unreadable scores ({exc})") from exc
+
+
+def iter_records(results_dir: Path) -> Iterator[tuple[Path, Optional[dict], Optional[str]]]:
+    """Every *.json under results_dir as (path, record or None, error message or None)."""
+    for path in sorted(Path(results_dir).rglob("*.json")):
+        if path.name.startswith(TMP_PREFIX):
+            continue
+        try:
+            yield path, read_record(path), None
+        except UnreadableRecord as exc:
+            yield path, None, str(exc)
+
+
+def existing_record(results_dir: Path, key: JobKey) -> tuple[Optional[dict], Optional[str]]:
+    path = key.json_path(results_dir)
+    if not path.exists():
+        return None, None
+    try:
+        return read_record(path), None
+    except UnreadableRecord as exc:
+        return None, str(exc)
+
+
+class JobLock:
+    """An exclusive flock on the job's .lock file. The OS drops it when its holder dies, so a
+    crashed runner never blocks a job. Used as a context manager; `acquire(blocking=False)`
+    returns False when another live runner holds it."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._fd: Optional[int] = None
+
+    def acquire(self, blocking: bool = False) -> bool:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise ResultsWriteError(exc.errno, f"cannot create the lock file {self.path}: {exc.strerror}", str(self.path)) from exc
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except OSError as exc:
+            os.close(self._fd)
+            self._fd = None
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                return False
+            raise
+        return True
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> "JobLock":
+        self.acquire(blocking=True)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
+def remove_stray_temp_files(key: JobKey, results_dir: Path) -> list[Path]:
+    """Temp files a killed writer of this job left behind. Call only while holding its lock."""
+    directory = key.directory(results_dir)
+    if not directory.is_dir():
+        return []
+    removed = []
+    for path in directory.glob(f"{TMP_PREFIX}{key.stem()}.*"):
+        try:
+            path.unlink()
+            removed.append(path)
+        except OSError:
+            pass
+    return removed

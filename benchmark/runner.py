@@ -1,0 +1,257 @@
+"""The job runner: (dataset, class, method, seed, profile, protocol) -> one record.
+
+Every job is trained with a fixed budget, scored once, and written atomically; an existing
+`ok` or `diverged` record is skipped (a `failed` one is retried) unless `force`; a failing job
+is recorded and the rest go on; jobs run in parallel through joblib with per-worker thread
+limits; each dataset is read once per process.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import platform
+import signal
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+from benchmark.data import load_dataset
+from benchmark.metrics import evaluate
+from benchmark.records import (SCHEMA_VERSION, JobKey, JobLock, ResultsWriteError, existing_record,
+                               remove_stray_temp_files, write_record)
+from benchmark.splits import Subsample, Task, make_task
+
+# Test-set caps of the cheaper profiles (the same images for every method and seed).
+# quick: every normal test image and 5,000 sampled anomalies; smoke: a few hundred images.
+PROFILE_SUBSAMPLE = {
+    "paper": Subsample(),
+    "quick": Subsample(max_test_anomalous=5000),
+    "smoke": Subsample(max_train=200, max_test_normal=100, max_test_anomalous=200),
+}
+
+
+@dataclass(frozen=True)
+class Job:
+    key: JobKey
+    base_profile: str          # paper / quick / smoke (key.profile may carry a +tag)
+    params: dict               # constructor arguments, random_state and device included
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """What every job of one run shares (picklable, for joblib workers)."""
+    results_dir: Path
+    data_root: Optional[str]
+    download: bool
+    threads_per_job: int
+    track_auroc: bool
+    overrides: dict
+    provenance: dict           # versions, git commit, host, command
+
+
+@dataclass
+class JobOutcome:
+    key: JobKey
+    status: str                # ok / failed / diverged / claimed (another runner holds it)
+    message: str = ""
+    auroc: Optional[float] = None
+    seconds: float = 0.0
+
+
+def library_versions() -> dict:
+    import importlib.metadata as md
+
+    versions = {"python": platform.python_version()}
+    for dist in ("memgan-bench", "torch", "torchvision", "numpy", "scikit-learn", "pyod", "pandas", "joblib"):
+        try:
+            versions[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            versions[dist] = None
+    return versions
+
+
+def git_state() -> dict:
+    repo = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+    if commit.returncode != 0:
+        return {"commit": None, "dirty": None}
+    return {"commit": commit.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
+
+
+def provenance(argv: list[str]) -> dict:
+    return {"versions": library_versions(), "git": git_state(), "host": platform.node(),
+            "platform": platform.platform(), "cpu_count": os.cpu_count(), "command": " ".join(argv)}
+
+
+@lru_cache(maxsize=1)
+def _task(dataset: str, data_root: Optional[str], download: bool, normal_class: int, protocol: str, base_profile: str) -> Task:
+    """The last task is kept: jobs are ordered dataset -> class -> method -> seed."""
+    return make_task(load_dataset(dataset, data_root, download), normal_class, protocol, PROFILE_SUBSAMPLE[base_profile])
+
+
+def _limit_threads(threads: int) -> None:
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    torch.set_num_threads(threads)
+    threadpool_limits(threads)
+
+
+def build_detector(job: Job) -> Any:
+    from methods import get_method
+
+    return get_method(job.key.method).load()(**job.params)
+
+
+def run_job(job: Job, settings: RunSettings, blocking: bool = False) -> JobOutcome:
+    """Train, score and record one job. Only KeyboardInterrupt and results-folder write errors
+    escape: anything else the detector does is recorded as `failed` or `diverged`."""
+    from methods.base import DivergedError
+
+    key, results_dir = job.key, settings.results_dir
+    lock = JobLock(key.lock_path(results_dir))
+    if not lock.acquire(blocking=blocking):
+        return JobOutcome(key, "claimed", "another runner is working on this job")
+    try:
+        remove_stray_temp_files(key, results_dir)
+        done, _ = existing_record(results_dir, key)
+        if done is not None and done["status"] in ("ok", "diverged"):  # finished meanwhile by another runner
+            return JobOutcome(key, done["status"], "already recorded", (done.get("metrics") or {}).get("auroc"))
+        _limit_threads(settings.threads_per_job)
+        started = time.perf_counter()
+        record: dict[str, Any] = {
+            "schema_version": SCHEMA_VERSION, "dataset": key.dataset, "normal_class": key.normal_class,
+            "method": key.method, "seed": key.seed, "profile": key.profile, "base_profile": job.base_profile,
+            "protocol": key.protocol, "status": "failed", "metrics": None,
+            "hyperparameter_overrides": settings.overrides,
+        }
+        scores = labels = None
+        try:
+            task = _task(key.dataset, settings.data_root, settings.download, key.normal_class, key.protocol, job.base_profile)
+            subsample = PROFILE_SUBSAMPLE[job.base_profile]
+            record["sizes"] = task.sizes
+            record["sampling"] = {"sample_seed": task.sample_seed, "max_train": subsample.max_train,
+                                  "max_test_normal": subsample.max_test_normal,
+                                  "max_test_anomalous": subsample.max_test_anomalous}
+            detector = build_detector(job)
+            record["hyperparameters"] = detector.get_params()
+            record["method_class"] = f"{type(detector).__module__}.{type(detector).__name__}"
+            epoch_aurocs: list = []
+            callback = _auroc_tracker(task, epoch_aurocs) if settings.track_auroc else None
+            t0 = time.perf_counter()
+            detector.fit(task.x_train, epoch_callback=callback)
+            record["train_seconds"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            scores = detector.decision_function(task.x_test)
+            record["score_seconds"] = time.perf_counter() - t0
+            labels = task.y_test
+            record["run_info"] = detector.run_info()
+            record["training_log"] = getattr(detector, "training_log_", {})
+            if settings.track_auroc:
+                record["diagnostics"] = _auroc_summary(epoch_aurocs)
+            if not np.all(np.isfinite(scores)):
+                raise DivergedError(epoch=-1, step=-1, detail=f"{int((~np.isfinite(scores)).sum())} non-finite test scores")
+            record["metrics"] = evaluate(scores, labels)
+            record["status"] = "ok"
+        except DivergedError as exc:
+            record["status"] = "diverged"
+            record["divergence"] = {"epoch": exc.epoch, "step": exc.step, "detail": exc.detail}
+            record["error"] = {"type": "DivergedError", "message": str(exc), "traceback": traceback.format_exc()}
+            scores = None
+        except (KeyboardInterrupt, ResultsWriteError):
+            raise
+        except BaseException as exc:  # a detector bug, MemoryError, ...: recorded, the run goes on
+            record["status"] = "failed"
+            record["error"] = {"type": type(exc).__name__, "message": str(exc), "traceback": traceback.format_exc()}
+            scores = None
+        elapsed = time.perf_counter() - started
+        record.update({"seconds": elapsed, "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                       "threads": settings.threads_per_job, **settings.provenance})
+        record.setdefault("run_info", {"device": str(job.params.get("device", "cpu"))})
+        write_record(results_dir, key, record, scores, labels)
+        auroc = record["metrics"]["auroc"] if record["status"] == "ok" else None
+        message = record.get("error", {}).get("message", "") if record["status"] != "ok" else ""
+        return JobOutcome(key, record["status"], message, auroc, elapsed)
+    finally:
+        lock.release()
+
+
+def _auroc_tracker(task: Task, sink: list) -> Callable:
+    """Diagnostic only (never used to choose a model): AUROC of the test set after each epoch."""
+    from sklearn.metrics import roc_auc_score
+
+    def callback(epoch: int, detector: Any) -> None:
+        scores = detector.decision_function(task.x_test)
+        sink.append({"epoch": epoch, "auroc": float(roc_auc_score(task.y_test, scores)) if np.all(np.isfinite(scores)) else None})
+
+    return callback
+
+
+def _auroc_summary(epoch_aurocs: list) -> dict:
+    finite = [e for e in epoch_aurocs if e["auroc"] is not None]
+    best = max(finite, key=lambda e: e["auroc"]) if finite else None
+    return {"auroc_per_epoch": epoch_aurocs,
+            "best_epoch_on_test_OPTIMISTIC": best,
+            "note": "per-epoch test AUROC is a diagnostic of training dynamics; the reported metrics are the final model's"}
+
+
+def _install_sigterm_handler() -> None:
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+    if hasattr(signal, "SIGTERM"):
+        signal.signal(signal.SIGTERM, handler)
+
+
+def execute(jobs: list[Job], settings: RunSettings, n_parallel: int, progress: bool = True) -> list[JobOutcome]:
+    """Run the jobs (already filtered for existing records). Jobs another runner holds are
+    retried at the end, waiting for its lock, so they are done exactly once."""
+    from tqdm.auto import tqdm
+
+    _install_sigterm_handler()
+    outcomes: list[JobOutcome] = []
+    bar = tqdm(total=len(jobs), desc="jobs", unit="job", disable=not progress, dynamic_ncols=True)
+
+    def note(outcome: JobOutcome) -> None:
+        bar.update(1)
+        auroc = f"auroc={outcome.auroc:.4f}" if outcome.auroc is not None else outcome.status
+        bar.set_postfix_str(f"{outcome.key.label()} {auroc}")
+        if outcome.status in ("failed", "diverged"):
+            bar.write(f"[{outcome.status}] {outcome.key.label()}: {outcome.message.splitlines()[0] if outcome.message else ''}")
+
+    deferred: list[Job] = []
+    try:
+        if n_parallel <= 1:
+            for job in jobs:
+                outcome = run_job(job, settings)
+                (deferred.append(job) if outcome.status == "claimed" else (outcomes.append(outcome), note(outcome)))
+        else:
+            from joblib import Parallel, delayed
+
+            parallel = Parallel(n_jobs=n_parallel, return_as="generator_unordered", backend="loky")
+            by_key = {job.key: job for job in jobs}
+            for outcome in parallel(delayed(run_job)(job, settings) for job in jobs):
+                if outcome.status == "claimed":
+                    deferred.append(by_key[outcome.key])
+                else:
+                    outcomes.append(outcome)
+                    note(outcome)
+        for job in deferred:
+            bar.write(f"waiting for another runner to finish {job.key.label()}")
+            outcome = run_job(job, settings, blocking=True)
+            outcomes.append(outcome)
+            note(outcome)
+    finally:
+        bar.close()
+    return outcomes

@@ -1,0 +1,92 @@
+"""One-class tasks (METHOD.md, 'Split protocol'): one class is normal, the other nine anomalous.
+
+- protocol "paper" (default, the paper's section 4.1): train = the normal class's images of the
+  original training split; test = the anomalous images of the training split + the whole test split.
+- protocol "standard" (Deep SVDD / GANomaly papers): same train; test = the test split only.
+Labels: 1 = anomaly, 0 = normal. Images: float32 (N, C, H, W) in [0, 1] at native size.
+"""
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+from benchmark.data import Dataset
+
+PROTOCOLS = ("paper", "standard")
+
+
+@dataclass(frozen=True)
+class Subsample:
+    """Caps used by the cheaper profiles. Every cap draws with a seed fixed by (dataset, class,
+    protocol) alone, so every method and every seed sees the same images."""
+    max_train: Optional[int] = None
+    max_test_normal: Optional[int] = None
+    max_test_anomalous: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class Task:
+    dataset: str
+    normal_class: int
+    protocol: str
+    x_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    sample_seed: int
+
+    @property
+    def sizes(self) -> dict:
+        n_anomalous = int(self.y_test.sum())
+        return {"n_train": int(len(self.x_train)), "n_test": int(len(self.y_test)),
+                "n_test_normal": int(len(self.y_test) - n_anomalous), "n_test_anomalous": n_anomalous}
+
+
+def to_float(images: np.ndarray) -> np.ndarray:
+    return images.astype(np.float32) / np.float32(255.0)
+
+
+def _cap(indices: np.ndarray, cap: Optional[int], rng: np.random.Generator) -> np.ndarray:
+    if cap is None or len(indices) <= cap:
+        return indices
+    return np.sort(rng.choice(indices, size=cap, replace=False))
+
+
+def make_task(data: Dataset, normal_class: int, protocol: str = "paper",
+              subsample: Subsample = Subsample()) -> Task:
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r}; valid choices: {', '.join(PROTOCOLS)}")
+    if not 0 <= normal_class < len(data.class_names):
+        raise ValueError(f"normal class {normal_class} out of range 0-{len(data.class_names) - 1}")
+    sample_seed = zlib.crc32(f"{data.name}/{normal_class}/{protocol}".encode())
+    rng = np.random.default_rng(sample_seed)
+
+    train_idx = _cap(np.flatnonzero(data.train_labels == normal_class), subsample.max_train, rng)
+    test_normal = np.flatnonzero(data.test_labels == normal_class)
+    test_anomalous = np.flatnonzero(data.test_labels != normal_class)
+    pool = [(data.test_images, test_normal, test_anomalous)]
+    if protocol == "paper":
+        pool.append((data.train_images, np.array([], dtype=np.int64), np.flatnonzero(data.train_labels != normal_class)))
+
+    # Caps apply to the pooled normal / anomalous test images (the test split first, then train).
+    normal_parts = [(images, idx) for images, idx, _ in pool]
+    anomalous_parts = [(images, idx) for images, _, idx in pool]
+    x_normal = _take(normal_parts, subsample.max_test_normal, rng)
+    x_anomalous = _take(anomalous_parts, subsample.max_test_anomalous, rng)
+    x_test = np.concatenate([x_normal, x_anomalous])
+    y_test = np.concatenate([np.zeros(len(x_normal), np.int8), np.ones(len(x_anomalous), np.int8)])
+    return Task(data.name, normal_class, protocol, to_float(data.train_images[train_idx]), to_float(x_test),
+                y_test, sample_seed)
+
+
+def _take(parts: list, cap: Optional[int], rng: np.random.Generator) -> np.ndarray:
+    sizes = [len(idx) for _, idx in parts]
+    chosen = _cap(np.arange(sum(sizes)), cap, rng)
+    offsets = np.cumsum([0] + sizes)
+    pieces = []
+    for (images, idx), lo, hi in zip(parts, offsets[:-1], offsets[1:]):
+        local = chosen[(chosen >= lo) & (chosen < hi)] - lo
+        pieces.append(images[idx[local]])
+    return np.concatenate(pieces)

@@ -1,0 +1,297 @@
+"""f-AnoGAN (Schlegl et al. 2019) at 32 x 32 with DCGAN-sized networks (BASELINES.md, f-AnoGAN).
+
+Two stages, trained one after the other on the normal images (scaled to [-1, 1], MNIST-like
+images resized 28 -> 32):
+
+1. WGAN-GP (Gulrajani et al. 2017): generator G: z ~ N(0, I_128) -> image (the DCGAN decoder of
+   methods/blocks.py) and critic D = DCGAN feature pyramid (LayerNorm or no normalisation, never
+   BatchNorm: it couples the samples of a batch and breaks the per-sample gradient penalty)
+   + one linear layer. Critic loss D(fake) - D(real) + 10 * (||grad D(x_interp)|| - 1)^2,
+   5 critic steps per generator step, generator loss -D(G(z)); Adam lr 1e-4, betas (0, 0.9),
+   batch 64. The budget is counted as the authors count it: epochs of CRITIC batches, so one
+   epoch of N images is N / 64 critic steps and about N / 320 generator steps.
+2. izi_f encoder: a separate, freshly initialised encoder E (the critic's pyramid with BatchNorm,
+   then linear + tanh -> 128) trained with G (BatchNorm in inference mode) and D frozen on
+   loss = MSE(x, G(E(x))) + kappa * MSE(f(x), f(G(E(x)))), f = the critic's features before
+   its last linear layer; RMSProp lr 5e-5, 50,000 iterations at batch 64.
+
+Score of an image: the same two terms for that image, MSE_img + kappa * MSE_feat.
+
+Choices written down (the authors' TensorFlow code works at 64 x 64 with 4-block ResNets):
+* DCGAN-sized networks at 32 x 32 (ngf = ndf = 64); init N(0, 0.02) for convs (DCGAN), PyTorch's
+  default for the linear layers.
+* Random horizontal flips (p 0.5) in both stages are the authors' augmentation; they are a
+  constructor argument here (`hflip`) and OFF for digits (a mirrored digit is not a digit of the
+  class: flipping would teach the model that mirrored shapes are normal), ON for Fashion-MNIST
+  and CIFAR-10, whose objects are (roughly) mirror-symmetric classes.
+* RMSProp with PyTorch's defaults (alpha 0.99, eps 1e-8) besides the learning rate.
+* Stage 2's iterations run as consecutive shuffled epochs (last incomplete batch dropped),
+  stopping after exactly `encoder_iterations` steps.
+* The per-epoch callback (a diagnostic) runs only in stage 2 (before it the encoder is
+  untrained); epochs are numbered continuously over both stages (stage 2's first epoch is
+  gan_epochs + 1).
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from methods.base import (EpochCallback, check_choice, check_nonneg_float, check_positive_float,
+                          check_positive_int, iterate_minibatches)
+from methods.blocks import DCGANDecoder, DCGANFeatures, batch_norm, layer_norm
+from methods.preprocess import resize, to_minus_one_one
+from methods.torch_base import DivergenceMonitor, TorchDetector, init_dcgan_weights
+
+# Paper budgets: 7 critic-batch epochs of WGAN-GP, 50,000 encoder iterations (published for the
+# authors' OCT data; kept as published for every dataset here). Flips off for digits only.
+# quick: a CPU budget for MNIST (~6000 train + ~6000 test images per class, 2 threads), measured
+# on class 0 of real MNIST (see the module docstring of tests/test_f_anogan.py for nothing timed):
+# ndf = ngf = 32, 3 critic-batch epochs (~56 generator steps), 300 encoder iterations
+# -> about 45 s fit + score per class (measured, see report).
+PROFILES: dict = {
+    "paper": {
+        "mnist": {"hflip": False},
+        "fashion_mnist": {"hflip": True},
+        "cifar10": {"hflip": True},
+    },
+    "quick": {
+        "mnist": {"hflip": False, "ngf": 32, "ndf": 32, "gan_epochs": 3, "encoder_iterations": 300},
+        "fashion_mnist": {"hflip": True, "ngf": 32, "ndf": 32, "gan_epochs": 3, "encoder_iterations": 300},
+        "cifar10": {"hflip": True, "ngf": 32, "ndf": 32, "gan_epochs": 3, "encoder_iterations": 300},
+    },
+    "smoke": {"*": {"ngf": 8, "ndf": 8, "latent_dim": 16, "batch_size": 16, "gan_epochs": 1,
+                    "max_generator_steps": 2, "encoder_iterations": 4}},
+}
+
+
+# ---- networks ------------------------------------------------------------------------------
+class Critic(nn.Module):
+    """WGAN critic: DCGAN feature pyramid (no BatchNorm) -> flatten -> linear. `forward` returns
+    (critic value (B,), features f(x) (B, C*4*4) before the last linear layer)."""
+
+    def __init__(self, isize: int, nc: int, ndf: int, norm: str) -> None:
+        super().__init__()
+        # Without a normalisation layer the convs need their own bias.
+        self.features = DCGANFeatures(isize, nc, ndf, norm=layer_norm if norm == "layer_norm" else None,
+                                      bias=norm == "none")
+        self.linear = nn.Linear(self.features.out_channels * 16, 1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.features(x).flatten(1)
+        return self.linear(features).reshape(-1), features
+
+
+class Encoder(nn.Module):
+    """izi_f encoder: the critic's pyramid with BatchNorm -> flatten -> linear -> tanh."""
+
+    def __init__(self, isize: int, nc: int, ndf: int, latent_dim: int) -> None:
+        super().__init__()
+        self.features = DCGANFeatures(isize, nc, ndf, norm=batch_norm)
+        self.linear = nn.Linear(self.features.out_channels * 16, latent_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.linear(self.features(x).flatten(1)))
+
+
+# ---- losses ----------------------------------------------------------------------------------
+def gradient_penalty(critic: Callable[[torch.Tensor], torch.Tensor], real: torch.Tensor, fake: torch.Tensor,
+                     alpha: torch.Tensor, weight: float = 10.0) -> torch.Tensor:
+    """WGAN-GP penalty weight * mean_i (||grad_x D(x_i)||_2 - 1)^2 at x_i = alpha_i real_i +
+    (1 - alpha_i) fake_i (Gulrajani et al. 2017, eq. 3). `critic` maps (B, ...) -> (B,);
+    `alpha` broadcasts against the images (e.g. (B, 1, 1, 1), drawn U[0, 1])."""
+    interp = (alpha * real.detach() + (1.0 - alpha) * fake.detach()).requires_grad_(True)
+    (grad,) = torch.autograd.grad(critic(interp).sum(), interp, create_graph=True)
+    return weight * ((grad.flatten(1).norm(dim=1) - 1.0) ** 2).mean()
+
+
+def izif_terms(x: torch.Tensor, rec: torch.Tensor, f_x: torch.Tensor, f_rec: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample izi_f terms: (mean over pixels of (x - G(E(x)))^2, mean over features of
+    (f(x) - f(G(E(x))))^2), each (B,). Loss = batch mean of img + kappa * feat; score = per sample."""
+    return (x - rec).pow(2).flatten(1).mean(dim=1), (f_x - f_rec).pow(2).flatten(1).mean(dim=1)
+
+
+# ---- detector ---------------------------------------------------------------------------------
+class FAnoGAN(TorchDetector):
+    """f-AnoGAN with the izi_f encoder. All defaults are the authors' published settings
+    (BASELINES.md) except the networks (DCGAN-sized for 32 x 32) and `hflip` (see module doc)."""
+
+    def __init__(self, latent_dim: int = 128, ngf: int = 64, ndf: int = 64, image_size: int = 32,
+                 critic_norm: str = "layer_norm", batch_size: int = 64,
+                 gan_epochs: int = 7, max_generator_steps: Optional[int] = None, n_critic: int = 5,
+                 gp_weight: float = 10.0, gan_lr: float = 1e-4, gan_beta1: float = 0.0, gan_beta2: float = 0.9,
+                 encoder_iterations: int = 50_000, encoder_lr: float = 5e-5, kappa: float = 1.0,
+                 hflip: bool = False, random_state: int = 0, device: str = "auto",
+                 score_batch_size: int = 1024) -> None:
+        self.latent_dim = latent_dim                    # 128 (authors)
+        self.ngf = ngf                                  # 64 (DCGAN size, our choice at 32 x 32)
+        self.ndf = ndf                                  # 64 (idem; also the encoder's width)
+        self.image_size = image_size                    # 32: MNIST-like images resized 28 -> 32
+        self.critic_norm = critic_norm                  # "layer_norm" (authors' critic) or "none"
+        self.batch_size = batch_size                    # 64 (authors), both stages
+        self.gan_epochs = gan_epochs                    # 7 epochs counted in critic batches (authors)
+        self.max_generator_steps = max_generator_steps  # optional cap on stage 1 (None = no cap)
+        self.n_critic = n_critic                        # 5 critic steps per generator step
+        self.gp_weight = gp_weight                      # lambda_GP = 10
+        self.gan_lr = gan_lr                            # Adam 1e-4, betas (0, 0.9)
+        self.gan_beta1 = gan_beta1
+        self.gan_beta2 = gan_beta2
+        self.encoder_iterations = encoder_iterations    # 50,000 at batch 64 (authors)
+        self.encoder_lr = encoder_lr                    # RMSProp 5e-5 (authors)
+        self.kappa = kappa                              # 1 (authors), weight of the feature term
+        self.hflip = hflip                              # authors: True; here off for digits
+        self.random_state = random_state
+        self.device = device
+        self.score_batch_size = score_batch_size
+
+    def _check_params(self) -> None:
+        for name in ("latent_dim", "ngf", "ndf", "batch_size", "gan_epochs", "n_critic", "encoder_iterations"):
+            check_positive_int(name, getattr(self, name))
+        if self.max_generator_steps is not None:
+            check_positive_int("max_generator_steps", self.max_generator_steps)
+        check_positive_int("image_size", self.image_size)
+        if self.image_size < 16 or self.image_size & (self.image_size - 1):
+            raise ValueError(f"image_size must be a power of two >= 16, got {self.image_size!r}")
+        check_choice("critic_norm", self.critic_norm, ("layer_norm", "none"))
+        check_nonneg_float("gp_weight", self.gp_weight)
+        check_positive_float("gan_lr", self.gan_lr)
+        check_positive_float("encoder_lr", self.encoder_lr)
+        check_nonneg_float("kappa", self.kappa)
+        for name in ("gan_beta1", "gan_beta2"):
+            value = getattr(self, name)
+            check_nonneg_float(name, value)
+            if value >= 1:
+                raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+        if not isinstance(self.hflip, bool):
+            raise ValueError(f"hflip must be True or False, got {self.hflip!r}")
+
+    # ---- data ----
+    def _preprocess(self, x: torch.Tensor) -> torch.Tensor:
+        return to_minus_one_one(resize(x, self.image_size))
+
+    def _augment(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.hflip:
+            return x
+        flip = torch.rand(x.shape[0], generator=self.generator_, device=self.device_) < 0.5
+        return torch.where(flip[:, None, None, None], x.flip(-1), x)
+
+    def _noise(self, n: int) -> torch.Tensor:
+        return torch.randn(n, self.latent_dim, generator=self.generator_, device=self.device_)
+
+    def _networks(self) -> Iterable[nn.Module]:
+        return [net for net in (getattr(self, name, None) for name in ("netG_", "netD_", "netE_")) if net is not None]
+
+    # ---- training ----
+    def _fit(self, x_train: torch.Tensor, epoch_callback: Optional[EpochCallback]) -> None:
+        nc = x_train.shape[1]
+        self.netG_ = DCGANDecoder(self.image_size, nc, self.latent_dim, self.ngf).to(self.device_)
+        self.netD_ = Critic(self.image_size, nc, self.ndf, self.critic_norm).to(self.device_)
+        self.netE_ = Encoder(self.image_size, nc, self.ndf, self.latent_dim).to(self.device_)
+        for net in self._networks():
+            net.apply(init_dcgan_weights)
+        self.training_log_ = {"stage1": {"critic_loss": [], "wasserstein": [], "gradient_penalty": [],
+                                         "generator_loss": []},
+                              "stage2": {"loss": [], "img_mse": [], "feat_mse": []}}
+        epoch = self._train_gan(x_train)
+        self._train_encoder(x_train, epoch, epoch_callback)
+
+    def _train_gan(self, x: torch.Tensor) -> int:
+        """Stage 1, WGAN-GP. Returns the number of epochs run."""
+        G, D = self.netG_, self.netD_
+        G.train()
+        D.train()
+        opt_g = torch.optim.Adam(G.parameters(), lr=self.gan_lr, betas=(self.gan_beta1, self.gan_beta2))
+        opt_d = torch.optim.Adam(D.parameters(), lr=self.gan_lr, betas=(self.gan_beta1, self.gan_beta2))
+        critic_fn = lambda v: D(v)[0]  # noqa: E731
+        monitor = DivergenceMonitor(self.device_)
+        log = self.training_log_["stage1"]
+        critic_steps = generator_steps = 0
+        done = False
+        epoch = 0
+        while epoch < self.gan_epochs and not done:
+            epoch += 1
+            sums = torch.zeros(4, device=self.device_)  # critic loss, W estimate, GP, generator loss
+            n_d = n_g = 0
+            for idx in iterate_minibatches(len(x), self.batch_size, True, self.generator_, self.device_):
+                real = self._augment(x[idx])
+                with torch.no_grad():
+                    fake = G(self._noise(len(idx)))
+                alpha = torch.rand(len(idx), 1, 1, 1, generator=self.generator_, device=self.device_)
+                wasserstein = D(real)[0].mean() - D(fake)[0].mean()
+                gp = gradient_penalty(critic_fn, real, fake, alpha, self.gp_weight)
+                loss_d = gp - wasserstein
+                opt_d.zero_grad(set_to_none=True)
+                loss_d.backward()
+                opt_d.step()
+                critic_steps += 1
+                n_d += 1
+                monitor.update(critic_steps, loss_d)
+                sums[:3] += torch.stack([loss_d, wasserstein, gp]).detach()
+
+                if critic_steps % self.n_critic == 0:
+                    D.requires_grad_(False)
+                    loss_g = -D(G(self._noise(self.batch_size)))[0].mean()
+                    opt_g.zero_grad(set_to_none=True)
+                    loss_g.backward()
+                    opt_g.step()
+                    D.requires_grad_(True)
+                    generator_steps += 1
+                    n_g += 1
+                    monitor.update(critic_steps, loss_g)
+                    sums[3] += loss_g.detach()
+                    if self.max_generator_steps is not None and generator_steps >= self.max_generator_steps:
+                        done = True
+                        break
+            monitor.check(epoch)
+            means = (sums / torch.tensor([n_d, n_d, n_d, max(n_g, 1)], device=self.device_)).tolist()
+            for key, value in zip(("critic_loss", "wasserstein", "gradient_penalty", "generator_loss"), means):
+                log[key].append(value)
+        self.training_log_["stage1"].update(epochs=epoch, critic_steps=critic_steps, generator_steps=generator_steps)
+        return epoch
+
+    def _train_encoder(self, x: torch.Tensor, epoch: int, epoch_callback: Optional[EpochCallback]) -> None:
+        """Stage 2, izi_f: only E learns; G stays in BatchNorm inference mode, D is frozen."""
+        G, D, E = self.netG_, self.netD_, self.netE_
+        G.eval()
+        D.eval()
+        G.requires_grad_(False)
+        D.requires_grad_(False)
+        E.train()
+        opt = torch.optim.RMSprop(E.parameters(), lr=self.encoder_lr)
+        monitor = DivergenceMonitor(self.device_)
+        log = self.training_log_["stage2"]
+        step = 0
+        while step < self.encoder_iterations:
+            epoch += 1
+            sums = torch.zeros(3, device=self.device_)
+            n = 0
+            for idx in iterate_minibatches(len(x), self.batch_size, True, self.generator_, self.device_):
+                real = self._augment(x[idx])
+                rec = G(E(real))
+                img, feat = izif_terms(real, rec, D(real)[1], D(rec)[1])
+                img, feat = img.mean(), feat.mean()
+                loss = img + self.kappa * feat
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                step += 1
+                n += 1
+                monitor.update(step, loss)
+                sums += torch.stack([loss, img, feat]).detach()
+                if step >= self.encoder_iterations:
+                    break
+            monitor.check(epoch)
+            for key, value in zip(("loss", "img_mse", "feat_mse"), (sums / n).tolist()):
+                log[key].append(value)
+            self._end_epoch(epoch, epoch_callback)
+            G.eval()  # _end_epoch puts every network back in train mode; G must stay in inference mode
+            D.eval()
+        log.update(epochs=epoch - self.training_log_["stage1"]["epochs"], iterations=step)
+
+    # ---- score ----
+    def _score_batch(self, x: torch.Tensor) -> torch.Tensor:
+        rec = self.netG_(self.netE_(x))
+        img, feat = izif_terms(x, rec, self.netD_(x)[1], self.netD_(rec)[1])
+        return img + self.kappa * feat

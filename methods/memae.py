@@ -1,0 +1,220 @@
+"""MemAE (Gong et al. 2019): a convolutional autoencoder with the shared memory module on its
+bottleneck feature map (BASELINES.md, MemAE section; memory = METHOD.md eqs. 15-21, entropy =
+eqs. 28-30 as the shared `methods.memory` implements them).
+
+Network (written down here because neither the paper text nor the authors' code fixes it for
+images; BASELINES.md: "a few stride-2 convs with BN + ReLU, a mirrored transposed-conv decoder"):
+
+  encoder: for each width w in `widths`:  Conv(k3, s2, p1, no bias) BN ReLU
+  memory:  MemoryModule(num_slots, widths[-1]) addressing every spatial position separately
+  decoder: mirrored: ConvT(k3, s2, p1) BN ReLU per width in reverse, then ConvT(-> nc, bias)
+           + `output_activation` (default tanh, since the input is scaled to [-1, 1])
+
+Default widths (16, 32, 64) are those reimplementations quote from the MemAE paper for MNIST
+(Conv2(1,2,16)-Conv2(3,2,32)-Conv2(3,2,64); its first conv is 1x1 there, here 3x3 like the others
+so that no pixel is skipped); CIFAR-10's profile uses (64, 128, 256) (our choice). Sizes: native,
+no resizing: 28 -> 14 -> 7 -> 4 and 32 -> 16 -> 8 -> 4; the decoder's output paddings are
+computed from the encoder's sizes so any H x W comes back at its own size.
+
+Init: conv N(0, 0.02), BN weight N(1, 0.02), bias 0 (`init_dcgan_weights`); the memory keeps its
+uniform init. Loss: mean-reduced MSE + entropy_weight (0.0002) * addressing entropy. Adam lr 1e-4
+(default betas, no weight decay), 100 epochs, input in [-1, 1].
+
+Score (a documented choice, `score`): "mse" (default) = the per-image mean squared error over all
+channels and pixels in the [-1, 1] input space, the paper's reconstruction error; "position_l2" =
+the authors' video code: sqrt(sum over channels of r^2) per pixel, averaged over pixels.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from methods.base import (EpochCallback, check_choice, check_nonneg_float, check_positive_float,
+                          check_positive_int, iterate_minibatches)
+from methods.memory import MemoryModule, addressing_entropy
+from methods.preprocess import to_minus_one_one
+from methods.torch_base import DivergenceMonitor, TorchDetector, init_dcgan_weights
+
+MNIST_LIKE = {"num_slots": 100, "widths": (16, 32, 64)}
+# Quick profile timing (2 torch threads on the 2-core dev machine, MNIST class 0: 5923 train +
+# ~6000 test images): see the "quick" entry below.
+PROFILES: dict = {
+    # Paper: N = 100 for MNIST, 500 for CIFAR-10; Fashion-MNIST has no published N: MNIST's
+    # setting (same image size, same network) is used. 100 epochs everywhere (BASELINES.md).
+    "paper": {
+        "mnist": {**MNIST_LIKE, "epochs": 100},
+        "fashion_mnist": {**MNIST_LIKE, "epochs": 100},
+        "cifar10": {"num_slots": 500, "widths": (64, 128, 256), "epochs": 100},
+    },
+    # CPU budget (~30 s per MNIST class for fit + scoring 6000 test images, measured 2 threads).
+    "quick": {
+        "mnist": {**MNIST_LIKE, "epochs": 8},
+        "fashion_mnist": {**MNIST_LIKE, "epochs": 8},
+        "cifar10": {"num_slots": 500, "widths": (32, 64, 128), "epochs": 3},
+    },
+    "smoke": {"*": {"num_slots": 100, "widths": (8, 16, 32), "epochs": 1, "batch_size": 64,
+                    "max_steps_per_epoch": 10}},
+}
+
+
+def _conv_sizes(size: int, stages: int) -> list[int]:
+    """Spatial sizes through `stages` Conv(k3, s2, p1) layers: s -> ceil(s / 2)."""
+    sizes = [size]
+    for _ in range(stages):
+        sizes.append((sizes[-1] + 1) // 2)
+    return sizes
+
+
+class MemAENet(nn.Module):
+    """Encoder -> memory (per position) -> decoder; forward returns (x_hat, addressing weights)."""
+
+    def __init__(self, nc: int, height: int, width: int, widths: Sequence[int], num_slots: int,
+                 shrink_threshold: Optional[float], addressing: str, output_activation: str) -> None:
+        super().__init__()
+        hs, ws = _conv_sizes(height, len(widths)), _conv_sizes(width, len(widths))
+        enc: list[nn.Module] = []
+        channels = nc
+        for w in widths:
+            enc += [nn.Conv2d(channels, w, 3, 2, 1, bias=False), nn.BatchNorm2d(w), nn.ReLU(True)]
+            channels = w
+        self.encoder = nn.Sequential(*enc)
+        self.memory = MemoryModule(num_slots, widths[-1], shrink_threshold, addressing)
+        dec: list[nn.Module] = []
+        outs = list(reversed(widths[:-1])) + [nc]
+        for i, out in enumerate(outs):
+            stage = len(widths) - i  # ConvT k3 s2 p1 gives 2 s - 1 + output_padding
+            pad = (hs[stage - 1] - (2 * hs[stage] - 1), ws[stage - 1] - (2 * ws[stage] - 1))
+            last = i == len(outs) - 1
+            dec.append(nn.ConvTranspose2d(channels, out, 3, 2, 1, output_padding=pad, bias=last))
+            if not last:
+                dec += [nn.BatchNorm2d(out), nn.ReLU(True)]
+            channels = out
+        if output_activation == "tanh":
+            dec.append(nn.Tanh())
+        self.decoder = nn.Sequential(*dec)
+        self.encoder.apply(init_dcgan_weights)
+        self.decoder.apply(init_dcgan_weights)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z_hat, weights = self.memory(self.encoder(x))
+        return self.decoder(z_hat), weights
+
+
+def memae_loss(x: torch.Tensor, x_hat: torch.Tensor, weights: torch.Tensor,
+               entropy_weight: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """MemAE's objective: MSE (mean over all elements) + entropy_weight * addressing entropy
+    (eqs. 28-30: summed over slots, averaged over images and positions). Returns (total, mse, ent)."""
+    mse = F.mse_loss(x_hat, x)
+    entropy = addressing_entropy(weights)
+    return mse + entropy_weight * entropy, mse, entropy
+
+
+def reconstruction_error(x: torch.Tensor, x_hat: torch.Tensor, kind: str = "mse") -> torch.Tensor:
+    """Per-image anomaly score, shape (B,): "mse" = mean over C, H, W of (x - x_hat)^2;
+    "position_l2" = mean over H, W of the l2 norm over channels (the authors' video code)."""
+    residual = x - x_hat
+    if kind == "mse":
+        return residual.pow(2).flatten(1).mean(dim=1)
+    return residual.pow(2).sum(dim=1).sqrt().flatten(1).mean(dim=1)
+
+
+class MemAE(TorchDetector):
+    """Memory-augmented autoencoder; see the module docstring for every choice and its default.
+
+    Args:
+        num_slots: memory size N (paper: 100 MNIST, 500 CIFAR-10).
+        shrink_threshold: lambda; None = 1/N (the paper's range is [1/N, 3/N]).
+        addressing: "dot" (the authors' code) or "cosine" (the paper's text).
+        entropy_weight: weight of the addressing entropy (0.0002, the authors').
+        widths: encoder channel widths, one stride-2 conv each (our choice, see above).
+        output_activation: "tanh" (default, input in [-1, 1]) or "none" (the video code).
+        epochs, batch_size, lr: Adam lr 1e-4 and 100 epochs are the paper's; batch 64 is ours.
+        max_steps_per_epoch: optional cap on optimiser steps per epoch (None = whole epoch).
+        score: "mse" (default) or "position_l2" (see `reconstruction_error`).
+    """
+
+    def __init__(self, num_slots: int = 100, shrink_threshold: Optional[float] = None,
+                 addressing: str = "dot", entropy_weight: float = 0.0002,
+                 widths: Sequence[int] = (16, 32, 64), output_activation: str = "tanh",
+                 epochs: int = 100, batch_size: int = 64, lr: float = 1e-4,
+                 max_steps_per_epoch: Optional[int] = None, score: str = "mse",
+                 random_state: int = 0, device: str = "auto", score_batch_size: int = 1024) -> None:
+        self.num_slots = num_slots
+        self.shrink_threshold = shrink_threshold
+        self.addressing = addressing
+        self.entropy_weight = entropy_weight
+        self.widths = widths
+        self.output_activation = output_activation
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.lr = lr
+        self.max_steps_per_epoch = max_steps_per_epoch
+        self.score = score
+        self.random_state = random_state
+        self.device = device
+        self.score_batch_size = score_batch_size
+
+    def _check_params(self) -> None:
+        check_positive_int("num_slots", self.num_slots)
+        if self.shrink_threshold is not None:
+            check_nonneg_float("shrink_threshold", self.shrink_threshold)
+            if self.shrink_threshold >= 1:
+                raise ValueError(f"shrink_threshold must be < 1 (it cuts softmax weights), got {self.shrink_threshold!r}")
+        check_choice("addressing", self.addressing, ("dot", "cosine"))
+        check_nonneg_float("entropy_weight", self.entropy_weight)
+        if isinstance(self.widths, (str, bytes)) or not isinstance(self.widths, Sequence) or len(self.widths) == 0:
+            raise ValueError(f"widths must be a non-empty sequence of positive integers, got {self.widths!r}")
+        for w in self.widths:
+            check_positive_int("widths", w)
+        check_choice("output_activation", self.output_activation, ("tanh", "none"))
+        check_positive_int("epochs", self.epochs)
+        check_positive_int("batch_size", self.batch_size)
+        check_positive_float("lr", self.lr)
+        if self.max_steps_per_epoch is not None:
+            check_positive_int("max_steps_per_epoch", self.max_steps_per_epoch)
+        check_choice("score", self.score, ("mse", "position_l2"))
+
+    def _preprocess(self, x: torch.Tensor) -> torch.Tensor:
+        return to_minus_one_one(x)  # native size, no resizing (see the module docstring)
+
+    def _networks(self) -> Iterable[nn.Module]:
+        return [self.net_]
+
+    def _fit(self, x_train: torch.Tensor, epoch_callback: Optional[EpochCallback]) -> None:
+        nc, height, width = x_train.shape[1:]
+        self.net_ = MemAENet(nc, height, width, tuple(int(w) for w in self.widths), self.num_slots,
+                             self.shrink_threshold, self.addressing, self.output_activation).to(self.device_)
+        optimizer = torch.optim.Adam(self.net_.parameters(), lr=self.lr)
+        monitor = DivergenceMonitor(self.device_)
+        log = {"loss": [], "mse": [], "entropy": []}
+        self.net_.train()
+        step = 0
+        for epoch in range(1, self.epochs + 1):
+            sums = torch.zeros(3, device=self.device_)
+            n_steps = 0
+            for idx in iterate_minibatches(len(x_train), self.batch_size, False, self.generator_, self.device_):
+                if self.max_steps_per_epoch is not None and n_steps >= self.max_steps_per_epoch:
+                    break
+                x = x_train[idx]
+                x_hat, weights = self.net_(x)
+                loss, mse, entropy = memae_loss(x, x_hat, weights, self.entropy_weight)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                monitor.update(step, loss)
+                sums += torch.stack([loss.detach(), mse.detach(), entropy.detach()])
+                step += 1
+                n_steps += 1
+            monitor.check(epoch)
+            for key, value in zip(("loss", "mse", "entropy"), (sums / n_steps).tolist()):
+                log[key].append(value)
+            self._end_epoch(epoch, epoch_callback)
+        self.training_log_ = {"epoch_mean_" + key: values for key, values in log.items()}
+        self.training_log_["steps"] = step
+
+    def _score_batch(self, x: torch.Tensor) -> torch.Tensor:
+        x_hat, _ = self.net_(x)
+        return reconstruction_error(x, x_hat, self.score)
