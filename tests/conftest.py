@@ -39,7 +39,7 @@ def separable_task():
     return make_separable_task
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not (SHARED_DATA / "MNIST" / "raw").is_dir():
         pytest.fail(f"the real datasets are needed at {SHARED_DATA} (set MEMGAN_DATA)")
