@@ -60,11 +60,12 @@ def load_records(results_dir: Path, profile: str, protocol: Optional[str] = None
             "n_train": sizes.get("n_train"), "n_test": sizes.get("n_test"),
             "device": (record.get("run_info") or {}).get("device"),
             "git_commit": (record.get("git") or {}).get("commit"), "error": (record.get("error") or {}).get("message"),
+            "best_epoch_auroc_on_test": ((record.get("diagnostics") or {}).get("best_epoch_on_test_OPTIMISTIC") or {}).get("auroc"),
             "record": str(path.relative_to(Path(results_dir))),
         })
     columns = ["dataset", "normal_class", "class_name", "method", "label", "seed", "profile", "protocol", "status",
                "auroc", *THRESHOLD_METRICS, "threshold", "train_seconds", "score_seconds", "n_train", "n_test",
-               "device", "git_commit", "error", "record"]
+               "device", "git_commit", "error", "best_epoch_auroc_on_test", "record"]
     return pd.DataFrame(rows, columns=columns), problems
 
 
@@ -162,6 +163,57 @@ def table4(frame: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+def diagnostics_table(frame: pd.DataFrame, dataset: str) -> Optional[pd.DataFrame]:
+    """Final-model AUROC next to the best per-epoch AUROC on the test set, for runs made with
+    --track-auroc. The second number is OPTIMISTIC (picked on test labels): it is shown only to
+    compare with papers that report the best epoch, never as our result."""
+    subset = frame[(frame["dataset"] == dataset) & frame["best_epoch_auroc_on_test"].notna()]
+    if subset.empty:
+        return None
+    classes = CLASS_NAMES[dataset]
+    methods = [m for m in method_order(frame) if m in set(subset["label"])]
+    final, _ = _cell_frame(subset, "auroc", classes, methods)
+    best, _ = _cell_frame(subset, "best_epoch_auroc_on_test", classes, methods)
+    final.loc["mean"], best.loc["mean"] = final.mean(), best.mean()
+    table = pd.DataFrame({(m, kind): (final if kind == "final" else best)[m].map(_fmt)
+                          for m in methods for kind in ("final", "best epoch on test (optimistic)")})
+    table.columns = [f"{m}: {kind}" for m, kind in table.columns]
+    table.index.name = "normal class"
+    return table
+
+
+def auroc_figure(frame: pd.DataFrame, dataset: str, path: Path) -> None:
+    """Per-class AUROC, ours (filled) and the paper's (hollow), one colour per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    classes = CLASS_NAMES[dataset]
+    methods = method_order(frame)
+    ours, _ = _cell_frame(frame[frame["dataset"] == dataset], "auroc", classes, methods)
+    paper = reference_table(TABLES[dataset][1]).drop(index="mean")
+    fig, ax = plt.subplots(figsize=(10, 4))
+    width = 0.8 / len(methods)
+    for i, method in enumerate(methods):
+        x = np.arange(len(classes)) + (i - len(methods) / 2 + 0.5) * width
+        colour = f"C{i}"
+        ax.scatter(x, ours[method].to_numpy(), color=colour, label=f"{method} (ours)", s=18)
+        if method in paper.columns:
+            ax.scatter(x, paper[method].to_numpy(), facecolors="none", edgecolors=colour, s=18)
+    ax.set_xticks(np.arange(len(classes)), classes)
+    ax.set_ylabel("AUROC")
+    ax.set_title(f"{TITLES[dataset]}: ours (filled) vs paper (hollow)")
+    ax.legend(fontsize=7, ncol=4, loc="lower left")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{path.name}")
+    fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    tmp.replace(path)
+
+
 def _to_markdown(title: str, tables: list[tuple[str, pd.DataFrame]], footer: str) -> str:
     parts = [f"# {title}\n"]
     for caption, table in tables:
@@ -203,6 +255,15 @@ def write_reports(results_dir: Path, reports_dir: Path, profile: str, protocol: 
         tex_paired, _ = auroc_table(frame, dataset, latex=True)
         save(f"{stem}.md", _to_markdown(title, [("AUROC, ours (paper):", md_paired), ("Difference, ours - paper:", md_diff)], footer))
         save(f"{stem}.tex", _to_latex(title, [(f"{title}: ours (paper)", tex_paired), (f"{title}: ours - paper", md_diff)]))
+        if (frame["dataset"] == dataset).any():
+            figure = out_dir / f"{stem}.png"
+            auroc_figure(frame, dataset, figure)
+            written.append(figure)
+        diagnostics = diagnostics_table(frame, dataset)
+        if diagnostics is not None:
+            save(f"diagnostics_{dataset}{suffix}.md", _to_markdown(
+                f"Per-epoch diagnostic on {TITLES[dataset]}: final model vs best epoch ON THE TEST SET",
+                [("AUROC (the second number of each method is optimistic, chosen on test labels):", diagnostics)], footer))
     title = f"Table 4: mean threshold metrics on MNIST ({profile} profile, {protocol} protocol)"
     t4 = table4(frame)
     note = ("Threshold: the Youden-optimal ROC point on the test labels (the paper's rule; optimistic). "
