@@ -1,0 +1,140 @@
+"""MemAE: shapes, numerics of the loss and score against hand-worked values, determinism,
+score direction, hyperparameter validation and divergence handling. Tiny data, CPU, seconds."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+
+import methods.memae as memae
+from methods.base import DivergedError
+from methods.memae import PROFILES, MemAE, MemAENet, memae_loss, reconstruction_error
+
+TINY = dict(num_slots=10, widths=(4, 8), epochs=1, batch_size=16, device="cpu")
+
+
+@pytest.mark.parametrize("channels,size", [(1, 28), (3, 32)])
+@pytest.mark.parametrize("layout", ["position", "image"])
+def test_fit_and_score_shapes(separable_task, channels, size, layout):
+    X_train, X_test, _ = separable_task(n_train=32, n_test_normal=5, n_test_anomalous=5, channels=channels, size=size)
+    det = MemAE(**TINY, memory_layout=layout).fit(X_train)
+    scores = det.decision_function(X_test)
+    assert scores.shape == (10,) and scores.dtype == np.float64
+    assert np.isfinite(scores).all() and (scores >= 0).all()
+    assert len(det.training_log_["epoch_mean_loss"]) == 1 and det.training_log_["steps"] == 2
+    # Native size in, native size out (28 -> 14 -> 7 -> 4 and back through computed paddings).
+    x = torch.zeros(2, channels, size, size)
+    x_hat, weights = det.net_(x)
+    assert x_hat.shape == x.shape
+    expected = (2, 10, 7, 7) if size == 28 else (2, 10, 8, 8)
+    assert weights.shape == (expected if layout == "position" else (2, 10))
+
+
+@pytest.mark.parametrize("size", [20, 28, 31, 32])
+def test_decoder_restores_any_size(size):
+    net = MemAENet(1, size, size, (4, 8, 16), 10, None, "dot", "tanh")
+    assert net(torch.zeros(2, 1, size, size))[0].shape == (2, 1, size, size)
+
+
+def test_same_seed_same_scores_bit_for_bit(separable_task):
+    X_train, X_test, _ = separable_task(n_train=32, channels=1, size=28)
+    a = MemAE(**TINY, random_state=3).fit(X_train).decision_function(X_test)
+    b = MemAE(**TINY, random_state=3).fit(X_train).decision_function(X_test)
+    np.testing.assert_array_equal(a, b)
+    c = MemAE(**TINY, random_state=4).fit(X_train).decision_function(X_test)
+    assert not np.array_equal(a, c)
+
+
+@pytest.mark.parametrize("channels,size", [(1, 28), (3, 32)])
+def test_anomalies_score_higher(separable_task, channels, size):
+    X_train, X_test, y_test = separable_task(n_train=64, channels=channels, size=size)
+    det = MemAE(num_slots=10, widths=(4, 8), epochs=3, batch_size=16, lr=1e-3, device="cpu").fit(X_train)
+    assert roc_auc_score(y_test, det.decision_function(X_test)) > 0.9
+
+
+def test_loss_is_mse_plus_weighted_entropy():
+    # x = 0, x_hat = 0.5 everywhere: MSE = 0.25. Weights uniform over 4 slots at every position:
+    # entropy = ln 4 per position, and the mean over images and positions is ln 4 too.
+    x = torch.zeros(2, 1, 4, 4)
+    x_hat = torch.full_like(x, 0.5)
+    weights = torch.full((2, 4, 3, 3), 0.25)
+    total, mse, entropy = memae_loss(x, x_hat, weights, entropy_weight=0.0002)
+    assert mse.item() == pytest.approx(0.25)
+    assert entropy.item() == pytest.approx(math.log(4), rel=1e-6)
+    assert total.item() == pytest.approx(0.25 + 0.0002 * math.log(4), rel=1e-6)
+    # A one-hot address has zero entropy (0 log 0 = 0): the loss is the MSE alone.
+    one_hot = torch.zeros(2, 4, 3, 3)
+    one_hot[:, 1] = 1.0
+    assert memae_loss(x, x_hat, one_hot, 0.0002)[0].item() == pytest.approx(0.25)
+
+
+def test_reconstruction_error_by_hand():
+    x = torch.zeros(2, 2, 1, 2)
+    x_hat = torch.tensor([[[[3.0, 0.0]], [[4.0, 0.0]]],   # image 0: residuals (3, 4) at pixel 0
+                          [[[1.0, 1.0]], [[1.0, 1.0]]]])  # image 1: residual 1 everywhere
+    # mse: image 0 = (9 + 16) / 4; image 1 = 1.
+    np.testing.assert_allclose(reconstruction_error(x, x_hat, "mse").numpy(), [25 / 4, 1.0])
+    # position_l2: image 0 = mean(5, 0); image 1 = mean(sqrt 2, sqrt 2).
+    np.testing.assert_allclose(reconstruction_error(x, x_hat, "position_l2").numpy(), [2.5, math.sqrt(2)], rtol=1e-6)
+
+
+def test_scores_are_the_per_image_mse_in_minus_one_one_space(separable_task):
+    X_train, X_test, _ = separable_task(n_train=16, n_test_normal=3, n_test_anomalous=3)
+    det = MemAE(**TINY).fit(X_train)
+    x = torch.from_numpy(X_test) * 2 - 1
+    with torch.no_grad():
+        x_hat, _ = det.net_(x)
+    expected = ((x - x_hat) ** 2).mean(dim=(1, 2, 3)).double().numpy()
+    np.testing.assert_allclose(det.decision_function(X_test), expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("bad", [
+    {"num_slots": 0}, {"num_slots": 2.5}, {"epochs": 0}, {"epochs": -1}, {"batch_size": 0},
+    {"lr": 0.0}, {"lr": -1e-4}, {"lr": float("nan")}, {"entropy_weight": -1.0},
+    {"shrink_threshold": -0.01}, {"shrink_threshold": 1.0}, {"addressing": "l2"},
+    {"widths": ()}, {"widths": (8, 0)}, {"widths": "16"}, {"output_activation": "relu"},
+    {"score": "mae"}, {"memory_layout": "global"}, {"max_steps_per_epoch": 0},
+    {"random_state": -1}, {"score_batch_size": 0},
+])
+def test_bad_hyperparameters_raise_value_error(bad, separable_task):
+    det = MemAE(**{**TINY, **bad})
+    name = next(iter(bad))
+    with pytest.raises(ValueError, match=name):
+        det.check_params()
+    X_train, _, _ = separable_task(n_train=8)
+    with pytest.raises(ValueError):
+        det.fit(X_train)
+
+
+def test_non_finite_loss_raises_diverged_error(separable_task, monkeypatch):
+    def nan_loss(*args, **kwargs):
+        total, mse, entropy = memae_loss(*args, **kwargs)
+        return total * float("nan"), mse, entropy
+
+    monkeypatch.setattr(memae, "memae_loss", nan_loss)
+    X_train, _, _ = separable_task(n_train=32)
+    with pytest.raises(DivergedError) as info:
+        MemAE(**TINY).fit(X_train)
+    assert info.value.epoch == 1 and info.value.step == 0
+
+
+def test_huge_learning_rate_diverges_cleanly(separable_task):
+    X_train, _, _ = separable_task(n_train=32)
+    with pytest.raises(DivergedError):
+        MemAE(**{**TINY, "epochs": 3}, lr=1e30).fit(X_train)
+
+
+def test_epoch_callback_and_profiles():
+    calls = []
+    X_train = np.random.default_rng(0).random((16, 1, 28, 28), dtype=np.float32)
+    MemAE(**{**TINY, "epochs": 2}).fit(X_train, epoch_callback=lambda epoch, det: calls.append(epoch))
+    assert calls == [1, 2]
+    for profile in ("paper", "quick", "smoke"):
+        for settings in PROFILES[profile].values():
+            assert "random_state" not in settings and "device" not in settings
+            MemAE(**settings).check_params()
+    assert PROFILES["paper"]["mnist"]["num_slots"] == 100 and PROFILES["paper"]["cifar10"]["num_slots"] == 500
+    assert MemAE().lr == 1e-4 and MemAE().epochs == 100 and MemAE().entropy_weight == 0.0002
