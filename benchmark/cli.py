@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from benchmark.data import CLASS_NAMES, DATASETS, DataError, load_dataset, resolve_data_root
-from benchmark.records import JobKey, ResultsWriteError, existing_record
+from benchmark.records import JobKey, ResultsWriteError, existing_record, iter_records, remove_idle_stray_temp_files
 from benchmark.reports import write_reports
 from benchmark.runner import Job, RunSettings, execute, provenance
 from benchmark.splits import PROTOCOLS
@@ -180,7 +180,7 @@ def build_jobs(args: argparse.Namespace) -> list[Job]:
                     if "device" in accepted:
                         params["device"] = args.device
                     key = JobKey(dataset, normal_class, method, seed, args.profile_dir, args.protocol)
-                    jobs.append(Job(key, args.profile, params))
+                    jobs.append(Job(key, args.profile, params, spec.target))
     return jobs
 
 
@@ -211,6 +211,9 @@ def check_writable(directory: Path) -> None:
 
 
 def _report(args: argparse.Namespace) -> None:
+    for _, _, problem in iter_records(Path(args.results_dir) / args.profile_dir):
+        if problem:
+            print(f"warning: {problem}; treated as missing in the tables", file=sys.stderr)
     files = write_reports(Path(args.results_dir), Path(args.reports_dir), args.profile_dir, args.protocol)
     print(f"reports written to {Path(args.reports_dir) / args.profile_dir} ({len(files)} files)")
 
@@ -245,6 +248,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             unreadable.append(problem)
         if record is not None and record["status"] in ("ok", "diverged"):
             already.append(record["status"])
+            remove_idle_stray_temp_files(job.key, results_dir)
         else:
             pending.append(job)
     for problem in unreadable:
@@ -253,7 +257,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           f"(profile {args.profile_dir}, protocol {args.protocol}, data {resolve_data_root(args.data_root)})")
     settings = RunSettings(results_dir=results_dir, data_root=args.data_root, download=not args.no_download,
                            threads_per_job=max(1, (os.cpu_count() or 1) // min(args.n_jobs, max(1, len(pending)))),
-                           track_auroc=args.track_auroc, overrides=args.override_map, provenance=provenance(["run_all.py", *argv]))
+                           track_auroc=args.track_auroc, overrides=args.override_map, provenance=provenance(["run_all.py", *argv]),
+                           force=args.force, started_at=time.time())
     started = time.perf_counter()
     exit_code = 0
     try:

@@ -14,6 +14,7 @@ import gzip
 import hashlib
 import os
 import pickle
+import zlib
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -97,26 +98,35 @@ def _md5(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _check_known_checksum(path: Path, root: Path, name: str) -> None:
+def _check_known_checksum(path: Path, root: Path, name: str, data: Optional[bytes] = None) -> None:
+    """`data`: a .gz file's decompressed bytes, checked against the uncompressed file's MD5."""
     key = path.relative_to(root).as_posix() if path.is_relative_to(root) else None
+    if key and data is not None:
+        key = key.removesuffix(".gz")
     expected = KNOWN_MD5.get(key or "")
-    official_size = CIFAR_BIN_SIZE if key and key.endswith(".bin") else OFFICIAL_SIZES.get(path.name)
-    if expected and official_size == path.stat().st_size and _md5(path) != expected:
-        raise DataError(f"{path}: checksum mismatch (MD5 differs from the official file's {expected}); "
-                        f"the file is corrupt. {_how_to_fix(name, root)}")
+    size = len(data) if data is not None else path.stat().st_size
+    official_size = CIFAR_BIN_SIZE if key and key.endswith(".bin") else OFFICIAL_SIZES.get(path.name.removesuffix(".gz"))
+    if expected and official_size == size and (_md5(path) if data is None else hashlib.md5(data).hexdigest()) != expected:
+        raise DataError(f"{path}: checksum mismatch (MD5{' of its decompressed content' if data is not None else ''} differs "
+                        f"from the official file's {expected}); the file is corrupt. {_how_to_fix(name, root)}")
 
 
-def _read_bytes(path: Path) -> bytes:
-    if path.suffix == ".gz":
-        with gzip.open(path, "rb") as handle:
-            return handle.read()
-    return path.read_bytes()
+def _read_bytes(path: Path, root: Path, name: str) -> bytes:
+    try:
+        if path.suffix == ".gz":
+            with gzip.open(path, "rb") as handle:
+                return handle.read()
+        return path.read_bytes()
+    except (OSError, EOFError, zlib.error) as exc:  # unreadable, or a truncated / corrupt .gz
+        raise DataError(f"{path}: cannot read ({exc}). {_how_to_fix(name, root)}") from exc
 
 
 def read_idx(path: Path, expected_magic: int, root: Optional[Path] = None, name: str = "the dataset") -> np.ndarray:
     """Read an IDX file (images: magic 2051, (N, rows, cols); labels: magic 2049, (N,))."""
     root = root or path.parent
-    raw = _read_bytes(path)
+    raw = _read_bytes(path, root, name)
+    if path.suffix == ".gz":
+        _check_known_checksum(path, root, name, raw)
     kind = "images" if expected_magic == IDX_IMAGES_MAGIC else "labels"
     if len(raw) < 8:
         raise DataError(f"{path}: truncated IDX {kind} file ({len(raw)} bytes, expected a header of at least 8). {_how_to_fix(name, root)}")
@@ -160,7 +170,7 @@ def _load_mnist_like(name: str, root: Path) -> Dataset:
             _check_known_checksum(path, root, name)
         images = read_idx(paths["images"], IDX_IMAGES_MAGIC, root, name)
         labels = _check_labels(read_idx(paths["labels"], IDX_LABELS_MAGIC, root, name), paths["labels"], root, name)
-        if images.ndim != 3 or labels.ndim != 1:
+        if images.ndim != 3 or images.shape[1:] != (28, 28) or labels.ndim != 1:
             raise DataError(f"{paths['images']}: expected (N, 28, 28) images and (N,) labels, got {images.shape} and {labels.shape}. {_how_to_fix(name, root)}")
         if len(images) != len(labels):
             raise DataError(f"{paths['images']} holds {len(images)} images but {paths['labels']} holds {len(labels)} labels; "
@@ -254,11 +264,11 @@ def _load_cached(name: str, root: Path, download: bool) -> Dataset:
         return loader(root)
     except FileNotFoundError as missing:
         if not download:
-            raise DataError(f"{missing.filename}: file not found; expected the {name} files under {root} in torchvision's "
+            raise DataError(f"{missing.filename or missing.args[0]}: file not found; expected the {name} files under {root} in torchvision's "
                             f"layout (see README.md, 'Data'). Run without --no-download to fetch them, or pass --data-root "
                             f"pointing at a folder that has them.") from None
     _download(name, root)
     try:
         return loader(root)
     except FileNotFoundError as missing:
-        raise DataError(f"{missing.filename}: still missing after the download into {root}.") from None
+        raise DataError(f"{missing.filename or missing.args[0]}: still missing after the download into {root}.") from None

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import tempfile
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -81,6 +82,7 @@ def _atomic_write(path: Path, write: Any) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{path.name}.", dir=path.parent)
+        os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide records from the other users of a shared folder
     except OSError as exc:
         raise ResultsWriteError(exc.errno, f"cannot write results into {path.parent}: {exc.strerror}", str(path.parent)) from exc
     try:
@@ -100,14 +102,26 @@ def _atomic_write(path: Path, write: Any) -> None:
 
 
 def write_record(results_dir: Path, key: JobKey, record: dict, scores: Optional[np.ndarray], labels: Optional[np.ndarray]) -> Path:
-    """Scores first, then the JSON (the commit point). Returns the JSON path."""
+    """Scores first, then the JSON (the commit point). Returns the JSON path. A random
+    `scores_id` in both pairs them: a run killed between the two renames (with --force, over an
+    older record) leaves a JSON whose scores file is not its own, which read_record rejects."""
     if scores is not None:
+        scores_id = uuid.uuid4().hex
         _atomic_write(key.scores_path(results_dir),
-                      lambda handle: np.savez_compressed(handle, scores=np.asarray(scores, np.float64), labels=np.asarray(labels, np.int8)))
-        record = {**record, "scores_file": key.scores_path(results_dir).name}
+                      lambda handle: np.savez_compressed(handle, scores=np.asarray(scores, np.float64), labels=np.asarray(labels, np.int8),
+                                                         scores_id=np.array(scores_id)))
+        record = {**record, "scores_file": key.scores_path(results_dir).name, "scores_id": scores_id}
     text = json.dumps(_json_safe(record), indent=2, allow_nan=False, sort_keys=False) + "\n"
     _atomic_write(key.json_path(results_dir), lambda handle: handle.write(text.encode()))
     return key.json_path(results_dir)
+
+
+def _is_int(value: Any, low: int, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def _is_finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def read_record(path: Path) -> dict:
@@ -125,13 +139,29 @@ def read_record(path: Path) -> dict:
         raise UnreadableRecord(f"{path}: schema version {record['schema_version']!r}, this version reads {SCHEMA_VERSION}")
     if record["status"] not in STATUSES:
         raise UnreadableRecord(f"{path}: unknown status {record['status']!r}")
+    # Hand edits the tables would trip over, or a record that is not this file's job.
+    if not (_is_int(record["normal_class"], 0, 9) and _is_int(record["seed"], 0, 2**32 - 1)
+            and all(isinstance(record[name], str) for name in ("dataset", "method", "profile", "protocol"))):
+        raise UnreadableRecord(f"{path}: bad dataset / normal_class / method / seed / profile / protocol values")
+    if Path(path).stem != f"class{record['normal_class']}_seed{record['seed']}":
+        raise UnreadableRecord(f"{path}: holds the record of class {record['normal_class']}, seed {record['seed']}")
     if record["status"] == "ok":
         metrics = record["metrics"]
-        if not isinstance(metrics, dict) or not all(isinstance(metrics.get(m), (int, float)) for m in ("auroc", "gmean", "false_alarm_rate", "miss_rate")):
+        if not isinstance(metrics, dict) or not all(_is_finite(metrics.get(m)) for m in ("auroc", "gmean", "false_alarm_rate", "miss_rate")):
             raise UnreadableRecord(f"{path}: status ok but metrics incomplete")
         scores_file = Path(path).with_suffix(".npz")
         if not scores_file.is_file():
             raise UnreadableRecord(f"{path}: its scores file {scores_file.name} is missing")
+        try:  # opens the zip directory (a truncated file has none) and reads the tiny id only
+            with np.load(scores_file) as archive:
+                names = set(archive.files)
+                scores_id = str(archive["scores_id"]) if "scores_id" in names else None
+        except Exception as exc:
+            raise UnreadableRecord(f"{scores_file}: unreadable scores ({exc})") from exc
+        if not {"scores", "labels"} <= names:
+            raise UnreadableRecord(f"{scores_file}: no scores / labels arrays")
+        if "scores_id" in record and scores_id != record["scores_id"]:
+            raise UnreadableRecord(f"{path}: its scores file {scores_file.name} belongs to another run (interrupted rewrite)")
     return record
 
 
@@ -216,3 +246,17 @@ def remove_stray_temp_files(key: JobKey, results_dir: Path) -> list[Path]:
         except OSError:
             pass
     return removed
+
+
+def remove_idle_stray_temp_files(key: JobKey, results_dir: Path) -> list[Path]:
+    """The same for a job that will not run (already recorded, e.g. a --force rewrite was killed):
+    skipped while a live runner holds its lock, as the temp files are then that runner's."""
+    if not any(key.directory(results_dir).glob(f"{TMP_PREFIX}{key.stem()}.*")):
+        return []
+    lock = JobLock(key.lock_path(results_dir))
+    if not lock.acquire(blocking=False):
+        return []
+    try:
+        return remove_stray_temp_files(key, results_dir)
+    finally:
+        lock.release()

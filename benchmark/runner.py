@@ -42,6 +42,8 @@ class Job:
     key: JobKey
     base_profile: str          # paper / quick / smoke (key.profile may carry a +tag)
     params: dict               # constructor arguments, random_state and device included
+    target: str = ""           # the method's "module:Class", so a method registered at run time
+                               # (a plugin, a test detector) also loads in parallel workers
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,8 @@ class RunSettings:
     track_auroc: bool
     overrides: dict
     provenance: dict           # versions, git commit, host, command
+    force: bool = False        # --force: retrain jobs recorded before this run began ...
+    started_at: float = 0.0    # ... (time.time() at its start; newer records are another runner's)
 
 
 @dataclass
@@ -110,9 +114,10 @@ def _limit_threads(threads: int) -> None:
 
 
 def build_detector(job: Job) -> Any:
-    from methods import get_method
+    from methods import MethodSpec, get_method
 
-    return get_method(job.key.method).load()(**job.params)
+    spec = MethodSpec(job.key.method, job.key.method, job.target) if job.target else get_method(job.key.method)
+    return spec.load()(**job.params)
 
 
 def run_job(job: Job, settings: RunSettings, blocking: bool = False) -> JobOutcome:
@@ -127,7 +132,9 @@ def run_job(job: Job, settings: RunSettings, blocking: bool = False) -> JobOutco
     try:
         remove_stray_temp_files(key, results_dir)
         done, _ = existing_record(results_dir, key)
-        if done is not None and done["status"] in ("ok", "diverged"):  # finished meanwhile by another runner
+        # Finished meanwhile by another runner (with --force: recorded since this run began).
+        if done is not None and done["status"] in ("ok", "diverged") and not (
+                settings.force and key.json_path(results_dir).stat().st_mtime < settings.started_at):
             return JobOutcome(key, done["status"], "already recorded", (done.get("metrics") or {}).get("auroc"))
         _limit_threads(settings.threads_per_job)
         started = time.perf_counter()
