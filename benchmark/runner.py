@@ -12,10 +12,9 @@ import os
 import platform
 import signal
 import subprocess
-import sys
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Optional
