@@ -1,0 +1,243 @@
+"""Speed benchmark of the registered detectors (a benchmark script, not a test).
+
+    python -m benchmark.speed [--methods ganomaly mem_ganomaly] [--device cpu] [--threads 2]
+
+For every method in `methods.REGISTRY` (or --methods) it builds the detector from its `quick`
+settings for CIFAR-10 (32 x 32 x 3 input), with every constructor argument whose name contains
+"epoch" set to --epochs and `batch_size` set to 64, and on synthetic 32 x 32 x 3 images in
+[0, 1] measures, on the current device:
+
+* training images/second: (training images x epochs) / the wall time of fit(), after a short
+  warm-up fit (one "training image" is one image of one epoch, of every stage for the methods
+  that train in stages, since all their epoch arguments are set alike);
+* scoring images/second: decision_function() on --n-score images with the method's own
+  score batch size, and (`@64`) with `score_batch_size=64` where the method has that argument;
+* FLOPs per training image, counted with torch.utils.flop_counter.FlopCounterMode over a
+  1-epoch fit (matmuls and convolutions, forward and backward), and the achieved GFLOP/s
+  against the machine's fp32 matmul peak, measured here with a big torch.mm.
+A method whose module does not import (or cannot be built) is reported as unavailable.
+
+When anomalib is importable, its GANomaly is timed in the same run: its Lightning module's own
+training_step (G and D updates, with its optimisers, at batch 64, 32 x 32 x 3) and its scoring
+(the torch model in eval mode under inference_mode). Data loading and Lightning's loop are left
+out, which favours anomalib. Without anomalib the issue's reference figures are printed,
+labelled as quoted, not measured.
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import time
+import types
+import warnings
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from methods import REGISTRY, get_method
+from methods.torch_base import resolve_device
+
+BATCH = 64
+# anomalib GANomaly on this project's 2-core CPU machine type, from the issue: quoted, not measured.
+ANOMALIB_QUOTED = {"train_img_s": 175.0, "peak_fraction": 0.83, "peak_gflops": 170.0, "score_img_s": 830.0}
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak_gflops(device: torch.device, repeats: int = 5) -> float:
+    """fp32 torch.mm peak: the best of `repeats` products of two n x n matrices."""
+    n = 8192 if device.type == "cuda" else 2048
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+    torch.mm(a, b)
+    synchronize(device)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n ** 3 / best / 1e9
+
+
+def count_flops(fn: Callable[[], Any]) -> int:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def timed(fn: Callable[[], Any], device: torch.device) -> float:
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def build(name: str, device: str, epochs: int, **extra: Any) -> tuple[Any, dict]:
+    """The method's quick CIFAR-10 settings with the benchmark's overrides (returned too)."""
+    spec = get_method(name)
+    cls = spec.load()
+    settings = spec.settings("quick", "cifar10")
+    accepted = inspect.signature(cls).parameters
+    overrides = {key: epochs for key in accepted if "epoch" in key}
+    if "batch_size" in accepted:
+        overrides["batch_size"] = BATCH
+    overrides.update({key: value for key, value in extra.items() if key in accepted})
+    for key, value in (("device", device), ("random_state", 0)):
+        if key in accepted:
+            overrides[key] = value
+    return cls(**{**settings, **overrides}), overrides
+
+
+def bench_method(name: str, args: argparse.Namespace, device: torch.device, rng: np.random.Generator) -> dict:
+    x_train = rng.random((args.n_train, 3, 32, 32), dtype=np.float32)
+    x_score = rng.random((args.n_score, 3, 32, 32), dtype=np.float32)
+    # Warm-up (allocator, oneDNN primitives, lazy CUDA init), also the 1-epoch fit for the FLOPs.
+    warm, _ = build(name, args.device, 1)
+    flop_images = x_train[:4 * BATCH]
+    train_flops = count_flops(lambda: warm.fit(flop_images))
+    score_flops = count_flops(lambda: warm.decision_function(x_score[:BATCH]))
+
+    detector, overrides = build(name, args.device, args.epochs)
+    fit_s = timed(lambda: detector.fit(x_train), device)
+    detector.decision_function(x_score[:BATCH])
+    score_s = timed(lambda: detector.decision_function(x_score), device)
+    result = {
+        "overrides": overrides, "fit_s": fit_s,
+        "train_img_s": args.n_train * args.epochs / fit_s,
+        "score_img_s": args.n_score / score_s,
+        "train_gflop_per_img": train_flops / len(flop_images) / 1e9,
+        "score_gflop_per_img": score_flops / BATCH / 1e9,
+        "score_batch": getattr(detector, "score_batch_size", None),
+    }
+    if "score_batch_size" in detector.get_params():
+        detector.set_params(score_batch_size=BATCH)
+        result["score64_img_s"] = args.n_score / timed(lambda: detector.decision_function(x_score), device)
+    return result
+
+
+def bench_anomalib(args: argparse.Namespace, device: torch.device, rng: np.random.Generator) -> Optional[dict]:
+    """anomalib's GANomaly: its own training_step and its torch model's scoring; None if absent."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from anomalib.models import Ganomaly
+            from anomalib.pre_processing import PreProcessor
+            from torchvision.transforms.v2 import Resize
+    except Exception as exc:  # noqa: BLE001 - any import failure means "not available"
+        print(f"anomalib not importable ({type(exc).__name__}: {exc})")
+        return None
+    torch.manual_seed(0)
+    module = Ganomaly(batch_size=BATCH, pre_processor=PreProcessor(transform=Resize((32, 32))),
+                      post_processor=False, evaluator=False, visualizer=False).to(device)
+    d_opt, g_opt = module.configure_optimizers()
+    # Stand-ins for the Lightning trainer's plumbing that training_step calls.
+    module.optimizers = lambda *a, **k: (d_opt, g_opt)
+    module.manual_backward = lambda loss, *a, **k: loss.backward(*a, **k)
+    module.log_dict = lambda *a, **k: None
+    module.train()
+    images = torch.from_numpy(rng.random((args.n_train, 3, 32, 32), dtype=np.float32)).to(device) * 2 - 1
+    batches = [types.SimpleNamespace(image=images[i:i + BATCH]) for i in range(0, args.n_train - BATCH + 1, BATCH)]
+    for batch in batches[:2]:
+        module.training_step(batch, 0)
+    train_flops = count_flops(lambda: module.training_step(batches[0], 0))
+
+    def train() -> None:
+        for _ in range(args.epochs):
+            for i, batch in enumerate(batches):
+                module.training_step(batch, i)
+
+    train_s = timed(train, device)
+    model = module.model.eval()
+    x_score = torch.from_numpy(rng.random((args.n_score, 3, 32, 32), dtype=np.float32)).to(device) * 2 - 1
+
+    def score(batch_size: int) -> float:
+        def run() -> None:
+            with torch.inference_mode():
+                for i in range(0, len(x_score), batch_size):
+                    model(x_score[i:i + batch_size]).pred_score.cpu()
+        run()
+        return len(x_score) / timed(run, device)
+
+    with torch.inference_mode():
+        score_flops = count_flops(lambda: model(x_score[:BATCH]))
+    return {"train_img_s": len(batches) * BATCH * args.epochs / train_s, "score_img_s": score(BATCH),
+            "score_big_img_s": score(1024), "train_gflop_per_img": train_flops / BATCH / 1e9,
+            "score_gflop_per_img": score_flops / BATCH / 1e9}
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--methods", nargs="+", default=list(REGISTRY), help="registry names (default: all)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--epochs", type=int, default=2, help="epochs of the timed fit")
+    parser.add_argument("--n-train", type=int, default=1024, help="synthetic training images")
+    parser.add_argument("--n-score", type=int, default=4096, help="synthetic images to score")
+    parser.add_argument("--no-anomalib", action="store_true", help="skip the anomalib comparison")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    peak = matmul_peak_gflops(device)
+    print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
+          f"fp32 matmul peak {peak:.1f} GFLOP/s")
+    print(f"synthetic 32x32x3 data: {args.n_train} training images x {args.epochs} epochs at batch {BATCH}, "
+          f"{args.n_score} images scored")
+    header = (f"{'method':<16}{'train img/s':>12}{'score img/s':>12}{'score@64':>10}"
+              f"{'GFLOP/img':>11}{'GFLOP/s':>9}{'% peak':>8}  notes")
+    rows, results = [], {}
+    for name in args.methods:
+        rng = np.random.default_rng(0)
+        try:
+            get_method(name).load()
+        except (ImportError, AttributeError, KeyError) as exc:
+            rows.append(f"{name:<16}unavailable ({type(exc).__name__}: {exc})")
+            continue
+        try:
+            res = bench_method(name, args, device, rng)
+        except Exception as exc:  # noqa: BLE001 - report it and go on with the other methods
+            rows.append(f"{name:<16}failed ({type(exc).__name__}: {exc})")
+            continue
+        results[name] = res
+        achieved = res["train_gflop_per_img"] * res["train_img_s"]
+        score64 = f"{res['score64_img_s']:>10.0f}" if "score64_img_s" in res else f"{'-':>10}"
+        pct = f"{100 * achieved / peak:>7.0f}%" if achieved > 0 else f"{'n/a':>8}"
+        rows.append(f"{name:<16}{res['train_img_s']:>12.1f}{res['score_img_s']:>12.0f}{score64}"
+                    f"{res['train_gflop_per_img']:>11.3f}{achieved:>9.1f}{pct}  "
+                    f"score batch {res['score_batch']}, fit {res['fit_s']:.1f} s, {res['overrides']}")
+    anomalib = None if args.no_anomalib or "ganomaly" not in results else bench_anomalib(args, device, np.random.default_rng(0))
+    if anomalib is not None:
+        achieved = anomalib["train_gflop_per_img"] * anomalib["train_img_s"]
+        rows.append(f"{'anomalib GANomaly':<16}{anomalib['train_img_s']:>12.1f}{anomalib['score_big_img_s']:>12.0f}"
+                    f"{anomalib['score_img_s']:>10.0f}{anomalib['train_gflop_per_img']:>11.3f}{achieved:>9.1f}"
+                    f"{100 * achieved / peak:>7.0f}%  measured: training_step at batch 64; scoring at batch 1024 / 64")
+    print(header)
+    print("\n".join(rows))
+
+    gan, mem = results.get("ganomaly"), results.get("mem_ganomaly")
+    if gan is not None:
+        if anomalib is not None:
+            print(f"GANomaly / anomalib (measured, same run): training {gan['train_img_s'] / anomalib['train_img_s']:.2f}x, "
+                  f"scoring {gan['score_img_s'] / anomalib['score_img_s']:.2f}x against anomalib at batch 64 "
+                  f"({gan['score_img_s'] / anomalib['score_big_img_s']:.2f}x against anomalib at batch 1024); "
+                  f"FLOPs per training image {gan['train_gflop_per_img'] / anomalib['train_gflop_per_img']:.2f}x")
+        elif not args.no_anomalib:
+            q = ANOMALIB_QUOTED
+            print(f"anomalib GANomaly, QUOTED from the issue (not measured here; 2-core CPU machine): training about "
+                  f"{q['train_img_s']:.0f} images/s (~{100 * q['peak_fraction']:.0f}% of a ~{q['peak_gflops']:.0f} GFLOP/s "
+                  f"peak), scoring about {q['score_img_s']:.0f} images/s")
+            print(f"GANomaly / quoted anomalib: training {gan['train_img_s'] / q['train_img_s']:.2f}x, "
+                  f"scoring {gan['score_img_s'] / q['score_img_s']:.2f}x (different runs: indicative only)")
+        if mem is not None:
+            print(f"Mem_GANomaly / GANomaly training throughput: {mem['train_img_s'] / gan['train_img_s']:.2f}")
+
+
+if __name__ == "__main__":
+    main()

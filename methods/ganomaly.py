@@ -1,0 +1,235 @@
+"""GANomaly (Akcay et al. 2018), BASELINES.md "GANomaly": the authors' architecture, losses and
+settings, written anew on the shared DCGAN blocks (methods/blocks.py).
+
+Network (32 x 32 input; MNIST / Fashion-MNIST are resized 28 -> 32, every input is scaled to
+[-1, 1] to match the Tanh decoder; the authors' code uses mean/std normalisation for MNIST):
+    generator      x -> G_E -> z -> G_D -> x_hat -> E -> z_hat   (METHOD.md eqs. 1-3)
+    discriminator  x -> (logit, f(x)), f = the 256 x 4 x 4 map before the last conv
+Losses (authors' code): L_G = w_adv * mse(f(x), f(x_hat)) + w_con * l1(x, x_hat)
++ w_enc * mse(z, z_hat); L_D = (BCE(D(x), 1) + BCE(D(x_hat), 0)) / 2. Score = mean((z - z_hat)^2).
+
+Per iteration, as the authors: one G step, then one D step on the fakes made before the G
+update; D is re-initialised (its optimiser state kept) when its loss falls under 1e-5.
+Because the D step uses the fakes and D weights of before the G step, both gradients come
+from ONE forward pass: D runs once on x and once on x_hat. The real pass gives L_D(real) and,
+detached, the feature-matching target f(x); the fake pass gives f(x_hat) for L_G (gradient to
+G only) and L_D(fake) (gradient to D only). `backward(inputs=...)` keeps each loss's
+gradient in its own network and skips the weight gradients nobody uses. anomalib's
+training_step instead runs D three times (real, fake, fake again), back-propagates the G loss
+through D's real pass and D's weights, and pads the first conv by 4 instead of 1.
+
+Deliberately NOT copied from the authors' scripts (BASELINES.md): the reverse protocol, picking
+the best epoch by test AUC, and scoring in train mode. Here: a fixed budget, the final model,
+scored once, in eval mode, so a score never depends on which images share its batch.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from methods.base import (EpochCallback, check_nonneg_float, check_positive_float, check_positive_int,
+                          iterate_minibatches)
+from methods.blocks import DCGANDecoder, DCGANDiscriminator, DCGANEncoder
+from methods.preprocess import resize, to_minus_one_one
+from methods.torch_base import DivergenceMonitor, TorchDetector, init_dcgan_weights
+
+IMAGE_SIZE = 32  # the authors' isize; MNIST and Fashion-MNIST are resized 28 -> 32
+
+# GANomaly's budget is the authors' 15 epochs on every dataset (BASELINES.md).
+# quick: one epoch. Measured on real MNIST class 0 (6000 train / ~6000 test images, 2 threads,
+# this 2-core machine): fit + scoring ~36 s per class (see the report of issue 4).
+# smoke: a few steps on a small batch, for the end-to-end tests.
+PROFILES: dict = {
+    "paper": {"*": {}},
+    "quick": {"*": {"epochs": 1}},
+    "smoke": {"*": {"epochs": 1, "max_steps": 4, "batch_size": 16, "score_batch_size": 256}},
+}
+
+
+class GANomaly(TorchDetector):
+    """GANomaly with the authors' defaults.
+
+    Args:
+        epochs: training epochs (authors: 15), a fixed budget.
+        batch_size: minibatch size (authors: 64); the last incomplete batch is dropped.
+        lr, beta1, beta2: Adam settings of both G and D (authors: 2e-4, 0.5, 0.999).
+        nz: bottleneck size (authors: 100). ngf, ndf: base widths of G and D (authors: 64).
+        w_adv, w_con, w_enc: generator loss weights (authors: 1, 50, 1).
+        d_reinit_threshold: D is re-initialised when its loss falls below this (authors: 1e-5;
+            0 disables it).
+        max_steps: optional cap on the total number of iterations (None: the full epochs);
+            only the CPU profiles use it.
+        random_state, device, score_batch_size: see TorchDetector.
+    """
+
+    # Weight of L_D: GANomaly halves the sum of its two BCE terms.
+    _d_loss_scale = 0.5
+    # How often (in steps) to look at D's loss for the re-initialisation rule. Looking needs a
+    # host sync: free on the CPU, so every step as the authors; on a GPU every 20 steps, on the
+    # smallest D loss seen since the last look (so a collapse is never missed, only acted on
+    # up to 19 steps later).
+    _d_check_every = {"cpu": 1, "cuda": 20}
+
+    def __init__(self, epochs: int = 15, batch_size: int = 64, lr: float = 2e-4, beta1: float = 0.5,
+                 beta2: float = 0.999, nz: int = 100, ngf: int = 64, ndf: int = 64,
+                 w_adv: float = 1.0, w_con: float = 50.0, w_enc: float = 1.0,
+                 d_reinit_threshold: float = 1e-5, max_steps: Optional[int] = None,
+                 random_state: int = 0, device: str = "auto", score_batch_size: int = 1024) -> None:
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.lr = lr
+        self.beta1 = beta1
+        self.beta2 = beta2
+        self.nz = nz
+        self.ngf = ngf
+        self.ndf = ndf
+        self.w_adv = w_adv
+        self.w_con = w_con
+        self.w_enc = w_enc
+        self.d_reinit_threshold = d_reinit_threshold
+        self.max_steps = max_steps
+        self.random_state = random_state
+        self.device = device
+        self.score_batch_size = score_batch_size
+
+    # ---- hyperparameters ----------------------------------------------------------------------
+    def _check_common_params(self) -> None:
+        """Checks shared with Mem_GANomaly."""
+        for name in ("epochs", "batch_size", "nz", "ngf", "ndf"):
+            check_positive_int(name, getattr(self, name))
+        check_positive_float("lr", self.lr)
+        for name in ("beta1", "beta2"):
+            check_nonneg_float(name, getattr(self, name))
+            if getattr(self, name) >= 1:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
+        check_nonneg_float("d_reinit_threshold", self.d_reinit_threshold)
+        if self.max_steps is not None:
+            check_positive_int("max_steps", self.max_steps)
+
+    def _check_params(self) -> None:
+        self._check_common_params()
+        for name in ("w_adv", "w_con", "w_enc"):
+            check_nonneg_float(name, getattr(self, name))
+
+    # ---- network ------------------------------------------------------------------------------
+    def _preprocess(self, x: torch.Tensor) -> torch.Tensor:
+        return to_minus_one_one(resize(x, IMAGE_SIZE))
+
+    def _build_generator(self, nc: int) -> nn.ModuleDict:
+        return nn.ModuleDict({
+            "encoder": DCGANEncoder(IMAGE_SIZE, nc, self.nz, self.ndf),    # G_E (eq. 1)
+            "decoder": DCGANDecoder(IMAGE_SIZE, nc, self.nz, self.ngf),    # G_D (eq. 2)
+            "encoder2": DCGANEncoder(IMAGE_SIZE, nc, self.nz, self.ndf),   # E   (eq. 3)
+        })
+
+    def _networks(self) -> Iterable[nn.Module]:
+        return (self.netg_, self.netd_)
+
+    def _bottleneck(self, z: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """What the decoder receives, and the memory addressing weights (none here)."""
+        return z, None
+
+    def _reconstruct(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """x -> (x_hat, z, z_hat, addressing weights or None); z, z_hat of shape (B, nz)."""
+        z = self.netg_["encoder"](x).flatten(1)
+        z_decoded, weights = self._bottleneck(z)
+        x_hat = self.netg_["decoder"](z_decoded)
+        z_hat = self.netg_["encoder2"](x_hat).flatten(1)
+        return x_hat, z, z_hat, weights
+
+    # ---- losses and score ---------------------------------------------------------------------
+    def _generator_loss(self, x: torch.Tensor, x_hat: torch.Tensor, z: torch.Tensor, z_hat: torch.Tensor,
+                        feat_real: torch.Tensor, feat_fake: torch.Tensor, logit_fake: torch.Tensor,
+                        weights: Optional[torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """GANomaly's L_G; returns (total, the weighted-sum's terms unweighted, for the log)."""
+        parts = {"adv": F.mse_loss(feat_fake, feat_real),
+                 "con": F.l1_loss(x_hat, x),
+                 "enc": F.mse_loss(z_hat, z)}
+        total = self.w_adv * parts["adv"] + self.w_con * parts["con"] + self.w_enc * parts["enc"]
+        return total, parts
+
+    def _discriminator_loss(self, logit_real: torch.Tensor, logit_fake: torch.Tensor) -> torch.Tensor:
+        real = F.binary_cross_entropy_with_logits(logit_real, torch.ones_like(logit_real))
+        fake = F.binary_cross_entropy_with_logits(logit_fake, torch.zeros_like(logit_fake))
+        return self._d_loss_scale * (real + fake)
+
+    def _latent_distance(self, z: torch.Tensor, z_hat: torch.Tensor) -> torch.Tensor:
+        """GANomaly's score: mean squared latent distance per sample."""
+        return (z - z_hat).square().mean(dim=1)
+
+    def _score_batch(self, x: torch.Tensor) -> torch.Tensor:
+        _, z, z_hat, _ = self._reconstruct(x)
+        return self._latent_distance(z, z_hat)
+
+    def _training_facts(self) -> dict:
+        """Extra facts for training_log_ (Mem_GANomaly adds its preset)."""
+        return {}
+
+    # ---- training -----------------------------------------------------------------------------
+    def _forward_losses(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """One forward pass for both updates: (L_G, L_D, L_G's terms). D runs once on x and
+        once on x_hat; f(x) is detached (it is the target of G's feature matching)."""
+        x_hat, z, z_hat, weights = self._reconstruct(x)
+        logit_real, feat_real = self.netd_(x)
+        logit_fake, feat_fake = self.netd_(x_hat)
+        g_loss, parts = self._generator_loss(x, x_hat, z, z_hat, feat_real.detach(), feat_fake, logit_fake, weights)
+        return g_loss, self._discriminator_loss(logit_real, logit_fake), parts
+
+    def _fit(self, x_train: torch.Tensor, epoch_callback: Optional[EpochCallback]) -> None:
+        nc = x_train.shape[1]
+        self.netg_ = self._build_generator(nc).to(self.device_)
+        self.netd_ = DCGANDiscriminator(IMAGE_SIZE, nc, self.ndf).to(self.device_)
+        for net in self._networks():
+            net.apply(init_dcgan_weights)  # the memory keeps its own uniform init
+        g_params = list(self.netg_.parameters())
+        d_params = list(self.netd_.parameters())
+        betas = (self.beta1, self.beta2)
+        g_opt = torch.optim.Adam(g_params, lr=self.lr, betas=betas)
+        d_opt = torch.optim.Adam(d_params, lr=self.lr, betas=betas)
+
+        monitor = DivergenceMonitor(self.device_)
+        check_every = self._d_check_every.get(self.device_.type, 20)
+        d_min = torch.full((), float("inf"), device=self.device_)
+        reinit_epochs: list[int] = []
+        history: dict[str, list[float]] = {}
+        total_steps = 0
+        self._set_mode(train=True)
+        for epoch in range(1, self.epochs + 1):
+            sums, steps = None, 0
+            for idx in iterate_minibatches(len(x_train), self.batch_size, True, self.generator_, self.device_):
+                g_loss, d_loss, parts = self._forward_losses(x_train[idx])
+                g_opt.zero_grad()
+                d_opt.zero_grad()
+                g_loss.backward(inputs=g_params, retain_graph=True)  # D's fake pass is shared
+                d_loss.backward(inputs=d_params)
+                g_opt.step()
+                d_opt.step()
+
+                steps += 1
+                total_steps += 1
+                monitor.update(steps, g_loss, d_loss)
+                logged = torch.stack([g_loss.detach(), d_loss.detach(), *(p.detach() for p in parts.values())])
+                sums = logged if sums is None else sums + logged
+                d_min = torch.minimum(d_min, d_loss.detach())
+                if self.d_reinit_threshold > 0 and total_steps % check_every == 0:
+                    if float(d_min) < self.d_reinit_threshold:
+                        with torch.no_grad():
+                            self.netd_.apply(init_dcgan_weights)
+                        reinit_epochs.append(epoch)
+                    d_min.fill_(float("inf"))
+                if self.max_steps is not None and total_steps >= self.max_steps:
+                    break
+            monitor.check(epoch)
+            for name, value in zip(["g", "d", *parts], (sums / steps).tolist()):
+                history.setdefault(name, []).append(value)
+            self.training_log_ = {
+                "epochs_run": epoch, "steps": total_steps, "epoch_mean_losses": history,
+                "d_reinit_count": len(reinit_epochs), "d_reinit_epochs": reinit_epochs,
+                "d_collapse_check_every_steps": check_every, **self._training_facts(),
+            }
+            self._end_epoch(epoch, epoch_callback)
+            if self.max_steps is not None and total_steps >= self.max_steps:
+                break

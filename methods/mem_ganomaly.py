@@ -1,0 +1,176 @@
+"""Mem_GANomaly (Zhou & Xing 2022), METHOD.md "Mem_GANomaly": GANomaly's generator with the
+memory module M (eqs. 15-21, methods/memory.py) between the encoder G_E and the decoder G_D:
+
+    x -> G_E -> z -> M -> z' -> G_D -> x_hat -> E -> z_hat;   D(x), D(x_hat) as in GANomaly.
+
+Everything but the bottleneck, the losses and the score is GANomaly's (subclassed, not copied):
+networks, DCGAN init, [-1, 1] inputs resized to 32 x 32, the training loop with one shared D
+pass on real and on fake images, D re-initialisation on a collapsed D loss, eval-mode scoring.
+
+Losses (eqs. 22-32), `reduction="mean"` (the documented default, GANomaly's code):
+    L_adv = mean (f(x) - f(x_hat))^2      feature matching on D's last feature layer (22)
+    L_con = mean (x - x_hat)^2            l2, where GANomaly uses l1 (24)
+    L_enc = mean |z - z_hat|              l1, where GANomaly uses l2 (26)
+    L_w   = mean over the batch of sum_i -w'_i log w'_i, 0 log 0 = 0 (28-30)
+    L_G   = eta_adv L_adv + eta_con L_con + eta_enc L_enc + eta_w L_w [+ eta_gan (-log D(x_hat))] (31)
+    L_D   = -log D(x) - log(1 - D(x_hat)), batch means (32)
+`reduction="norm"` uses the norms as the equations write them instead: per-sample unsquared
+l2 norms for L_adv and L_con and the l1 norm (sum) for L_enc, averaged over the batch.
+Score (eq. 33): the l1 distance between z = G_E(t) and z_hat, here its mean over the nz
+entries (a constant 1/nz factor: the same ranks and AUROC; the min-max scaling of eq. 34 is
+the evaluator's).
+
+The eta weights are not given (METHOD.md); two named presets, recorded in training_log_:
+    "ganomaly" (default): eta_adv 1, eta_con 50, eta_enc 1 (GANomaly's), eta_w 0.0002 (MemAE's),
+        eta_gan 0 (G's adversarial term is the feature matching only, as GANomaly);
+    "algorithm1": every weight 1, plus the -log D(x_hat) term of Algorithm 1.
+Any eta_* given explicitly overrides its preset value.
+
+Training: Algorithm 1's steps 2 and 3 (G_E, G_D, M on L_G; then E, and M again, on
+-log D(x_hat) + L_enc) are ONE joint Adam step over G_E, M, G_D and E on L_G: every parameter
+group gets the gradient it gets in Algorithm 1 (x_hat does not depend on E), but M is updated
+once per iteration, not twice (METHOD.md: an acceptable implementation). As in GANomaly's
+loop, the G and D gradients are taken from the same forward pass (D's step sees the fakes and
+D weights of before G's step); Algorithm 1 lists the D step first.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from methods.base import check_choice, check_nonneg_float, check_positive_int
+from methods.ganomaly import GANomaly
+from methods.memory import MemoryModule, addressing_entropy
+
+# The eta weights of eq. 31 (and of the -log D(x_hat) term) for each preset.
+PRESETS: dict[str, dict[str, float]] = {
+    "ganomaly": {"eta_adv": 1.0, "eta_con": 50.0, "eta_enc": 1.0, "eta_w": 0.0002, "eta_gan": 0.0},
+    "algorithm1": {"eta_adv": 1.0, "eta_con": 1.0, "eta_enc": 1.0, "eta_w": 1.0, "eta_gan": 1.0},
+}
+
+# paper: Adam lr 2e-3 and, per dataset, memory size N and epochs (section 4.1).
+# quick: the paper's settings on a 1-epoch budget. Measured on real MNIST class 0 (6000 train
+# / ~6000 test images, 2 threads, this 2-core machine): fit + scoring ~38 s per class.
+# smoke: a few steps on a small batch, for the end-to-end tests.
+PROFILES: dict = {
+    "paper": {
+        "mnist": {"memory_size": 100, "epochs": 60},
+        "fashion_mnist": {"memory_size": 1600, "epochs": 100},
+        "cifar10": {"memory_size": 1400, "epochs": 150},
+    },
+    "quick": {
+        "mnist": {"memory_size": 100, "epochs": 1},
+        "fashion_mnist": {"memory_size": 1600, "epochs": 1},
+        "cifar10": {"memory_size": 1400, "epochs": 1},
+    },
+    "smoke": {"*": {"memory_size": 100, "epochs": 1, "max_steps": 4, "batch_size": 16, "score_batch_size": 256}},
+}
+
+
+class MemGANomaly(GANomaly):
+    """Mem_GANomaly. Values the paper leaves open carry METHOD.md's documented defaults.
+
+    Args:
+        epochs: training epochs (paper: 60 MNIST, 100 Fashion-MNIST, 150 CIFAR-10).
+        batch_size: not given; GANomaly's 64 (last incomplete batch dropped).
+        lr: Adam learning rate (paper: 2e-3). beta1, beta2: not given; GANomaly's 0.5, 0.999.
+        nz: bottleneck size C, not given; GANomaly's 100. ngf, ndf: GANomaly's 64.
+        memory_size: N memory slots (paper: 100 MNIST, 1600 Fashion-MNIST, 1400 CIFAR-10).
+        shrink_threshold: lambda of eq. 18, not given; None = 1/N (MemAE's range is [1/N, 3/N]).
+        addressing: "dot" (eq. 15, default) or "cosine" (the MemAE background's eq. 10).
+        eps: epsilon of eq. 18 and of the renormalisation, not given; MemAE's 1e-12.
+        preset: "ganomaly" (default) or "algorithm1", the eta weights above.
+        eta_adv, eta_con, eta_enc, eta_w, eta_gan: None = the preset's value.
+        reduction: "mean" (default, GANomaly's code) or "norm" (the norms as eqs. 22-26 write).
+        d_reinit_threshold, max_steps, random_state, device, score_batch_size: as GANomaly.
+    """
+
+    _d_loss_scale = 1.0  # eq. 32 sums the two BCE terms (GANomaly halves them)
+
+    def __init__(self, epochs: int = 60, batch_size: int = 64, lr: float = 2e-3, beta1: float = 0.5,
+                 beta2: float = 0.999, nz: int = 100, ngf: int = 64, ndf: int = 64,
+                 memory_size: int = 100, shrink_threshold: Optional[float] = None, addressing: str = "dot",
+                 eps: float = 1e-12, preset: str = "ganomaly", eta_adv: Optional[float] = None,
+                 eta_con: Optional[float] = None, eta_enc: Optional[float] = None,
+                 eta_w: Optional[float] = None, eta_gan: Optional[float] = None, reduction: str = "mean",
+                 d_reinit_threshold: float = 1e-5, max_steps: Optional[int] = None,
+                 random_state: int = 0, device: str = "auto", score_batch_size: int = 1024) -> None:
+        super().__init__(epochs=epochs, batch_size=batch_size, lr=lr, beta1=beta1, beta2=beta2, nz=nz,
+                         ngf=ngf, ndf=ndf, d_reinit_threshold=d_reinit_threshold, max_steps=max_steps,
+                         random_state=random_state, device=device, score_batch_size=score_batch_size)
+        del self.w_adv, self.w_con, self.w_enc  # GANomaly's weights; the etas replace them
+        self.memory_size = memory_size
+        self.shrink_threshold = shrink_threshold
+        self.addressing = addressing
+        self.eps = eps
+        self.preset = preset
+        self.eta_adv = eta_adv
+        self.eta_con = eta_con
+        self.eta_enc = eta_enc
+        self.eta_w = eta_w
+        self.eta_gan = eta_gan
+        self.reduction = reduction
+
+    def _check_params(self) -> None:
+        self._check_common_params()
+        check_positive_int("memory_size", self.memory_size)
+        if self.shrink_threshold is not None:
+            check_nonneg_float("shrink_threshold", self.shrink_threshold)
+            if self.shrink_threshold >= 1:
+                raise ValueError(f"shrink_threshold must be < 1 (it cuts softmax weights), got {self.shrink_threshold!r}")
+        check_choice("addressing", self.addressing, ("dot", "cosine"))
+        check_nonneg_float("eps", self.eps)
+        if self.eps <= 0:
+            raise ValueError(f"eps must be > 0, got {self.eps!r}")
+        check_choice("preset", self.preset, tuple(PRESETS))
+        for name in PRESETS["ganomaly"]:
+            if getattr(self, name) is not None:
+                check_nonneg_float(name, getattr(self, name))
+        check_choice("reduction", self.reduction, ("mean", "norm"))
+
+    def loss_weights(self) -> dict[str, float]:
+        """The eta weights in use: the preset's, with any explicit eta_* on top."""
+        return {name: float(value if getattr(self, name) is None else getattr(self, name))
+                for name, value in PRESETS[self.preset].items()}
+
+    # ---- network ------------------------------------------------------------------------------
+    def _build_generator(self, nc: int) -> nn.ModuleDict:
+        generator = super()._build_generator(nc)
+        generator["memory"] = MemoryModule(self.memory_size, self.nz, self.shrink_threshold,
+                                           self.addressing, self.eps)
+        return generator
+
+    def _bottleneck(self, z: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        return self.netg_["memory"](z)  # (z', w'), eqs. 15-21
+
+    # ---- losses and score ---------------------------------------------------------------------
+    def _generator_loss(self, x: torch.Tensor, x_hat: torch.Tensor, z: torch.Tensor, z_hat: torch.Tensor,
+                        feat_real: torch.Tensor, feat_fake: torch.Tensor, logit_fake: torch.Tensor,
+                        weights: Optional[torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        eta = self.loss_weights()
+        if self.reduction == "mean":
+            parts = {"adv": F.mse_loss(feat_fake, feat_real),                                   # (22)
+                     "con": F.mse_loss(x_hat, x),                                               # (24)
+                     "enc": F.l1_loss(z_hat, z)}                                                # (26)
+        else:
+            parts = {"adv": (feat_fake - feat_real).flatten(1).norm(dim=1).mean(),
+                     "con": (x_hat - x).flatten(1).norm(dim=1).mean(),
+                     "enc": (z_hat - z).abs().sum(dim=1).mean()}
+        parts["w"] = addressing_entropy(weights, self.eps)                                      # (28-30)
+        total = (eta["eta_adv"] * parts["adv"] + eta["eta_con"] * parts["con"]
+                 + eta["eta_enc"] * parts["enc"] + eta["eta_w"] * parts["w"])                  # (31)
+        if eta["eta_gan"] > 0:  # Algorithm 1's -log D(x_hat)
+            parts["gan"] = F.binary_cross_entropy_with_logits(logit_fake, torch.ones_like(logit_fake))
+            total = total + eta["eta_gan"] * parts["gan"]
+        return total, parts
+
+    def _latent_distance(self, z: torch.Tensor, z_hat: torch.Tensor) -> torch.Tensor:
+        """Eq. 33: l1 latent distance (mean over the nz entries)."""
+        return (z - z_hat).abs().mean(dim=1)
+
+    def _training_facts(self) -> dict:
+        return {"preset": self.preset, "loss_weights": self.loss_weights(),
+                "shrink_threshold_used": self.netg_["memory"].shrink_threshold}
