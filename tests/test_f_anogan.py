@@ -1,0 +1,148 @@
+"""f-AnoGAN: the gradient penalty on a hand-checkable critic, the izi_f terms, the two-stage
+training (G and the critic frozen in stage 2), determinism, score direction, errors."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+
+import methods.f_anogan as fa
+from methods.base import DivergedError
+from methods.f_anogan import PROFILES, Critic, FAnoGAN, gradient_penalty, izif_terms
+
+# Tiny networks and steps; the larger learning rates only make the tiny runs learn in seconds.
+TINY = dict(ngf=8, ndf=8, latent_dim=8, batch_size=16, device="cpu")
+SEPARABLE = dict(TINY, gan_epochs=16, n_critic=1, gan_lr=2e-3, gan_beta1=0.5, encoder_lr=1e-3, encoder_iterations=30)
+SMOKE = dict(TINY, gan_epochs=1, encoder_iterations=3)
+
+
+def test_gradient_penalty_linear_critic() -> None:
+    # f(x) = w . x has gradient w everywhere, so GP = 10 (||w|| - 1)^2 = 10 (3 - 1)^2 = 40.
+    w = torch.tensor([1.0, 2.0, 2.0, 0.0]).reshape(1, 2, 2)
+    critic = lambda x: (x * w).flatten(1).sum(dim=1)  # noqa: E731
+    real, fake = torch.randn(5, 1, 2, 2), torch.randn(5, 1, 2, 2)
+    alpha = torch.rand(5, 1, 1, 1)
+    gp = gradient_penalty(critic, real, fake, alpha, weight=10.0)
+    assert gp.item() == pytest.approx(40.0, rel=1e-6)
+    # A unit-norm w gives no penalty; the weight scales linearly.
+    assert gradient_penalty(lambda x: (x * w / 3).flatten(1).sum(1), real, fake, alpha).item() == pytest.approx(0.0, abs=1e-6)
+    assert gradient_penalty(critic, real, fake, alpha, weight=1.0).item() == pytest.approx(4.0, rel=1e-6)
+
+
+def test_gradient_penalty_per_sample_quadratic_critic() -> None:
+    # f(x) = ||x||^2 / 2 has gradient x: at the interpolates alpha * r + (1 - alpha) * f the
+    # penalty is the mean over samples of 10 (||x_interp|| - 1)^2.
+    real = torch.tensor([[3.0, 0.0], [0.0, 0.0]])
+    fake = torch.tensor([[1.0, 0.0], [0.0, 4.0]])
+    alpha = torch.tensor([[0.5], [0.25]])       # interpolates (2, 0) and (0, 3): norms 2 and 3
+    gp = gradient_penalty(lambda x: 0.5 * x.pow(2).sum(dim=1), real, fake, alpha)
+    assert gp.item() == pytest.approx(10.0 * ((2 - 1) ** 2 + (3 - 1) ** 2) / 2)
+    # The penalty's gradient reaches the critic's parameters (create_graph=True).
+    weight = torch.tensor([1.0, 1.0], requires_grad=True)
+    gradient_penalty(lambda x: (x * weight).sum(dim=1), real, fake, alpha).backward()
+    # GP = 10 (||w|| - 1)^2, d/dw = 20 (||w|| - 1) w / ||w||
+    expected = 20 * (np.sqrt(2) - 1) / np.sqrt(2)
+    np.testing.assert_allclose(weight.grad.numpy(), [expected, expected], rtol=1e-5)
+
+
+def test_izif_terms_by_hand() -> None:
+    x = torch.tensor([[[[1.0, -1.0], [0.0, 0.5]]]])
+    rec = torch.tensor([[[[0.0, -1.0], [0.0, 0.5]]]])
+    f_x, f_rec = torch.tensor([[1.0, 2.0]]), torch.tensor([[1.0, 0.0]])
+    img, feat = izif_terms(x, rec, f_x, f_rec)
+    assert img.tolist() == [pytest.approx(0.25)] and feat.tolist() == [pytest.approx(2.0)]
+
+
+def test_critic_has_no_batch_norm_and_returns_features() -> None:
+    for norm in ("layer_norm", "none"):
+        critic = Critic(32, 3, 8, norm)
+        assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in critic.modules())
+        value, features = critic(torch.randn(4, 3, 32, 32))
+        assert value.shape == (4,) and features.shape == (4, 32 * 16)
+    # LayerNorm is per sample: a sample's critic value does not depend on its batch.
+    critic = Critic(32, 1, 8, "layer_norm")
+    x = torch.randn(6, 1, 32, 32)
+    torch.testing.assert_close(critic(x)[0][:2], critic(x[:2])[0])
+
+
+@pytest.fixture(scope="module", params=[(1, 28), (3, 32)], ids=["1x28x28", "3x32x32"])
+def fitted(request):
+    from conftest import make_separable_task
+
+    channels, size = request.param
+    X_train, X_test, y_test = make_separable_task(48, 32, 32, channels, size, seed=0)
+    return FAnoGAN(**SEPARABLE).fit(X_train), X_test, y_test
+
+
+def test_scores_shape_finite_and_direction(fitted) -> None:
+    model, X_test, y_test = fitted
+    scores = model.decision_function(X_test)
+    assert scores.shape == (len(X_test),) and scores.dtype == np.float64
+    assert np.isfinite(scores).all()
+    assert roc_auc_score(y_test, scores) > 0.9
+    log = model.training_log_
+    # 48 images at batch 16: 3 critic batches per epoch, each followed by a generator step
+    assert log["stage1"]["critic_steps"] == log["stage1"]["generator_steps"] == 16 * 3
+    assert log["stage2"]["iterations"] == 30 and len(log["stage2"]["loss"]) == log["stage2"]["epochs"] == 10
+    # A score does not depend on the other images of its batch (eval mode everywhere).
+    np.testing.assert_allclose(model.decision_function(X_test[:3]), scores[:3], rtol=1e-5)
+
+
+def test_deterministic_under_seed(separable_task) -> None:
+    X_train, X_test, _ = separable_task(32, 4, 4, channels=1, size=28, seed=1)
+    runs = [FAnoGAN(**SMOKE, hflip=True, random_state=3).fit(X_train).decision_function(X_test) for _ in range(2)]
+    np.testing.assert_array_equal(runs[0], runs[1])
+    other = FAnoGAN(**SMOKE, hflip=True, random_state=4).fit(X_train).decision_function(X_test)
+    assert not np.array_equal(runs[0], other)
+
+
+def test_stage_two_freezes_generator_and_critic(separable_task, monkeypatch) -> None:
+    X_train, _, _ = separable_task(32, 4, 4, channels=3, size=32, seed=2)
+    snapshots = {}
+    original = FAnoGAN._train_encoder
+
+    def wrapped(self, x, epoch, callback):
+        snapshots["before"] = {k: v.clone() for net in (self.netG_, self.netD_) for k, v in net.state_dict().items()}
+        original(self, x, epoch, callback)
+        snapshots["after"] = {k: v.clone() for net in (self.netG_, self.netD_) for k, v in net.state_dict().items()}
+
+    monkeypatch.setattr(FAnoGAN, "_train_encoder", wrapped)
+    calls = []
+    FAnoGAN(**SMOKE).fit(X_train, epoch_callback=lambda epoch, det: calls.append(epoch))
+    for key, value in snapshots["before"].items():  # weights AND BatchNorm running statistics
+        torch.testing.assert_close(snapshots["after"][key], value, rtol=0, atol=0)
+    # 3 encoder iterations at 2 batches per epoch = stage-2 epochs 2 and 3 (stage 1 had 1 epoch)
+    assert calls == [2, 3]  # the callback runs in stage 2 only, epochs counted over both stages
+
+
+def test_divergence_in_either_stage(separable_task, monkeypatch) -> None:
+    X_train, _, _ = separable_task(32, 4, 4, channels=1, size=28, seed=0)
+    nan = lambda *args, **kwargs: torch.tensor(float("nan"))  # noqa: E731
+    monkeypatch.setattr(fa, "gradient_penalty", nan)
+    with pytest.raises(DivergedError) as info:
+        FAnoGAN(**SMOKE).fit(X_train)
+    assert info.value.epoch == 1
+    monkeypatch.undo()
+    monkeypatch.setattr(fa, "izif_terms", lambda x, rec, *a: ((rec - x).flatten(1).mean(1) * float("nan"),) * 2)
+    with pytest.raises(DivergedError) as info:
+        FAnoGAN(**SMOKE).fit(X_train)
+    assert info.value.epoch == 2
+
+
+@pytest.mark.parametrize("name, value", [
+    ("gan_epochs", 0), ("batch_size", -1), ("encoder_iterations", 0), ("n_critic", 0), ("latent_dim", 2.5),
+    ("gan_lr", 0.0), ("encoder_lr", -1e-4), ("gp_weight", -1.0), ("kappa", float("nan")),
+    ("gan_beta1", 1.0), ("gan_beta2", -0.1), ("critic_norm", "batch_norm"), ("image_size", 28),
+    ("hflip", "yes"), ("max_generator_steps", 0),
+])
+def test_bad_hyperparameters(name: str, value) -> None:
+    with pytest.raises(ValueError, match=name):
+        FAnoGAN(**{name: value}).check_params()
+
+
+def test_profiles_are_valid() -> None:
+    assert set(PROFILES) == {"paper", "quick", "smoke"}
+    for by_dataset in PROFILES.values():
+        for kwargs in by_dataset.values():
+            FAnoGAN(**kwargs).check_params()
