@@ -9,7 +9,9 @@ import pytest
 import torch
 
 # Tests run on the CPU with a fixed thread count, so same-seed runs are bit-identical.
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# MEMGAN_TEST_THREADS=1 keeps the suite usable on a machine busy with other work (two-thread
+# OpenMP regions slow down badly when the cores are oversubscribed).
+torch.set_num_threads(int(os.environ.get("MEMGAN_TEST_THREADS", min(2, os.cpu_count() or 1))))
 
 SHARED_DATA = Path(os.environ.get("MEMGAN_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
