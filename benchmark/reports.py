@@ -146,8 +146,8 @@ def auroc_table(frame: pd.DataFrame, dataset: str, latex: bool = False) -> tuple
 def table4(frame: pd.DataFrame) -> pd.DataFrame:
     """Mean gmean / false-alarm / miss rate over the MNIST classes, ours (paper)."""
     reference = reference_table(TABLE4_CSV)
-    methods = [m for m in method_order(frame) if m in reference.columns] + \
-              [m for m in method_order(frame) if m not in reference.columns]
+    # Table 4's own column order (it has no iForest column), then the other methods.
+    methods = list(reference.columns) + [m for m in method_order(frame) if m not in reference.columns]
     subset = frame[frame["dataset"] == "mnist"]
     out = pd.DataFrame("", index=list(THRESHOLD_METRICS), columns=methods)
     for metric in THRESHOLD_METRICS:
@@ -217,7 +217,7 @@ def auroc_figure(frame: pd.DataFrame, dataset: str, path: Path) -> None:
 def _to_markdown(title: str, tables: list[tuple[str, pd.DataFrame]], footer: str) -> str:
     parts = [f"# {title}\n"]
     for caption, table in tables:
-        parts.append(f"{caption}\n\n{table.to_markdown()}\n")
+        parts.append(f"{caption}\n\n{table.to_markdown(disable_numparse=True)}\n")
     parts.append(footer)
     return "\n".join(parts)
 

@@ -73,7 +73,12 @@ def test_difference_table_and_table4(reports):
     diff_part = text.split("Difference")[1]
     row0 = next(line for line in diff_part.splitlines() if line.startswith("| 0 "))
     assert "-0.0816" in row0                                    # 0.8000 - 0.8816
+    row9 = next(line for line in diff_part.splitlines() if line.startswith("| 9 "))
+    assert "+0.1193" in row9                                    # 0.8900 - 0.7707, sign kept
     t4 = (folder / "table4_mnist_threshold_metrics.md").read_text()
+    header = next(line for line in t4.splitlines() if line.startswith("| metric"))
+    assert [c.strip() for c in header.strip("|").split("|")][1:] == [
+        "f-AnoGAN", "DAGMM", "MemAE", "GANomaly", "DSVDD", "Mem_GANomaly", "iForest"]  # the paper's order
     gmean_row = next(line for line in t4.splitlines() if line.startswith("| gmean"))
     assert "0.5000 (0.9013)" in gmean_row                       # GANomaly mean gmean (paper .9013)
     assert "0.7000 (–)" in gmean_row                            # iForest: not in the paper's Table 4
