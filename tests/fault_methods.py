@@ -419,3 +419,21 @@ def reference_run(data: Path, folder: Path, classes: Iterable[int]) -> dict:
 
     assert main(cli_args(data, folder / "results", folder / "reports", classes=classes)) == 0
     return outcomes(folder / "results")
+
+
+def shared_run_fixtures(classes: Iterable[int]) -> tuple:
+    """Module-scoped `data` (a fake MNIST root) and `reference` (an uninterrupted run over
+    `classes`: its outcomes and results folder) fixtures, for the test modules that compare
+    faulty runs against a clean one."""
+
+    @pytest.fixture(scope="module")
+    def data(tmp_path_factory):
+        return write_fake_mnist(tmp_path_factory.mktemp("data")).parents[1]
+
+    @pytest.fixture(scope="module")
+    def reference(data, tmp_path_factory):
+        folder = tmp_path_factory.mktemp("reference")
+        with isolated():
+            return reference_run(data, folder, classes), folder / "results"
+
+    return data, reference

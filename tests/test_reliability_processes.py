@@ -15,9 +15,9 @@ import pytest
 
 from benchmark.cli import main
 from benchmark.records import existing_record, read_record
-from fault_methods import (assert_same_outcomes, cli_args, in_process, isolated, job_classes, launch, live_group_members,
-                           log_events, output_of, outcomes, reference_run, select, temp_files, wait_for,
-                           write_fake_mnist)
+from fault_methods import (shared_run_fixtures, assert_same_outcomes, cli_args, in_process, job_classes,
+                           launch, live_group_members, log_events, output_of, outcomes, select, temp_files,
+                           wait_for)
 
 pytestmark = pytest.mark.usefixtures("in_process")  # imported from fault_methods
 CLASSES = (0, 1, 2, 3)
@@ -25,16 +25,7 @@ JOB_DIR = Path("smoke", "paper", "mnist", "slow")
 STARTUP = 180  # seconds a subprocess may take to import torch & co. on a loaded 2-core machine
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return write_fake_mnist(tmp_path_factory.mktemp("data")).parents[1]
-
-
-@pytest.fixture(scope="module")
-def reference(data, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("reference")
-    with isolated():
-        return reference_run(data, folder, CLASSES), folder / "results"
+data, reference = shared_run_fixtures(CLASSES)
 
 
 @pytest.fixture

@@ -14,24 +14,15 @@ import pytest
 
 from benchmark.cli import main
 from benchmark.records import iter_records, read_record, read_scores
-from fault_methods import (assert_same_outcomes, cli_args, in_process, isolated, log_events, outcomes, reference_run,
-                           select, temp_files, write_fake_mnist)
+from fault_methods import (shared_run_fixtures, assert_same_outcomes, cli_args, in_process, log_events,
+                           outcomes, select, temp_files)
 
 pytestmark = pytest.mark.usefixtures("in_process")  # imported from fault_methods
 CLASSES = (0, 1, 2, 3, 4)
 JOB_DIR = Path("smoke", "paper", "mnist", "slow")
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return write_fake_mnist(tmp_path_factory.mktemp("data")).parents[1]
-
-
-@pytest.fixture(scope="module")
-def reference(data, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("reference")
-    with isolated():
-        return reference_run(data, folder, CLASSES), folder / "results"
+data, reference = shared_run_fixtures(CLASSES)
 
 
 def _files(folder: Path) -> dict:
