@@ -126,7 +126,8 @@ class TorchDetector(Detector, abc.ABC):
             net.train(train)
 
     def _end_epoch(self, epoch: int, epoch_callback: Optional[EpochCallback]) -> None:
-        """Call at the end of each epoch: runs the (diagnostic) callback in eval mode."""
+        """Call at the end of each epoch: runs the (diagnostic) callback, whose scoring switches
+        the networks to eval mode, then puts them back in train mode."""
         if epoch_callback is not None:
             epoch_callback(epoch, self)
             self._set_mode(train=True)
