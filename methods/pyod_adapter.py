@@ -9,7 +9,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from methods.base import Detector, EpochCallback, check_images
+from methods.base import check_random_state, Detector, EpochCallback, check_images
 
 PROFILES: dict = {profile: {"*": {}} for profile in ("paper", "quick", "smoke")}
 
@@ -44,8 +44,7 @@ class PyODDetector(Detector):
         self.random_state = random_state
 
     def _check_params(self) -> None:
-        if isinstance(self.random_state, bool) or not isinstance(self.random_state, (int, np.integer)) or not 0 <= self.random_state < 2**32:
-            raise ValueError(f"random_state must be an integer in [0, 2**32), got {self.random_state!r}")
+        check_random_state(self.random_state)
         try:
             find_pyod_class(self.model)
         except KeyError as exc:

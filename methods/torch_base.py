@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from methods.base import Detector, DivergedError, EpochCallback, check_images, check_positive_int
+from methods.base import check_random_state, Detector, DivergedError, EpochCallback, check_images, check_positive_int
 
 
 def resolve_device(device: str) -> torch.device:
@@ -97,8 +97,7 @@ class TorchDetector(Detector, abc.ABC):
     # ---- shared ---------------------------------------------------------------------------
     def _check_torch_params(self) -> None:
         check_positive_int("score_batch_size", self.score_batch_size)
-        if isinstance(self.random_state, bool) or not isinstance(self.random_state, (int, np.integer)) or not 0 <= self.random_state < 2**32:
-            raise ValueError(f"random_state must be an integer in [0, 2**32), got {self.random_state!r}")
+        check_random_state(self.random_state)
         resolve_device(self.device)
 
     def check_params(self) -> "TorchDetector":
