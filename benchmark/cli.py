@@ -1,5 +1,5 @@
-"""`python run_all.py ...`: run the benchmark and write the reports. Exit codes: 0 all jobs ok,
-1 some job failed or diverged (or the results folder became unwritable), 2 usage or data errors
+"""`memgan-bench ...` or `python run_all.py ...`: run the benchmark and write the reports. Exit
+codes: 0 all jobs ok, 1 some job failed or diverged (or the results folder became unwritable), 2 usage or data errors
 (nothing was trained), 130 interrupted (finished records are kept; rerun to continue)."""
 from __future__ import annotations
 
@@ -14,12 +14,14 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from benchmark.data import CLASS_NAMES, DATASETS, DataError, load_dataset, resolve_data_root
+from benchmark.datasets import did_you_mean
+from benchmark.profiles import PROFILE_NAMES
 from benchmark.records import JobKey, ResultsWriteError, existing_record, iter_records, remove_idle_stray_temp_files
 from benchmark.reports import write_reports
 from benchmark.runner import Job, RunSettings, execute, provenance
 from benchmark.splits import PROTOCOLS
 
-PROFILES = ("paper", "quick", "smoke")
+PROFILES = PROFILE_NAMES
 MAX_SEED = 2**32 - 1
 
 
@@ -27,9 +29,28 @@ class UsageError(Exception):
     pass
 
 
+def prog_name() -> str:
+    """The program name in usage and error messages: how it was started (``run_all.py``,
+    ``memgan-bench``), ``memgan-bench`` when that is not a script name."""
+    name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    return name if name and name not in ("__main__.py", "-c", "-m") else "memgan-bench"
+
+
+def package_version() -> str:
+    """The installed distribution's version, else the package's ``__version__``."""
+    import importlib.metadata as md
+
+    try:
+        return md.version("memgan-bench")
+    except md.PackageNotFoundError:
+        from benchmark import __version__
+
+        return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="run_all.py",
+        prog=prog_name(),
         description="Run one-class anomaly detection benchmarks (each class in turn normal) and write "
                     "the paper's Tables 1-4 beside the paper's numbers.")
     parser.add_argument("--dataset", help=f"one of {', '.join(DATASETS)}, or all (required unless --report-only)")
@@ -54,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--track-auroc", action="store_true",
                         help="diagnostic: record the test AUROC after every epoch (never used to pick a model)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     return parser
 
 
@@ -81,17 +103,20 @@ def _parse_int(text: str, what: str, low: int, high: int) -> int:
 
 
 def _parse_classes(tokens: Optional[list[str]], datasets: list[str]) -> list[int]:
+    n_classes = min(len(CLASS_NAMES[d]) for d in datasets)
     if not tokens:
-        return list(range(10))
+        return list(range(n_classes))
     names = {name.lower(): i for d in datasets for i, name in enumerate(CLASS_NAMES[d])}
     classes = []
     for token in tokens:
-        if token.isdigit() and int(token) < 10:
+        if token.isdigit() and int(token) < n_classes:
             classes.append(int(token))
         elif token.lower() in names:
             classes.append(names[token.lower()])
         else:
-            raise UsageError(f"unknown class {token!r}; valid choices: 0-9" + (f" or {', '.join(CLASS_NAMES[datasets[0]])}" if len(datasets) == 1 else ""))
+            named = f" or {', '.join(CLASS_NAMES[datasets[0]])}" if len(datasets) == 1 else ""
+            raise UsageError(f"unknown class {token!r}; valid choices: 0-{n_classes - 1}{named}"
+                             f"{did_you_mean(token, [n for d in datasets for n in CLASS_NAMES[d]])}")
     return sorted(set(classes))
 
 
@@ -102,13 +127,16 @@ def parse_config(argv: Sequence[str]) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.profile not in PROFILES:
-        raise UsageError(f"unknown profile {args.profile!r}; valid choices: {', '.join(PROFILES)}")
+        raise UsageError(f"unknown profile {args.profile!r}; valid choices: {', '.join(PROFILES)}"
+                         f"{did_you_mean(args.profile, PROFILES)}")
     if args.protocol not in PROTOCOLS:
-        raise UsageError(f"unknown protocol {args.protocol!r}; valid choices: {', '.join(PROTOCOLS)}")
+        raise UsageError(f"unknown protocol {args.protocol!r}; valid choices: {', '.join(PROTOCOLS)}"
+                         f"{did_you_mean(args.protocol, PROTOCOLS)}")
     if args.dataset is None and not args.report_only:
         raise UsageError(f"--dataset is required; valid choices: {', '.join(DATASETS)}, all")
     if args.dataset is not None and args.dataset not in (*DATASETS, "all"):
-        raise UsageError(f"unknown dataset {args.dataset!r}; valid choices: {', '.join(DATASETS)}, all")
+        raise UsageError(f"unknown dataset {args.dataset!r}; valid choices: {', '.join(DATASETS)}, all"
+                         f"{did_you_mean(args.dataset, [*DATASETS, 'all'])}")
     args.datasets = list(DATASETS) if args.dataset in (None, "all") else [args.dataset]
     args.methods = args.methods or _registry_names()
     for name in args.methods:
@@ -116,7 +144,8 @@ def parse_config(argv: Sequence[str]) -> argparse.Namespace:
             get_method(name)
         except KeyError as exc:
             raise UsageError(f"unknown method {name!r} ({exc.args[0]}); valid choices: {', '.join(_registry_names())}, "
-                             "or pyod:<model> for any pyod model (e.g. pyod:knn)") from None
+                             f"or pyod:<model> for any pyod model (e.g. pyod:knn){did_you_mean(name, _registry_names())}"
+                             ) from None
     args.methods = list(dict.fromkeys(args.methods))
     args.class_ids = _parse_classes(args.classes, args.datasets)
     args.seed_values = sorted({_parse_int(s, "seed", 0, MAX_SEED) for s in args.seeds})
@@ -175,8 +204,12 @@ def build_jobs(args: argparse.Namespace) -> list[Job]:
                 spec = get_method(method)
                 cls = spec.load()
                 accepted = cls().get_params()
+                try:
+                    settings = spec.settings(args.profile, dataset)
+                except ValueError as exc:
+                    raise UsageError(str(exc)) from None
                 for seed in args.seed_values:
-                    params = {**spec.settings(args.profile, dataset), **args.override_map.get(method, {}), "random_state": seed}
+                    params = {**settings, **args.override_map.get(method, {}), "random_state": seed}
                     if "device" in accepted:
                         params["device"] = args.device
                     key = JobKey(dataset, normal_class, method, seed, args.profile_dir, args.protocol)
@@ -201,11 +234,18 @@ def validate_jobs(jobs: list[Job]) -> None:
 
 
 def check_writable(directory: Path) -> None:
+    """Create the results folder and probe it; on failure remove the folders it created."""
+    created = [p for p in (directory, *directory.parents) if not p.exists()]  # deepest first
     try:
         directory.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(prefix=".tmp-probe-", dir=directory):
             pass
     except OSError as exc:
+        for folder in created:
+            try:
+                folder.rmdir()
+            except OSError:
+                break
         raise UsageError(f"cannot write into the results folder {directory}: {exc.strerror or exc}; "
                          "choose another with --results-dir") from None
 
@@ -229,16 +269,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             _report(args)
             return 0
         results_dir = Path(args.results_dir)
-        check_writable(results_dir)
         jobs = build_jobs(args)
         validate_jobs(jobs)
         for dataset in args.datasets:  # every data file checked before any training starts
             load_dataset(dataset, args.data_root, download=not args.no_download)
+        check_writable(results_dir)  # last: a usage or data error leaves nothing on disk
     except UsageError as exc:
-        print(f"run_all.py: error: {exc}", file=sys.stderr)
+        print(f"{prog_name()}: error: {exc}", file=sys.stderr)
         return 2
     except DataError as exc:
-        print(f"run_all.py: data error: {exc}", file=sys.stderr)
+        print(f"{prog_name()}: data error: {exc}", file=sys.stderr)
         return 2
 
     pending, already, unreadable = [], [], []
@@ -257,7 +297,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           f"(profile {args.profile_dir}, protocol {args.protocol}, data {resolve_data_root(args.data_root)})")
     settings = RunSettings(results_dir=results_dir, data_root=args.data_root, download=not args.no_download,
                            threads_per_job=max(1, (os.cpu_count() or 1) // min(args.n_jobs, max(1, len(pending)))),
-                           track_auroc=args.track_auroc, overrides=args.override_map, provenance=provenance(["run_all.py", *argv]),
+                           track_auroc=args.track_auroc, overrides=args.override_map, provenance=provenance([prog_name(), *argv]),
                            force=args.force, started_at=time.time())
     started = time.perf_counter()
     exit_code = 0
@@ -267,7 +307,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("\ninterrupted: finished jobs are recorded; run the same command again to do the rest", file=sys.stderr)
         return 130
     except ResultsWriteError as exc:
-        print(f"run_all.py: cannot write results: {exc}; records already written are intact", file=sys.stderr)
+        print(f"{prog_name()}: cannot write results: {exc}; records already written are intact", file=sys.stderr)
         return 1
     bad = [o for o in outcomes if o.status in ("failed", "diverged")] + [s for s in already if s == "diverged"]
     print(f"ran {len(outcomes)} jobs in {time.perf_counter() - started:.1f} s: "
@@ -278,7 +318,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         _report(args)
     except OSError as exc:
-        print(f"run_all.py: could not write the reports: {exc}; the records are intact, rerun with --report-only",
+        print(f"{prog_name()}: could not write the reports: {exc}; the records are intact, rerun with --report-only",
               file=sys.stderr)
         exit_code = 1
     return exit_code

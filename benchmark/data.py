@@ -1,5 +1,5 @@
-"""Loading MNIST, Fashion-MNIST and CIFAR-10 as uint8 arrays, from official file layouts, with
-every file checked before use.
+"""Loading the registered datasets (benchmark/datasets.py) as uint8 arrays, every file checked
+before use; the loaders and file checks of MNIST, Fashion-MNIST and CIFAR-10.
 
 Data root: `--data-root`, else the environment variable MEMGAN_DATA, else ./data. Layouts read:
 - MNIST / Fashion-MNIST: torchvision's `MNIST/raw/` and `FashionMNIST/raw/` IDX files
@@ -18,38 +18,17 @@ import zlib
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Optional, Union
+from typing import Mapping, Optional, Sequence, Union
 
 import numpy as np
 
-DATASETS = ("mnist", "fashion_mnist", "cifar10")
+from benchmark.datasets import CLASS_NAMES as _CLASS_NAMES
+from benchmark.datasets import DATASET_REGISTRY, DatasetNames, get_dataset
 
-CLASS_NAMES = {
-    "mnist": [str(i) for i in range(10)],
-    # Tables 2 and 3 use these labels.
-    "fashion_mnist": ["T-shirt", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"],
-    "cifar10": ["Plane", "Car", "Bird", "Cat", "Deer", "Dog", "Frog", "Horse", "Ship", "Truck"],
-}
+# Live views of the dataset registry (benchmark/datasets.py): every registered dataset, in order.
+DATASETS: Sequence[str] = DatasetNames()
+CLASS_NAMES: Mapping[str, list[str]] = _CLASS_NAMES
 
-# MD5 of the official files (uncompressed IDX files; the CIFAR-10 binary batches as published).
-# A file of exactly the official size is checked against them (a corrupt download keeps its
-# size); files of other sizes fail the structural checks instead.
-KNOWN_MD5 = {
-    "MNIST/raw/t10k-images-idx3-ubyte": "2646ac647ad5339dbf082846283269ea",
-    "MNIST/raw/t10k-labels-idx1-ubyte": "27ae3e4e09519cfbb04c329615203637",
-    "MNIST/raw/train-images-idx3-ubyte": "6bbc9ace898e44ae57da46a324031adb",
-    "MNIST/raw/train-labels-idx1-ubyte": "a25bea736e30d166cdddb491f175f624",
-    "FashionMNIST/raw/t10k-images-idx3-ubyte": "8181f5470baa50b63fa0f6fddb340f0a",
-    "FashionMNIST/raw/t10k-labels-idx1-ubyte": "15d484375f8d13e6eb1aabb0c3f46965",
-    "FashionMNIST/raw/train-images-idx3-ubyte": "f4a8712d7a061bf5bd6d2ca38dc4d50a",
-    "FashionMNIST/raw/train-labels-idx1-ubyte": "9018921c3c673c538a1fc5bad174d6f9",
-    "cifar-10-batches-bin/data_batch_1.bin": "5dd7e06a14cb22eb9f671a540d1b7c25",
-    "cifar-10-batches-bin/data_batch_2.bin": "5ea93a67294ea407fff1d09f752e9692",
-    "cifar-10-batches-bin/data_batch_3.bin": "942cd6a4bcdd0dd3c604fbe906cb4421",
-    "cifar-10-batches-bin/data_batch_4.bin": "ae636b3ba5c66a11e91e8cb52e771fcb",
-    "cifar-10-batches-bin/data_batch_5.bin": "53f37980c15c3d472c316c40844f3f0d",
-    "cifar-10-batches-bin/test_batch.bin": "803d5f7f4d78ea53de84dbe85f74fb6d",
-}
 OFFICIAL_SIZES = {"t10k-images-idx3-ubyte": 7840016, "t10k-labels-idx1-ubyte": 10008,
                   "train-images-idx3-ubyte": 47040016, "train-labels-idx1-ubyte": 60008}
 CIFAR_BIN_SIZE = 10000 * 3073
@@ -58,7 +37,16 @@ IDX_IMAGES_MAGIC = 2051  # 0x00000803: unsigned bytes, 3 dimensions
 IDX_LABELS_MAGIC = 2049  # 0x00000801: unsigned bytes, 1 dimension
 
 _MNIST_DIRS = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}
-_TORCHVISION_CLASS = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST", "cifar10": "CIFAR10"}
+
+
+def known_md5() -> dict[str, str]:
+    """MD5 of the official files of every registered dataset, by path relative to the data root.
+
+    Returns
+    -------
+    dict of str to str
+    """
+    return {path: md5 for spec in DATASET_REGISTRY.values() for path, md5 in spec.checksums.items()}
 
 
 class DataError(Exception):
@@ -68,6 +56,22 @@ class DataError(Exception):
 
 @dataclass(frozen=True)
 class Dataset:
+    """One loaded dataset.
+
+    Parameters
+    ----------
+    name : str
+        The registry name.
+    train_images, test_images : ndarray
+        uint8 images (N, C, H, W) of the original training and test splits.
+    train_labels, test_labels : ndarray
+        int64 class labels (N,).
+    class_names : tuple of str
+        One name per class, in label order.
+    source : str
+        The files or folder the arrays were read from.
+    """
+
     name: str
     train_images: np.ndarray  # uint8 (N, C, H, W)
     train_labels: np.ndarray  # int64 (N,)
@@ -78,7 +82,17 @@ class Dataset:
 
 
 def resolve_data_root(data_root: Union[str, Path, None] = None) -> Path:
-    """--data-root, else $MEMGAN_DATA, else ./data."""
+    """The data root: `data_root` (``--data-root``), else ``$MEMGAN_DATA``, else ``./data``.
+
+    Parameters
+    ----------
+    data_root : str or Path, optional
+        An explicit data root.
+
+    Returns
+    -------
+    Path
+    """
     if data_root is not None:
         return Path(data_root)
     return Path(os.environ.get("MEMGAN_DATA") or "data")
@@ -103,7 +117,7 @@ def _check_known_checksum(path: Path, root: Path, name: str, data: Optional[byte
     key = path.relative_to(root).as_posix() if path.is_relative_to(root) else None
     if key and data is not None:
         key = key.removesuffix(".gz")
-    expected = KNOWN_MD5.get(key or "")
+    expected = known_md5().get(key or "")
     size = len(data) if data is not None else path.stat().st_size
     official_size = CIFAR_BIN_SIZE if key and key.endswith(".bin") else OFFICIAL_SIZES.get(path.name.removesuffix(".gz"))
     if expected and official_size == size and (_md5(path) if data is None else hashlib.md5(data).hexdigest()) != expected:
@@ -122,7 +136,24 @@ def _read_bytes(path: Path, root: Path, name: str) -> bytes:
 
 
 def read_idx(path: Path, expected_magic: int, root: Optional[Path] = None, name: str = "the dataset") -> np.ndarray:
-    """Read an IDX file (images: magic 2051, (N, rows, cols); labels: magic 2049, (N,))."""
+    """Read and check an IDX file.
+
+    Parameters
+    ----------
+    path : Path
+        The file (``.gz`` is decompressed).
+    expected_magic : int
+        `IDX_IMAGES_MAGIC` (2051, (N, rows, cols)) or `IDX_LABELS_MAGIC` (2049, (N,)).
+    root : Path, optional
+        The data root, for checksum look-up and error messages (default: the file's folder).
+    name : str
+        The dataset, for error messages.
+
+    Returns
+    -------
+    ndarray
+        uint8, of the shape the header gives.
+    """
     root = root or path.parent
     raw = _read_bytes(path, root, name)
     if path.suffix == ".gz":
@@ -147,8 +178,12 @@ def read_idx(path: Path, expected_magic: int, root: Optional[Path] = None, name:
 
 
 def _check_labels(labels: np.ndarray, path: Path, root: Path, name: str) -> np.ndarray:
-    if labels.size and labels.max() > 9:
-        raise DataError(f"{path}: label {int(labels.max())} out of range; expected labels 0-9. {_how_to_fix(name, root)}")
+    labels = np.asarray(labels)
+    n_classes = len(get_dataset(name).class_names)
+    if labels.size and (labels.min() < 0 or labels.max() >= n_classes):
+        bad = int(labels.max()) if labels.max() >= n_classes else int(labels.min())
+        raise DataError(f"{path}: label {bad} out of range; expected labels 0-{n_classes - 1}. "
+                        f"{_how_to_fix(name, root)}")
     return labels.astype(np.int64)
 
 
@@ -159,7 +194,22 @@ def _find(directory: Path, stem: str) -> Optional[Path]:
     return None
 
 
-def _load_mnist_like(name: str, root: Path) -> Dataset:
+def load_mnist_like(name: str, root: Path) -> tuple:
+    """Loader of MNIST and Fashion-MNIST (torchvision's ``<Name>/raw/`` IDX files, or their .gz).
+
+    Parameters
+    ----------
+    name : str
+        ``"mnist"`` or ``"fashion_mnist"``.
+    root : Path
+        The data root.
+
+    Returns
+    -------
+    tuple
+        ``(train_images, train_labels, test_images, test_labels, source)`` as a `DatasetSpec`
+        loader returns them.
+    """
     directory = root / _MNIST_DIRS[name] / "raw"
     arrays = {}
     for split, prefix in (("train", "train"), ("test", "t10k")):
@@ -176,7 +226,7 @@ def _load_mnist_like(name: str, root: Path) -> Dataset:
             raise DataError(f"{paths['images']} holds {len(images)} images but {paths['labels']} holds {len(labels)} labels; "
                             f"expected the same count. {_how_to_fix(name, root)}")
         arrays[split] = (images[:, None, :, :], labels)
-    return Dataset(name, *arrays["train"], *arrays["test"], tuple(CLASS_NAMES[name]), str(directory))
+    return (*arrays["train"], *arrays["test"], str(directory))
 
 
 def _load_cifar_bin(root: Path, directory: Path) -> tuple:
@@ -227,7 +277,19 @@ def _load_cifar_py(root: Path, directory: Path) -> tuple:
     return splits["train"] + splits["test"]
 
 
-def _load_cifar10(root: Path) -> Dataset:
+def load_cifar10(root: Path) -> tuple:
+    """Loader of CIFAR-10: the python batches (``cifar-10-batches-py/``) or the binary ones.
+
+    Parameters
+    ----------
+    root : Path
+        The data root.
+
+    Returns
+    -------
+    tuple
+        ``(train_images, train_labels, test_images, test_labels, source)``.
+    """
     py_dir, bin_dir = root / "cifar-10-batches-py", root / "cifar-10-batches-bin"
     if py_dir.is_dir():
         arrays, source = _load_cifar_py(root, py_dir), py_dir
@@ -235,40 +297,94 @@ def _load_cifar10(root: Path) -> Dataset:
         arrays, source = _load_cifar_bin(root, bin_dir), bin_dir
     else:
         raise FileNotFoundError(py_dir)
-    return Dataset("cifar10", *arrays, tuple(CLASS_NAMES["cifar10"]), str(source))
+    return (*arrays, str(source))
+
+
+def _remove_empty_dirs(created: list[Path]) -> None:
+    """Remove what a failed download created and left without a file: the empty folders under the
+    data root, then the folders in `created` (deepest first) that are empty."""
+    if created and created[0].is_dir():
+        for directory, _, _ in sorted(os.walk(created[0]), key=lambda entry: -len(entry[0])):
+            try:
+                Path(directory).rmdir()  # only succeeds on an empty folder
+            except OSError:
+                pass
+    for directory in created:
+        try:
+            directory.rmdir()
+        except OSError:
+            break
 
 
 def _download(name: str, root: Path) -> None:
-    import torchvision.datasets as tvd
-
-    root.mkdir(parents=True, exist_ok=True)
+    spec = get_dataset(name)
+    created = [p for p in (root, *root.parents) if not p.exists()]  # deepest first
     try:
-        getattr(tvd, _TORCHVISION_CLASS[name])(str(root), train=True, download=True)
-        getattr(tvd, _TORCHVISION_CLASS[name])(str(root), train=False, download=True)
+        root.mkdir(parents=True, exist_ok=True)
+        spec.download(root)
     except Exception as exc:
+        _remove_empty_dirs(created)  # partial files, if any, are kept
         raise DataError(f"could not download {name} into {root}: {exc}. Without internet, copy the official files "
-                        f"into {root} in torchvision's layout (see README.md, 'Data') and pass --no-download.") from exc
+                        f"into a folder in torchvision's layout (see README.md, 'Data'), point --data-root or the "
+                        f"MEMGAN_DATA environment variable at it, and pass --no-download.") from exc
 
 
 def load_dataset(name: str, data_root: Union[str, Path, None] = None, download: bool = True) -> Dataset:
-    """Load one dataset (cached: each dataset is read from disk once per process)."""
-    if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; valid choices: {', '.join(DATASETS)}")
+    """Load one registered dataset, every file checked (cached: read once per process).
+
+    Parameters
+    ----------
+    name : str
+        A dataset name from `benchmark.datasets` (``mnist``, ``fashion_mnist``, ``cifar10``, ...).
+    data_root : str or Path, optional
+        The data root; default `resolve_data_root` (``$MEMGAN_DATA``, else ``./data``).
+    download : bool, default True
+        Fetch missing files when the dataset has a download.
+
+    Returns
+    -------
+    Dataset
+
+    Raises
+    ------
+    ValueError
+        For an unknown dataset name.
+    DataError
+        For a missing, corrupt or malformed file (the message names the file and the fix).
+    """
+    get_dataset(name)
     return _load_cached(name, resolve_data_root(data_root).resolve(), download)
+
+
+def _as_dataset(name: str, arrays: tuple, root: Path) -> Dataset:
+    """Check a loader's arrays against the dataset's spec and wrap them."""
+    spec = get_dataset(name)
+    train_images, train_labels, test_images, test_labels, source = arrays
+    for split, images, labels in (("train", train_images, train_labels), ("test", test_images, test_labels)):
+        images, labels = np.asarray(images), np.asarray(labels)
+        if images.dtype != np.uint8 or images.shape[1:] != spec.image_shape or len(images) != len(labels) \
+                or labels.ndim != 1 or len(images) == 0:
+            raise DataError(f"{source}: the {split} split of {name} holds images {images.shape} ({images.dtype}) and "
+                            f"labels {labels.shape}; expected uint8 (N, {', '.join(map(str, spec.image_shape))}) "
+                            f"images with N > 0 and N labels. {_how_to_fix(name, root)}")
+        _check_labels(labels, Path(source), root, name)
+    return Dataset(name, np.asarray(train_images), np.asarray(train_labels, dtype=np.int64), np.asarray(test_images),
+                   np.asarray(test_labels, dtype=np.int64), tuple(spec.class_names), str(source))
 
 
 @lru_cache(maxsize=None)
 def _load_cached(name: str, root: Path, download: bool) -> Dataset:
-    loader = _load_cifar10 if name == "cifar10" else (lambda r: _load_mnist_like(name, r))
+    spec = get_dataset(name)
     try:
-        return loader(root)
+        return _as_dataset(name, spec.loader(root), root)
     except FileNotFoundError as missing:
-        if not download:
-            raise DataError(f"{missing.filename or missing.args[0]}: file not found; expected the {name} files under {root} in torchvision's "
-                            f"layout (see README.md, 'Data'). Run without --no-download to fetch them, or pass --data-root "
-                            f"pointing at a folder that has them.") from None
+        if not download or spec.download is None:
+            how = "Run without --no-download to fetch them, or pass" if spec.download is not None else "Pass"
+            raise DataError(f"{missing.filename or missing.args[0]}: file not found; expected the {name} files under "
+                            f"{root} (see README.md, 'Data'). {how} --data-root, or set the MEMGAN_DATA environment "
+                            f"variable, to a folder that has them.") from None
     _download(name, root)
     try:
-        return loader(root)
+        return _as_dataset(name, spec.loader(root), root)
     except FileNotFoundError as missing:
         raise DataError(f"{missing.filename or missing.args[0]}: still missing after the download into {root}.") from None

@@ -14,6 +14,13 @@ from typing import Optional
 import numpy as np
 from sklearn.metrics import roc_auc_score, roc_curve
 
+#: The metrics at the Youden threshold (Table 4), in the paper's order.
+THRESHOLD_METRICS: tuple[str, ...] = ("gmean", "false_alarm_rate", "miss_rate")
+#: Every metric `evaluate` returns, in order: the records store these and the reports read them.
+METRIC_NAMES: tuple[str, ...] = ("auroc", *THRESHOLD_METRICS, "threshold")
+#: The metrics an ``ok`` record must hold as finite numbers (the threshold may be None).
+REQUIRED_METRICS: tuple[str, ...] = ("auroc", *THRESHOLD_METRICS)
+
 
 def _check(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     scores = np.asarray(scores, dtype=np.float64).ravel()

@@ -20,6 +20,8 @@ from typing import Any, Iterator, Optional
 
 import numpy as np
 
+from benchmark.metrics import REQUIRED_METRICS
+
 SCHEMA_VERSION = 1
 TMP_PREFIX = ".tmp-"
 REQUIRED_FIELDS = ("schema_version", "dataset", "normal_class", "method", "seed", "profile", "protocol", "status", "metrics")
@@ -147,7 +149,7 @@ def read_record(path: Path) -> dict:
         raise UnreadableRecord(f"{path}: holds the record of class {record['normal_class']}, seed {record['seed']}")
     if record["status"] == "ok":
         metrics = record["metrics"]
-        if not isinstance(metrics, dict) or not all(_is_finite(metrics.get(m)) for m in ("auroc", "gmean", "false_alarm_rate", "miss_rate")):
+        if not isinstance(metrics, dict) or not all(_is_finite(metrics.get(m)) for m in REQUIRED_METRICS):
             raise UnreadableRecord(f"{path}: status ok but metrics incomplete")
         scores_file = Path(path).with_suffix(".npz")
         if not scores_file.is_file():

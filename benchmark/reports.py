@@ -17,15 +17,13 @@ import numpy as np
 import pandas as pd
 
 from benchmark.data import CLASS_NAMES
+from benchmark.datasets import PAPER_TABLES as TABLES  # dataset -> ("table<k>", reference CSV)
+from benchmark.datasets import TITLES
+from benchmark.metrics import METRIC_NAMES, THRESHOLD_METRICS
 from benchmark.records import _atomic_write, iter_records
 
 DASH = "–"
-TABLES = {"mnist": ("table1", "table1_mnist_auroc.csv"),
-          "fashion_mnist": ("table2", "table2_fashion_mnist_auroc.csv"),
-          "cifar10": ("table3", "table3_cifar10_auroc.csv")}
 TABLE4_CSV = "table4_mnist_threshold_metrics.csv"
-THRESHOLD_METRICS = ("gmean", "false_alarm_rate", "miss_rate")
-TITLES = {"mnist": "MNIST", "fashion_mnist": "Fashion-MNIST", "cifar10": "CIFAR-10"}
 
 
 def reference_table(csv_name: str) -> pd.DataFrame:
@@ -55,7 +53,7 @@ def load_records(results_dir: Path, profile: str, protocol: Optional[str] = None
             "class_name": CLASS_NAMES.get(record["dataset"], [str(i) for i in range(10)])[int(record["normal_class"])],
             "method": record["method"], "label": spec.label if spec else record["method"],
             "seed": record["seed"], "profile": record["profile"], "protocol": record["protocol"],
-            "status": record["status"], **{m: metrics.get(m) for m in ("auroc", *THRESHOLD_METRICS, "threshold")},
+            "status": record["status"], **{m: metrics.get(m) for m in METRIC_NAMES},
             "train_seconds": record.get("train_seconds"), "score_seconds": record.get("score_seconds"),
             "n_train": sizes.get("n_train"), "n_test": sizes.get("n_test"),
             "device": (record.get("run_info") or {}).get("device"),
@@ -64,7 +62,7 @@ def load_records(results_dir: Path, profile: str, protocol: Optional[str] = None
             "record": str(path.relative_to(Path(results_dir))),
         })
     columns = ["dataset", "normal_class", "class_name", "method", "label", "seed", "profile", "protocol", "status",
-               "auroc", *THRESHOLD_METRICS, "threshold", "train_seconds", "score_seconds", "n_train", "n_test",
+               *METRIC_NAMES, "train_seconds", "score_seconds", "n_train", "n_test",
                "device", "git_commit", "error", "best_epoch_auroc_on_test", "record"]
     return pd.DataFrame(rows, columns=columns), problems
 

@@ -23,17 +23,10 @@ import numpy as np
 
 from benchmark.data import load_dataset
 from benchmark.metrics import evaluate
+from benchmark.profiles import PROFILE_SUBSAMPLE
 from benchmark.records import (SCHEMA_VERSION, JobKey, JobLock, ResultsWriteError, existing_record,
                                remove_stray_temp_files, write_record)
-from benchmark.splits import Subsample, Task, make_task
-
-# Test-set caps of the cheaper profiles (the same images for every method and seed).
-# quick: every normal test image and 5,000 sampled anomalies; smoke: a few hundred images.
-PROFILE_SUBSAMPLE = {
-    "paper": Subsample(),
-    "quick": Subsample(max_test_anomalous=5000),
-    "smoke": Subsample(max_train=200, max_test_normal=100, max_test_anomalous=200),
-}
+from benchmark.splits import Task, make_task
 
 
 @dataclass(frozen=True)

@@ -13,28 +13,69 @@ from typing import Any
 
 from methods.base import Detector
 
-PROFILE_NAMES = ("paper", "quick", "smoke")
-DATASET_NAMES = ("mnist", "fashion_mnist", "cifar10")
-
 
 @dataclass(frozen=True)
 class MethodSpec:
-    name: str    # CLI name, e.g. "mem_ganomaly"
-    label: str   # the paper's label, e.g. "Mem_GANomaly"
-    target: str  # "module:Class"
-    fixed_params: dict = field(default_factory=dict)  # for generated entries (pyod:<model>)
+    """One registered detector.
+
+    Parameters
+    ----------
+    name : str
+        The command-line name, e.g. ``"mem_ganomaly"``.
+    label : str
+        The paper's label, e.g. ``"Mem_GANomaly"`` (the tables' column).
+    target : str
+        ``"module:Class"`` of its `Detector` subclass, imported on first use.
+    fixed_params : dict
+        Constructor arguments every setting gets (for generated entries such as ``pyod:<model>``).
+    """
+
+    name: str
+    label: str
+    target: str
+    fixed_params: dict = field(default_factory=dict)
 
     def load(self) -> type[Detector]:
+        """Import and return the detector class."""
         module_name, class_name = self.target.split(":")
         return getattr(importlib.import_module(module_name), class_name)
 
     def profiles(self) -> dict[str, dict[str, dict[str, Any]]]:
+        """The module's ``PROFILES``: profile -> dataset (or ``"*"``) -> constructor arguments."""
         module = importlib.import_module(self.target.split(":")[0])
         return getattr(module, "PROFILES", {})
 
     def settings(self, profile: str, dataset: str) -> dict[str, Any]:
-        """Constructor arguments for (profile, dataset); `random_state`/`device` come from the runner."""
-        by_dataset = self.profiles().get(profile, {})
+        """Constructor arguments for one profile and dataset (``random_state``/``device`` come
+        from the runner).
+
+        Parameters
+        ----------
+        profile : str
+            A profile name (``paper``, ``quick``, ``smoke``: benchmark/profiles.py).
+        dataset : str
+            A dataset name; the method's entry for it, else its ``"*"`` entry.
+
+        Returns
+        -------
+        dict
+
+        Raises
+        ------
+        ValueError
+            When the method's ``PROFILES`` has no such profile, or neither an entry for the
+            dataset nor a ``"*"`` one: a missing entry is never read as "no settings", which
+            would silently mean the full paper budget.
+        """
+        profiles = self.profiles()
+        if profile not in profiles:
+            raise ValueError(f"method {self.name!r} has no settings for profile {profile!r} (its PROFILES in "
+                             f"{self.target.split(':')[0]} lists {', '.join(profiles) or 'none'})")
+        by_dataset = profiles[profile]
+        if dataset not in by_dataset and "*" not in by_dataset:
+            raise ValueError(f"method {self.name!r} has no settings for dataset {dataset!r} under profile {profile!r} "
+                             f"(its PROFILES[{profile!r}] lists {', '.join(by_dataset) or 'none'} and no '*' entry); "
+                             f"add an entry for {dataset!r} to PROFILES in {self.target.split(':')[0]}")
         return {**self.fixed_params, **by_dataset.get(dataset, by_dataset.get("*", {}))}
 
 
@@ -42,6 +83,17 @@ REGISTRY: dict[str, MethodSpec] = {}
 
 
 def register(name: str, label: str, target: str) -> None:
+    """Add a detector to the registry (the tables' columns follow registration order).
+
+    Parameters
+    ----------
+    name : str
+        The command-line name.
+    label : str
+        The label in the tables.
+    target : str
+        ``"module:Class"`` of the detector.
+    """
     REGISTRY[name] = MethodSpec(name, label, target)
 
 
@@ -56,7 +108,22 @@ register("mem_ganomaly", "Mem_GANomaly", "methods.mem_ganomaly:MemGANomaly")
 
 
 def get_method(name: str) -> MethodSpec:
-    """Look a method up by CLI name; `pyod:<module>` wraps any pyod model. KeyError if unknown."""
+    """Look a method up by command-line name; ``pyod:<module>`` wraps any pyod model.
+
+    Parameters
+    ----------
+    name : str
+        A registered name or ``pyod:<module>``.
+
+    Returns
+    -------
+    MethodSpec
+
+    Raises
+    ------
+    KeyError
+        For an unknown name (for ``pyod:<module>``, with pyod's reason).
+    """
     if name in REGISTRY:
         return REGISTRY[name]
     if name.startswith("pyod:"):

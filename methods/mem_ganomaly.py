@@ -41,9 +41,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from methods.base import check_choice, check_nonneg_float, check_positive_int
+from methods.base import check_choice, check_nonneg_float
 from methods.ganomaly import GANomaly
-from methods.memory import MemoryModule, addressing_entropy
+from methods.memory import MemoryModule, addressing_entropy, check_memory_params
 
 # The eta weights of eq. 31 (and of the -log D(x_hat) term) for each preset.
 PRESETS: dict[str, dict[str, float]] = {
@@ -118,15 +118,7 @@ class MemGANomaly(GANomaly):
 
     def _check_params(self) -> None:
         self._check_common_params()
-        check_positive_int("memory_size", self.memory_size)
-        if self.shrink_threshold is not None:
-            check_nonneg_float("shrink_threshold", self.shrink_threshold)
-            if self.shrink_threshold >= 1:
-                raise ValueError(f"shrink_threshold must be < 1 (it cuts softmax weights), got {self.shrink_threshold!r}")
-        check_choice("addressing", self.addressing, ("dot", "cosine"))
-        check_nonneg_float("eps", self.eps)
-        if self.eps <= 0:
-            raise ValueError(f"eps must be > 0, got {self.eps!r}")
+        check_memory_params(self.memory_size, self.shrink_threshold, self.addressing, self.eps, "memory_size")
         check_choice("preset", self.preset, tuple(PRESETS))
         for name in PRESETS["ganomaly"]:
             if getattr(self, name) is not None:

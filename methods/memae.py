@@ -37,7 +37,7 @@ from torch import nn
 
 from methods.base import (EpochCallback, check_choice, check_nonneg_float, check_positive_float,
                           check_positive_int, iterate_minibatches)
-from methods.memory import MemoryModule, addressing_entropy
+from methods.memory import MemoryModule, addressing_entropy, check_memory_params
 from methods.preprocess import to_minus_one_one
 from methods.torch_base import DivergenceMonitor, TorchDetector, init_dcgan_weights
 
@@ -175,12 +175,7 @@ class MemAE(TorchDetector):
         self.score_batch_size = score_batch_size
 
     def _check_params(self) -> None:
-        check_positive_int("num_slots", self.num_slots)
-        if self.shrink_threshold is not None:
-            check_nonneg_float("shrink_threshold", self.shrink_threshold)
-            if self.shrink_threshold >= 1:
-                raise ValueError(f"shrink_threshold must be < 1 (it cuts softmax weights), got {self.shrink_threshold!r}")
-        check_choice("addressing", self.addressing, ("dot", "cosine"))
+        check_memory_params(self.num_slots, self.shrink_threshold, self.addressing, 1e-12)
         check_nonneg_float("entropy_weight", self.entropy_weight)
         if isinstance(self.widths, (str, bytes)) or not isinstance(self.widths, Sequence) or len(self.widths) == 0:
             raise ValueError(f"widths must be a non-empty sequence of positive integers, got {self.widths!r}")

@@ -10,42 +10,94 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from methods.base import check_choice, check_nonneg_float, check_positive_float, check_positive_int
+
+ADDRESSING = ("dot", "cosine")
+
+
+def check_memory_params(num_slots: int, shrink_threshold: Optional[float], addressing: str, eps: float,
+                        num_slots_name: str = "num_slots") -> None:
+    """Validate the memory module's arguments: the one check used by `MemoryModule`, MemAE and
+    Mem_GANomaly.
+
+    Parameters
+    ----------
+    num_slots : int
+        N, a positive integer.
+    shrink_threshold : float or None
+        lambda of eq. 18: None (= 1/N) or a number in [0, 1); a threshold >= 1 would cut every
+        softmax weight.
+    addressing : str
+        ``"dot"`` or ``"cosine"``.
+    eps : float
+        A positive finite number.
+    num_slots_name : str
+        The caller's name for N in error messages (Mem_GANomaly's is ``memory_size``).
+
+    Raises
+    ------
+    ValueError
+        Naming the bad argument.
+    """
+    check_positive_int(num_slots_name, num_slots)
+    if shrink_threshold is not None:
+        check_nonneg_float("shrink_threshold", shrink_threshold)
+        if shrink_threshold >= 1:
+            raise ValueError(f"shrink_threshold must be < 1 (it cuts softmax weights), got {shrink_threshold!r}")
+    check_choice("addressing", addressing, ADDRESSING)
+    check_positive_float("eps", eps)
+
 
 class MemoryModule(nn.Module):
     """Memory M in R^{N x C}, learned by backprop.
 
-    Args:
-        num_slots: N, the number of memory items.
-        dim: C, the feature dimension (Mem_GANomaly's nz).
-        shrink_threshold: lambda of eq. 18. None means 1/N, the documented default (the paper
-            gives none; MemAE's range is [1/N, 3/N]). 0 disables the hard-shrink gate.
-        addressing: "dot" (eq. 15, the default) or "cosine" (the MemAE paper's eq. 10).
-        eps: epsilon of eq. 18 and of the l1 renormalisation (MemAE's 1e-12).
+    Parameters
+    ----------
+    num_slots : int
+        N, the number of memory items.
+    dim : int
+        C, the feature dimension (Mem_GANomaly's nz).
+    shrink_threshold : float or None
+        lambda of eq. 18, in [0, 1). None means 1/N, the documented default (the paper gives
+        none; MemAE's range is [1/N, 3/N]). 0 disables the hard-shrink gate.
+    addressing : {"dot", "cosine"}
+        "dot" (eq. 15, the default) or "cosine" (the MemAE paper's eq. 10).
+    eps : float
+        Epsilon of eq. 18 and of the l1 renormalisation (MemAE's 1e-12).
 
-    forward(z) takes (B, C) vectors or (B, C, H, W) maps (or (B, C, 1, 1)) and returns
-    (z', w'): z' with z's shape, and the addressing weights w' with the slot axis at dim 1,
+    Notes
+    -----
+    ``forward(z)`` takes (B, C) vectors or (B, C, H, W) maps (or (B, C, 1, 1)) and returns
+    ``(z', w')``: z' with z's shape, and the addressing weights w' with the slot axis at dim 1,
     shape (B, N) or (B, N, H, W).
     """
 
     def __init__(self, num_slots: int, dim: int, shrink_threshold: Optional[float] = None,
                  addressing: str = "dot", eps: float = 1e-12) -> None:
         super().__init__()
-        if num_slots <= 0 or dim <= 0:
-            raise ValueError(f"num_slots and dim must be positive, got {num_slots}, {dim}")
-        if addressing not in ("dot", "cosine"):
-            raise ValueError(f"addressing must be 'dot' or 'cosine', got {addressing!r}")
+        check_memory_params(num_slots, shrink_threshold, addressing, eps)
+        check_positive_int("dim", dim)
         self.num_slots = num_slots
         self.dim = dim
         self.shrink_threshold = 1.0 / num_slots if shrink_threshold is None else float(shrink_threshold)
-        if self.shrink_threshold < 0:
-            raise ValueError(f"shrink_threshold must be >= 0, got {shrink_threshold}")
         self.addressing = addressing
         self.eps = eps
         bound = 1.0 / math.sqrt(dim)  # MemAE's init: U(-1/sqrt(C), 1/sqrt(C))
         self.memory = nn.Parameter(torch.empty(num_slots, dim).uniform_(-bound, bound))
 
     def address(self, queries: torch.Tensor) -> torch.Tensor:
-        """(B, C) queries -> (B, N) addressing weights w' (eqs. 15-20)."""
+        """Addressing weights w' of eqs. 15-20.
+
+        Parameters
+        ----------
+        queries : Tensor
+            (B, C) query vectors.
+
+        Returns
+        -------
+        Tensor
+            (B, N) weights, each row summing to 1 (or all zero when the gate cuts every slot).
+        """
         if self.addressing == "dot":
             similarity = queries @ self.memory.t()                                        # (15)
         else:
@@ -59,6 +111,18 @@ class MemoryModule(nn.Module):
         return weights
 
     def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Recall from memory (eq. 21).
+
+        Parameters
+        ----------
+        z : Tensor
+            (B, C) vectors or (B, C, H, W) maps (one address per position).
+
+        Returns
+        -------
+        tuple of Tensor
+            ``(z', w')``: z' with z's shape; w' of shape (B, N) or (B, N, H, W).
+        """
         if z.dim() == 2:
             weights = self.address(z)
             return weights @ self.memory, weights                                          # (21)
@@ -73,5 +137,17 @@ class MemoryModule(nn.Module):
 
 def addressing_entropy(weights: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     """Eqs. 28-30: sum over slots (dim 1) of -w' log w', averaged over samples (and positions).
-    A zero weight contributes exactly zero, with a finite gradient (log is clamped at eps)."""
+
+    Parameters
+    ----------
+    weights : Tensor
+        Addressing weights with the slot axis at dim 1.
+    eps : float
+        The clamp of log; a zero weight contributes exactly zero, with a finite gradient.
+
+    Returns
+    -------
+    Tensor
+        A scalar.
+    """
     return -(weights * torch.log(weights.clamp_min(eps))).sum(dim=1).mean()

@@ -12,7 +12,7 @@ from sklearn.metrics import roc_auc_score
 
 import methods.dagmm as dg
 from methods.base import DivergedError
-from methods.dagmm import (DAGMM, PROFILES, inverse_diagonal_sum, mixture_parameters, reconstruction_features,
+from methods.dagmm import (DAGMM, inverse_diagonal_sum, mixture_parameters, reconstruction_features,
                            sample_energy)
 
 TINY = dict(hidden_dims=(32, 8), batch_size=32, device="cpu")
@@ -88,12 +88,11 @@ def fitted(request):
     return DAGMM(**SEPARABLE).fit(X_train), X_train, X_test, y_test
 
 
-def test_scores_shape_finite_and_direction(fitted) -> None:
+def test_training_log_and_batch_independent_scores(fitted) -> None:
+    # Shape, dtype, finiteness, direction and determinism: tests/test_detector_contract.py.
     model, _, X_test, y_test = fitted
     scores = model.decision_function(X_test)
-    assert scores.shape == (len(X_test),) and scores.dtype == np.float64
-    assert np.isfinite(scores).all()
-    assert roc_auc_score(y_test, scores) > 0.9
+    assert roc_auc_score(y_test, scores) > 0.9  # the GMM below is the one that separates
     assert len(model.training_log_["loss"]) == 30 and np.isfinite(model.training_log_["loss"]).all()
     # A score does not depend on the other images of its batch (no dropout, fixed GMM).
     np.testing.assert_allclose(model.decision_function(X_test[:3]), scores[:3], rtol=1e-6)
@@ -111,14 +110,6 @@ def test_mixture_is_estimated_on_the_whole_training_set(fitted) -> None:
         expected = sample_energy(z_test, phi, mu, torch.linalg.cholesky(sigma)).numpy()
     np.testing.assert_allclose(model.decision_function(X_test), expected, rtol=1e-5)
     assert phi.sum().item() == pytest.approx(1.0)
-
-
-def test_deterministic_under_seed(separable_task) -> None:
-    X_train, X_test, _ = separable_task(64, 4, 4, channels=3, size=32, seed=1)
-    kwargs = dict(TINY, epochs=2, random_state=5)
-    runs = [DAGMM(**kwargs).fit(X_train).decision_function(X_test) for _ in range(2)]
-    np.testing.assert_array_equal(runs[0], runs[1])
-    assert not np.array_equal(runs[0], DAGMM(**{**kwargs, "random_state": 6}).fit(X_train).decision_function(X_test))
 
 
 def test_epoch_callback_sees_a_scoring_model(separable_task) -> None:
@@ -157,9 +148,3 @@ def test_bad_hyperparameters(name: str, value) -> None:
     with pytest.raises(ValueError, match=name):
         DAGMM(**{name: value}).check_params()
 
-
-def test_profiles_are_valid() -> None:
-    assert set(PROFILES) == {"paper", "quick", "smoke"}
-    for by_dataset in PROFILES.values():
-        for kwargs in by_dataset.values():
-            DAGMM(**kwargs).check_params()

@@ -111,23 +111,6 @@ def test_fit_and_score_shapes(separable_task, channels, size, objective):
     np.testing.assert_allclose(scores, dist.double().numpy(), rtol=1e-5)
 
 
-def test_same_seed_same_scores_bit_for_bit(separable_task):
-    X_train, X_test, _ = separable_task(n_train=24)
-    a = DeepSVDD(**TINY, random_state=5).fit(X_train).decision_function(X_test)
-    b = DeepSVDD(**TINY, random_state=5).fit(X_train).decision_function(X_test)
-    np.testing.assert_array_equal(a, b)
-    c = DeepSVDD(**TINY, random_state=6).fit(X_train).decision_function(X_test)
-    assert not np.array_equal(a, c)
-
-
-@pytest.mark.parametrize("channels,size", [(1, 28), (3, 32)])
-def test_anomalies_score_higher(separable_task, channels, size):
-    X_train, X_test, y_test = separable_task(n_train=32, n_test_normal=16, n_test_anomalous=16,
-                                             channels=channels, size=size)
-    det = DeepSVDD(**TINY).fit(X_train)
-    assert roc_auc_score(y_test, det.decision_function(X_test)) > 0.9
-
-
 def test_unsupported_image_shape_is_a_value_error(separable_task):
     X_train, _, _ = separable_task(n_train=8, size=32)  # 1 x 32 x 32: no authors' network
     with pytest.raises(ValueError, match="1x28x28 and 3x32x32"):
@@ -170,10 +153,6 @@ def test_epoch_callback_and_profiles(separable_task):
     calls = []
     DeepSVDD(**{**TINY, "epochs": 2}).fit(X_train, epoch_callback=lambda epoch, det: calls.append(epoch))
     assert calls == [1, 2]  # SVDD epochs only: no centre (so no score) exists during pretraining
-    for profile in ("paper", "quick", "smoke"):
-        for settings in PROFILES[profile].values():
-            assert "random_state" not in settings and "device" not in settings
-            DeepSVDD(**settings).check_params()
     paper = DeepSVDD(**PROFILES["paper"]["cifar10"])
     assert (paper.ae_epochs, paper.ae_lr_milestones, paper.ae_weight_decay) == (350, (250,), 5e-7)
     default = DeepSVDD()

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from sklearn.metrics import roc_auc_score
 
 from methods.base import DivergedError
 from methods.ganomaly import PROFILES, GANomaly
@@ -86,16 +85,6 @@ def test_shared_forward_gives_the_authors_gradients(cls):
 
     for ours, ref in zip(ours_g + ours_d, ref_g + ref_d):
         torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-7)
-
-
-@pytest.mark.parametrize("cls", BOTH)
-def test_same_seed_same_scores(cls):
-    X = images(48, 1)
-    first = tiny(cls, epochs=1, random_state=3).fit(X).decision_function(X)
-    second = tiny(cls, epochs=1, random_state=3).fit(X).decision_function(X)
-    other = tiny(cls, epochs=1, max_steps=1, random_state=4).fit(X).decision_function(X)
-    np.testing.assert_array_equal(first, second)
-    assert not np.array_equal(first, other)
 
 
 @pytest.mark.parametrize("cls", BOTH)
@@ -176,15 +165,6 @@ def test_max_steps_caps_training():
     assert det.training_log_["steps"] == 3 and det.training_log_["epochs_run"] == 1
 
 
-def test_separable_task_anomalies_score_higher(separable_task):
-    X_train, X_test, y_test = separable_task(n_train=128, channels=1)
-    # Small nets, a larger lr, ~100 steps: with a few dozen steps the latent distance is not yet
-    # fitted and its direction is arbitrary (AUROC 0 or 1 by seed); from ~100 steps anomalies
-    # score higher with a wide margin for every seed tried (0-2, 1 and 3 channels).
-    det = GANomaly(ngf=8, ndf=8, nz=16, batch_size=16, epochs=12, lr=1e-3, device="cpu").fit(X_train)
-    assert roc_auc_score(y_test, det.decision_function(X_test)) > 0.9
-
-
 @pytest.mark.parametrize("kwargs", [
     {"epochs": 0}, {"epochs": 1.5}, {"batch_size": 0}, {"lr": 0.0}, {"lr": -1e-3}, {"beta1": 1.0},
     {"beta2": -0.1}, {"nz": 0}, {"ngf": 0}, {"ndf": -2}, {"w_con": -1.0}, {"w_adv": float("nan")},
@@ -200,6 +180,3 @@ def test_profiles_follow_the_authors():
     assert (defaults["epochs"], defaults["batch_size"], defaults["lr"], defaults["beta1"], defaults["beta2"]) == (15, 64, 2e-4, 0.5, 0.999)
     assert (defaults["w_adv"], defaults["w_con"], defaults["w_enc"], defaults["nz"]) == (1.0, 50.0, 1.0, 100)
     assert PROFILES["paper"] == {"*": {}}
-    for profile in PROFILES.values():
-        for settings in profile.values():
-            GANomaly(**settings).check_params()

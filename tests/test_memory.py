@@ -117,13 +117,30 @@ def test_one_by_one_map_equals_vector():
     torch.testing.assert_close(w_map[:, :, 0, 0], w_vec)
 
 
-@pytest.mark.parametrize("kwargs", [
-    {"num_slots": 0, "dim": 4}, {"num_slots": 4, "dim": 0}, {"num_slots": 4, "dim": 4, "addressing": "l2"},
-    {"num_slots": 4, "dim": 4, "shrink_threshold": -0.1},
+@pytest.mark.parametrize("kwargs, name", [
+    ({"num_slots": 0, "dim": 4}, "num_slots"), ({"num_slots": 4, "dim": 0}, "dim"),
+    ({"num_slots": 4, "dim": 4, "addressing": "l2"}, "addressing"),
+    ({"num_slots": 4, "dim": 4, "shrink_threshold": -0.1}, "shrink_threshold"),
+    ({"num_slots": 4, "dim": 4, "shrink_threshold": 1.0}, "shrink_threshold"),  # would cut every weight
+    ({"num_slots": 4, "dim": 4, "eps": 0.0}, "eps"),
 ])
-def test_bad_arguments(kwargs):
-    with pytest.raises(ValueError):
+def test_bad_arguments(kwargs, name):
+    with pytest.raises(ValueError, match=name):
         MemoryModule(**kwargs)
+
+
+def test_one_check_for_the_module_and_both_detectors():
+    from methods.mem_ganomaly import MemGANomaly
+    from methods.memae import MemAE
+
+    for bad in ({"shrink_threshold": 1.0}, {"addressing": "l2"}):
+        messages = set()
+        for make in (lambda kw: MemoryModule(4, 4, **kw), lambda kw: MemAE(**kw).check_params(),
+                     lambda kw: MemGANomaly(**kw).check_params()):
+            with pytest.raises(ValueError) as info:
+                make(bad)
+            messages.add(str(info.value))
+        assert len(messages) == 1  # the same words everywhere: one check, not three
 
 
 def test_wrong_input_shape():
