@@ -311,8 +311,9 @@ def _remove_empty_dirs(created: list[Path]) -> None:
                 pass
     for directory in created:
         try:
-            directory.rmdir()
-        except OSError:
+            if directory.is_dir():
+                directory.rmdir()
+        except OSError:  # not empty: it and the folders above it stay
             break
 
 

@@ -67,6 +67,26 @@ def test_youden_threshold_rates():
     assert threshold == pytest.approx(0.8) and false_alarms == 0.0 and detected == 1.0
 
 
+def test_scores_tied_exactly_at_the_threshold_are_flagged_anomalous():
+    # Scaled scores [0, 0, .5, .5, .5, 1]; the normal image 2 ties with anomalies 3 and 4.
+    # Youden's J: threshold 1 -> TPR 1/3, FPR 0, J 1/3; threshold .5 -> TPR 1, FPR 1/3, J 2/3 (best).
+    # At .5, ">=" flags the tied normal image too: false-alarm rate 1/3, miss rate 0,
+    # gmean = sqrt((1 - 1/3) * 1). (With ">" it would be FAR 0, miss 2/3, gmean sqrt(1/3).)
+    metrics = evaluate(np.array([0.0, 0.0, 1.0, 1.0, 1.0, 2.0]), np.array([0, 0, 0, 1, 1, 1]))
+    assert metrics["threshold"] == 0.5
+    assert metrics["false_alarm_rate"] == pytest.approx(1 / 3)
+    assert metrics["miss_rate"] == 0.0
+    assert metrics["gmean"] == pytest.approx(np.sqrt(2 / 3))
+
+
+def test_anomalies_tied_at_the_threshold_are_not_missed():
+    # Scaled [0, .25, .5, .5, 1] with labels [0, 0, 1, 1, 1]: the best threshold is .5, where two
+    # anomalies sit exactly; both count as detected: miss 0, false alarms 0, gmean 1.
+    metrics = evaluate(np.array([0.0, 1.0, 2.0, 2.0, 4.0]), np.array([0, 0, 1, 1, 1]))
+    assert metrics["threshold"] == 0.5
+    assert (metrics["miss_rate"], metrics["false_alarm_rate"], metrics["gmean"]) == (0.0, 0.0, 1.0)
+
+
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 def test_non_finite_scores_are_an_error(bad):
     with pytest.raises(ValueError, match="not finite"):

@@ -22,7 +22,9 @@ def _readme_blocks() -> tuple[str, str]:
     return module_code, registry_line
 
 
-def test_readme_detector_example(monkeypatch, separable_task, tmp_path):
+def register_readme_example(monkeypatch) -> None:
+    """Add the README's detector to (a copy of) the registry, as the README says, for one test.
+    test_reports.py runs every report test once more with it registered."""
     module_code, registry_line = _readme_blocks()
     module = types.ModuleType("methods.mean_distance")
     exec(compile(module_code, "methods/mean_distance.py", "exec"), module.__dict__)
@@ -30,6 +32,9 @@ def test_readme_detector_example(monkeypatch, separable_task, tmp_path):
     monkeypatch.setattr(methods, "REGISTRY", dict(methods.REGISTRY))
     exec(registry_line, {"register": methods.register})
 
+
+def test_readme_detector_example(monkeypatch, separable_task, tmp_path):
+    register_readme_example(monkeypatch)
     spec = methods.get_method("mean_distance")
     assert spec.label == "MeanDistance"
     X_train, X_test, y_test = separable_task(n_train=50)

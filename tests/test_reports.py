@@ -5,7 +5,14 @@ import pandas as pd
 import pytest
 
 from benchmark.records import SCHEMA_VERSION, JobKey, write_record
-from benchmark.reports import load_records, reference_table, write_reports
+from benchmark.reports import TABLE4_CSV, load_records, reference_table, write_reports
+from test_readme_example import register_readme_example
+
+
+def registered_labels() -> list[str]:
+    from methods import REGISTRY
+
+    return [spec.label for spec in REGISTRY.values()]
 
 
 def _record(dataset, normal_class, method, status="ok", auroc=0.5, seed=0, gmean=0.5, far=0.1, miss=0.2):
@@ -20,9 +27,15 @@ def _write(results, record):
     write_record(results, key, record, scores, np.array([0, 1]))
 
 
-@pytest.fixture
-def reports(tmp_path):
+@pytest.fixture(params=[False, True], ids=["registry", "registry+readme-example"])
+def reports(tmp_path, request, monkeypatch):
+    """The report tests run twice: with the registry as shipped, and with the README's example
+    detector registered (adding a detector must break none of them)."""
     results, out = tmp_path / "results", tmp_path / "reports"
+    if request.param:
+        register_readme_example(monkeypatch)
+        for c in range(10):
+            _write(results, _record("mnist", c, "mean_distance", auroc=0.6, gmean=0.4))
     for c in range(10):
         _write(results, _record("mnist", c, "iforest", auroc=0.8 + c / 100, gmean=0.7, far=0.2, miss=0.3))
         _write(results, _record("mnist", c, "ganomaly", auroc=0.95, seed=0))
@@ -52,13 +65,15 @@ def test_table1_cells(reports):
     cells = [c.strip() for c in row0.strip("|").split("|")]
     header = next(line for line in text.splitlines() if line.startswith("| normal class"))
     columns = [c.strip() for c in header.strip("|").split("|")]
-    assert columns[1:] == ["iForest", "DAGMM", "f-AnoGAN", "MemAE", "GANomaly", "DSVDD", "Mem_GANomaly"]
+    assert columns[1:] == registered_labels()  # the paper's seven in its column order, then any added
     cell = dict(zip(columns, cells))
     assert cell["iForest"] == "0.8000 (0.8816)"                 # ours (paper)
     assert cell["GANomaly"] == "**0.8500** (0.9890)"            # mean of seeds .95 and .75, best in row
     assert cell["DAGMM"] == "diverged (0.7827)"
     assert cell["DSVDD"] == "– (0.9862)"                        # unreadable record = missing, never zero
     assert cell["MemAE"] == "– (0.9690)"
+    if "MeanDistance" in cell:
+        assert cell["MeanDistance"] == "0.6000 (–)"                # an added method: no paper number
     row1 = next(line for line in text.splitlines() if line.startswith("| 1 "))
     assert "failed (0.9331)" in row1
     mean_row = next(line for line in text.splitlines() if line.startswith("| mean"))
@@ -77,8 +92,10 @@ def test_difference_table_and_table4(reports):
     assert "+0.1193" in row9                                    # 0.8900 - 0.7707, sign kept
     t4 = (folder / "table4_mnist_threshold_metrics.md").read_text()
     header = next(line for line in t4.splitlines() if line.startswith("| metric"))
-    assert [c.strip() for c in header.strip("|").split("|")][1:] == [
-        "f-AnoGAN", "DAGMM", "MemAE", "GANomaly", "DSVDD", "Mem_GANomaly", "iForest"]  # the paper's order
+    table4_order = list(reference_table(TABLE4_CSV).columns)  # the paper's Table 4 order, then the rest
+    assert table4_order == ["f-AnoGAN", "DAGMM", "MemAE", "GANomaly", "DSVDD", "Mem_GANomaly"]
+    assert [c.strip() for c in header.strip("|").split("|")][1:] == table4_order + [
+        label for label in registered_labels() if label not in table4_order]
     gmean_row = next(line for line in t4.splitlines() if line.startswith("| gmean"))
     assert "0.5000 (0.9013)" in gmean_row                       # GANomaly mean gmean (paper .9013)
     assert "0.7000 (–)" in gmean_row                            # iForest: not in the paper's Table 4
@@ -87,7 +104,7 @@ def test_difference_table_and_table4(reports):
 def test_records_csv_is_long_format(reports):
     folder, _ = reports
     frame = pd.read_csv(folder / "records.csv")
-    assert len(frame) == 33 and set(frame["status"]) == {"ok", "failed", "diverged"}
+    assert len(frame) == 33 + 10 * ("MeanDistance" in registered_labels()) and set(frame["status"]) == {"ok", "failed", "diverged"}
 
 
 def test_reference_tables_are_packaged():
