@@ -1,4 +1,4 @@
-"""Metrics of the paper's section 4.1 (METHOD.md, 'Metrics').
+"""Metrics of the paper's section 4.1 (docs/method.md, 'Metrics').
 
 AUROC from the raw scores; scores min-max scaled to [0, 1] (eqs. 9 / 34); the threshold is the
 ROC point maximising Youden's J = TPR - FPR (chosen on the test labels, as the paper must have:

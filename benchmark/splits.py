@@ -1,4 +1,4 @@
-"""One-class tasks (METHOD.md, 'Split protocol'): one class is normal, the other nine anomalous.
+"""One-class tasks (docs/method.md, 'Split protocol'): one class is normal, the other nine anomalous.
 
 - protocol "paper" (default, the paper's section 4.1): train = the normal class's images of the
   original training split; test = the anomalous images of the training split + the whole test split.

@@ -1,4 +1,4 @@
-"""DCGAN building blocks shared by GANomaly, Mem_GANomaly and f-AnoGAN (BASELINES.md, GANomaly
+"""DCGAN building blocks shared by GANomaly, Mem_GANomaly and f-AnoGAN (docs/baselines.md, GANomaly
 section: the authors' lib/networks.py layout, written anew). For isize = 32 and ngf = ndf = 64:
 
   encoder:  Conv(nc->64, k4 s2 p1) LReLU(0.2) | Conv(64->128) BN LReLU | Conv(128->256) BN LReLU

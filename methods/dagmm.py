@@ -1,5 +1,5 @@
 """DAGMM, Deep Autoencoding Gaussian Mixture Model (Zong et al. 2018), on flattened pixels
-(BASELINES.md, DAGMM section).
+(docs/baselines.md, DAGMM section).
 
 * Compression network: an MLP autoencoder with tanh hidden layers, linear code z_c and linear
   output. The paper's network (120-60-30-10-1) is for KDDCUP; for pixels there is none, so the
@@ -133,7 +133,7 @@ def inverse_diagonal_sum(chol: torch.Tensor) -> torch.Tensor:
 
 # ---- detector -------------------------------------------------------------------------------------
 class DAGMM(TorchDetector):
-    """DAGMM on flattened pixels. Defaults: the paper's settings (BASELINES.md) and, where there is
+    """DAGMM on flattened pixels. Defaults: the paper's settings (docs/baselines.md) and, where there is
     no published value for pixels, the choices written beside each argument."""
 
     def __init__(self, hidden_dims: Sequence[int] = (256, 64, 16), latent_dim: int = 2,

@@ -1,5 +1,5 @@
 """Deep SVDD (Ruff et al. 2018), following the authors' code (lukasruff/Deep-SVDD-PyTorch) as
-BASELINES.md (Deep SVDD section) records it, written anew.
+docs/baselines.md (Deep SVDD section) records it, written anew.
 
 Pipeline, top to bottom:
 1. Preprocessing: per-image global contrast normalisation (l1 scale), then min-max scaling with
@@ -159,7 +159,7 @@ ARCHITECTURES = {(1, 28, 28): (MNISTLeNet, MNISTLeNetAE), (3, 32, 32): (CIFARLeN
 
 def min_max_constants(x_gcn: torch.Tensor) -> tuple[float, float]:
     """The per-class (min, max) of the authors' min-max scaling: the smallest and largest value
-    over all GCN'd training images of the normal class (BASELINES.md lists them for MNIST)."""
+    over all GCN'd training images of the normal class (docs/baselines.md lists them for MNIST)."""
     return float(x_gcn.min()), float(x_gcn.max())
 
 

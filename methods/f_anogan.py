@@ -1,4 +1,4 @@
-"""f-AnoGAN (Schlegl et al. 2019) at 32 x 32 with DCGAN-sized networks (BASELINES.md, f-AnoGAN).
+"""f-AnoGAN (Schlegl et al. 2019) at 32 x 32 with DCGAN-sized networks (docs/baselines.md, f-AnoGAN).
 
 Two stages, trained one after the other on the normal images (scaled to [-1, 1], MNIST-like
 images resized 28 -> 32):
@@ -117,7 +117,7 @@ def izif_terms(x: torch.Tensor, rec: torch.Tensor, f_x: torch.Tensor, f_rec: tor
 # ---- detector ---------------------------------------------------------------------------------
 class FAnoGAN(TorchDetector):
     """f-AnoGAN with the izi_f encoder. All defaults are the authors' published settings
-    (BASELINES.md) except the networks (DCGAN-sized for 32 x 32) and `hflip` (see module doc)."""
+    (docs/baselines.md) except the networks (DCGAN-sized for 32 x 32) and `hflip` (see module doc)."""
 
     def __init__(self, latent_dim: int = 128, ngf: int = 64, ndf: int = 64, image_size: int = 32,
                  critic_norm: str = "layer_norm", batch_size: int = 64,

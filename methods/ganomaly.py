@@ -1,9 +1,9 @@
-"""GANomaly (Akcay et al. 2018), BASELINES.md "GANomaly": the authors' architecture, losses and
+"""GANomaly (Akcay et al. 2018), docs/baselines.md "GANomaly": the authors' architecture, losses and
 settings, written anew on the shared DCGAN blocks (methods/blocks.py).
 
 Network (32 x 32 input; MNIST / Fashion-MNIST are resized 28 -> 32, every input is scaled to
 [-1, 1] to match the Tanh decoder; the authors' code uses mean/std normalisation for MNIST):
-    generator      x -> G_E -> z -> G_D -> x_hat -> E -> z_hat   (METHOD.md eqs. 1-3)
+    generator      x -> G_E -> z -> G_D -> x_hat -> E -> z_hat   (docs/method.md eqs. 1-3)
     discriminator  x -> (logit, f(x)), f = the 256 x 4 x 4 map before the last conv
 Losses (authors' code): L_G = w_adv * mse(f(x), f(x_hat)) + w_con * l1(x, x_hat)
 + w_enc * mse(z, z_hat); L_D = (BCE(D(x), 1) + BCE(D(x_hat), 0)) / 2. Score = mean((z - z_hat)^2).
@@ -18,7 +18,7 @@ gradient in its own network and skips the weight gradients nobody uses. anomalib
 training_step instead runs D three times (real, fake, fake again), back-propagates the G loss
 through D's real pass and D's weights, and pads the first conv by 4 instead of 1.
 
-Deliberately NOT copied from the authors' scripts (BASELINES.md): the reverse protocol, picking
+Deliberately NOT copied from the authors' scripts (docs/baselines.md): the reverse protocol, picking
 the best epoch by test AUC, and scoring in train mode. Here: a fixed budget, the final model,
 scored once, in eval mode, so a score never depends on which images share its batch.
 """
@@ -38,7 +38,7 @@ from methods.torch_base import DivergenceMonitor, TorchDetector, init_dcgan_weig
 
 IMAGE_SIZE = 32  # the authors' isize; MNIST and Fashion-MNIST are resized 28 -> 32
 
-# GANomaly's budget is the authors' 15 epochs on every dataset (BASELINES.md).
+# GANomaly's budget is the authors' 15 epochs on every dataset (docs/baselines.md).
 # quick: one epoch (~92 steps). Measured on real MNIST, 2 threads, this 2-core machine, idle:
 # class 0 (5923 train / 5980 test images) fit 28.4 s + scoring 4.1 s = 32.5 s, AUROC 0.987;
 # class 8: 33.7 s, AUROC 0.809. A second epoch would not fit the ~45 s per-class budget.

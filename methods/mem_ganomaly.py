@@ -1,4 +1,4 @@
-"""Mem_GANomaly (Zhou & Xing 2022), METHOD.md "Mem_GANomaly": GANomaly's generator with the
+"""Mem_GANomaly (Zhou & Xing 2022), docs/method.md "Mem_GANomaly": GANomaly's generator with the
 memory module M (eqs. 15-21, methods/memory.py) between the encoder G_E and the decoder G_D:
 
     x -> G_E -> z -> M -> z' -> G_D -> x_hat -> E -> z_hat;   D(x), D(x_hat) as in GANomaly.
@@ -20,7 +20,7 @@ Score (eq. 33): the l1 distance between z = G_E(t) and z_hat, here its mean over
 entries (a constant 1/nz factor: the same ranks and AUROC; the min-max scaling of eq. 34 is
 the evaluator's).
 
-The eta weights are not given (METHOD.md); two named presets, recorded in training_log_:
+The eta weights are not given (docs/method.md); two named presets, recorded in training_log_:
     "ganomaly" (default): eta_adv 1, eta_con 50, eta_enc 1 (GANomaly's), eta_w 0.0002 (MemAE's),
         eta_gan 0 (G's adversarial term is the feature matching only, as GANomaly);
     "algorithm1": every weight 1, plus the -log D(x_hat) term of Algorithm 1.
@@ -29,7 +29,7 @@ Any eta_* given explicitly overrides its preset value.
 Training: Algorithm 1's steps 2 and 3 (G_E, G_D, M on L_G; then E, and M again, on
 -log D(x_hat) + L_enc) are ONE joint Adam step over G_E, M, G_D and E on L_G: every parameter
 group gets the gradient it gets in Algorithm 1 (x_hat does not depend on E), but M is updated
-once per iteration, not twice (METHOD.md: an acceptable implementation). As in GANomaly's
+once per iteration, not twice (docs/method.md: an acceptable implementation). As in GANomaly's
 loop, the G and D gradients are taken from the same forward pass (D's step sees the fakes and
 D weights of before G's step); Algorithm 1 lists the D step first.
 """
@@ -73,7 +73,7 @@ PROFILES: dict = {
 
 
 class MemGANomaly(GANomaly):
-    """Mem_GANomaly. Values the paper leaves open carry METHOD.md's documented defaults.
+    """Mem_GANomaly. Values the paper leaves open carry docs/method.md's documented defaults.
 
     Args:
         epochs: training epochs (paper: 60 MNIST, 100 Fashion-MNIST, 150 CIFAR-10).

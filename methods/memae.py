@@ -1,13 +1,13 @@
 """MemAE (Gong et al. 2019): a convolutional autoencoder with the shared memory module on its
-bottleneck feature map (BASELINES.md, MemAE section; memory = METHOD.md eqs. 15-21, entropy =
+bottleneck feature map (docs/baselines.md, MemAE section; memory = docs/method.md eqs. 15-21, entropy =
 eqs. 28-30 as the shared `methods.memory` implements them).
 
 Network (written down here because neither the paper text nor the authors' code fixes it for
-images; BASELINES.md: "a few stride-2 convs with BN + ReLU, a mirrored transposed-conv decoder"):
+images; docs/baselines.md: "a few stride-2 convs with BN + ReLU, a mirrored transposed-conv decoder"):
 
   encoder: for each width w in `widths`:  Conv(k3, s2, p1, no bias) BN ReLU
   memory:  MemoryModule(num_slots, widths[-1]) addressing every spatial position separately
-           (`memory_layout="position"`, the default: BASELINES.md, as the authors' video code), or
+           (`memory_layout="position"`, the default: docs/baselines.md, as the authors' video code), or
            one address for the whole flattened encoding (`"image"`, MemoryModule(num_slots,
            C * h * w)); the MemAE paper's Fig. 2 allows both
   decoder: mirrored: ConvT(k3, s2, p1) BN ReLU per width in reverse, then ConvT(-> nc, bias)
@@ -45,7 +45,7 @@ MNIST_LIKE = {"num_slots": 100, "widths": (16, 32, 64), "memory_layout": "positi
 CIFAR = {"num_slots": 500, "widths": (64, 128, 256), "memory_layout": "position"}
 PROFILES: dict = {
     # Paper: N = 100 for MNIST, 500 for CIFAR-10; Fashion-MNIST has no published N: MNIST's
-    # setting (same image size, same network) is used. 100 epochs everywhere (BASELINES.md).
+    # setting (same image size, same network) is used. 100 epochs everywhere (docs/baselines.md).
     "paper": {
         "mnist": {**MNIST_LIKE, "epochs": 100},
         "fashion_mnist": {**MNIST_LIKE, "epochs": 100},

@@ -1,4 +1,4 @@
-"""The memory module of MemAE (Gong et al. 2019) as Mem_GANomaly uses it: METHOD.md eqs. 15-21,
+"""The memory module of MemAE (Gong et al. 2019) as Mem_GANomaly uses it: docs/method.md eqs. 15-21,
 and the addressing-weight entropy of eqs. 28-30. Used as is by Mem_GANomaly (on the latent
 vector) and MemAE (on a feature map, one address per spatial position)."""
 from __future__ import annotations

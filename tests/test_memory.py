@@ -1,4 +1,4 @@
-"""The memory module (METHOD.md eqs. 15-21) and the addressing entropy (eqs. 28-30), checked
+"""The memory module (docs/method.md eqs. 15-21) and the addressing entropy (eqs. 28-30), checked
 against hand-worked numbers."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Metrics against hand-worked examples (METHOD.md, 'Metrics')."""
+"""Metrics against hand-worked examples (docs/method.md, 'Metrics')."""
 import numpy as np
 import pytest
 
