@@ -55,9 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "the paper's Tables 1-4 beside the paper's numbers.")
     parser.add_argument("--dataset", help=f"one of {', '.join(DATASETS)}, or all (required unless --report-only)")
     parser.add_argument("--methods", nargs="+", metavar="METHOD",
-                        help="detectors (default: all registered): " + ", ".join(_registry_names()) + ", or pyod:<model>")
+                        help="detectors (default: all registered): " + ", ".join(_registry_names())
+                        + ", or pyod:<model>")
     parser.add_argument("--classes", nargs="+", metavar="CLASS", help="normal classes, 0-9 or names (default: all)")
-    parser.add_argument("--seeds", nargs="+", metavar="SEED", default=["0"], help="random seeds, 0 <= seed < 2**32 (default: 0)")
+    parser.add_argument("--seeds", nargs="+", metavar="SEED", default=["0"],
+                        help="random seeds, 0 <= seed < 2**32 (default: 0)")
     parser.add_argument("--profile", default="paper", help=f"budget: {', '.join(PROFILES)} (default: paper)")
     parser.add_argument("--protocol", default="paper", help=f"split protocol: {', '.join(PROTOCOLS)} (default: paper)")
     parser.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda or cuda:N")
@@ -144,8 +146,8 @@ def parse_config(argv: Sequence[str]) -> argparse.Namespace:
             get_method(name)
         except KeyError as exc:
             raise UsageError(f"unknown method {name!r} ({exc.args[0]}); valid choices: {', '.join(_registry_names())}, "
-                             f"or pyod:<model> for any pyod model (e.g. pyod:knn){did_you_mean(name, _registry_names())}"
-                             ) from None
+                             "or pyod:<model> for any pyod model (e.g. pyod:knn)"
+                             f"{did_you_mean(name, _registry_names())}") from None
     args.methods = list(dict.fromkeys(args.methods))
     args.class_ids = _parse_classes(args.classes, args.datasets)
     args.seed_values = sorted({_parse_int(s, "seed", 0, MAX_SEED) for s in args.seeds})
@@ -177,7 +179,8 @@ def _parse_overrides(items: list[str], methods: list[str]) -> tuple[dict[str, di
         target, _, param = name.rpartition(".")
         targets = [target] if target else methods
         if target and target not in methods:
-            raise UsageError(f"--set {item}: method {target!r} is not among the selected methods ({', '.join(methods)})")
+            raise UsageError(f"--set {item}: method {target!r} is not among the selected methods "
+                             f"({', '.join(methods)})")
         matched = False
         for method in targets:
             valid = get_method(method).load()().get_params()
@@ -185,7 +188,8 @@ def _parse_overrides(items: list[str], methods: list[str]) -> tuple[dict[str, di
                 per_method[method][param] = _parse_value(text)
                 matched = True
             elif target:
-                raise UsageError(f"--set {item}: {method} has no hyperparameter {param!r}; valid: {', '.join(sorted(valid))}")
+                raise UsageError(f"--set {item}: {method} has no hyperparameter {param!r}; "
+                                 f"valid: {', '.join(sorted(valid))}")
         if not matched:
             raise UsageError(f"--set {item}: no selected method has a hyperparameter {param!r}")
         if param in ("random_state", "device"):
@@ -297,7 +301,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           f"(profile {args.profile_dir}, protocol {args.protocol}, data {resolve_data_root(args.data_root)})")
     settings = RunSettings(results_dir=results_dir, data_root=args.data_root, download=not args.no_download,
                            threads_per_job=max(1, (os.cpu_count() or 1) // min(args.n_jobs, max(1, len(pending)))),
-                           track_auroc=args.track_auroc, overrides=args.override_map, provenance=provenance([prog_name(), *argv]),
+                           track_auroc=args.track_auroc, overrides=args.override_map,
+                           provenance=provenance([prog_name(), *argv]),
                            force=args.force, started_at=time.time())
     started = time.perf_counter()
     exit_code = 0

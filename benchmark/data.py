@@ -119,10 +119,13 @@ def _check_known_checksum(path: Path, root: Path, name: str, data: Optional[byte
         key = key.removesuffix(".gz")
     expected = known_md5().get(key or "")
     size = len(data) if data is not None else path.stat().st_size
-    official_size = CIFAR_BIN_SIZE if key and key.endswith(".bin") else OFFICIAL_SIZES.get(path.name.removesuffix(".gz"))
-    if expected and official_size == size and (_md5(path) if data is None else hashlib.md5(data).hexdigest()) != expected:
-        raise DataError(f"{path}: checksum mismatch (MD5{' of its decompressed content' if data is not None else ''} differs "
-                        f"from the official file's {expected}); the file is corrupt. {_how_to_fix(name, root)}")
+    is_cifar_bin = bool(key and key.endswith(".bin"))
+    official_size = CIFAR_BIN_SIZE if is_cifar_bin else OFFICIAL_SIZES.get(path.name.removesuffix(".gz"))
+    if expected and official_size == size and (_md5(path) if data is None
+                                               else hashlib.md5(data).hexdigest()) != expected:
+        of_content = " of its decompressed content" if data is not None else ""
+        raise DataError(f"{path}: checksum mismatch (MD5{of_content} differs from the official file's {expected}); "
+                        f"the file is corrupt. {_how_to_fix(name, root)}")
 
 
 def _read_bytes(path: Path, root: Path, name: str) -> bytes:
@@ -160,7 +163,8 @@ def read_idx(path: Path, expected_magic: int, root: Optional[Path] = None, name:
         _check_known_checksum(path, root, name, raw)
     kind = "images" if expected_magic == IDX_IMAGES_MAGIC else "labels"
     if len(raw) < 8:
-        raise DataError(f"{path}: truncated IDX {kind} file ({len(raw)} bytes, expected a header of at least 8). {_how_to_fix(name, root)}")
+        raise DataError(f"{path}: truncated IDX {kind} file ({len(raw)} bytes, expected a header of at least 8). "
+                        f"{_how_to_fix(name, root)}")
     magic = int.from_bytes(raw[:4], "big")
     if magic != expected_magic:
         raise DataError(f"{path}: wrong IDX magic number {magic} (0x{magic:08x}); expected {expected_magic} "
@@ -213,7 +217,8 @@ def load_mnist_like(name: str, root: Path) -> tuple:
     directory = root / _MNIST_DIRS[name] / "raw"
     arrays = {}
     for split, prefix in (("train", "train"), ("test", "t10k")):
-        paths = {kind: _find(directory, f"{prefix}-{kind}-idx{dims}-ubyte") for kind, dims in (("images", 3), ("labels", 1))}
+        paths = {kind: _find(directory, f"{prefix}-{kind}-idx{dims}-ubyte")
+                 for kind, dims in (("images", 3), ("labels", 1))}
         for kind, path in paths.items():
             if path is None:
                 raise FileNotFoundError(directory / f"{prefix}-{kind}-idx{3 if kind == 'images' else 1}-ubyte")
@@ -221,10 +226,11 @@ def load_mnist_like(name: str, root: Path) -> tuple:
         images = read_idx(paths["images"], IDX_IMAGES_MAGIC, root, name)
         labels = _check_labels(read_idx(paths["labels"], IDX_LABELS_MAGIC, root, name), paths["labels"], root, name)
         if images.ndim != 3 or images.shape[1:] != (28, 28) or labels.ndim != 1:
-            raise DataError(f"{paths['images']}: expected (N, 28, 28) images and (N,) labels, got {images.shape} and {labels.shape}. {_how_to_fix(name, root)}")
+            raise DataError(f"{paths['images']}: expected (N, 28, 28) images and (N,) labels, got {images.shape} "
+                            f"and {labels.shape}. {_how_to_fix(name, root)}")
         if len(images) != len(labels):
-            raise DataError(f"{paths['images']} holds {len(images)} images but {paths['labels']} holds {len(labels)} labels; "
-                            f"expected the same count. {_how_to_fix(name, root)}")
+            raise DataError(f"{paths['images']} holds {len(images)} images but {paths['labels']} holds "
+                            f"{len(labels)} labels; expected the same count. {_how_to_fix(name, root)}")
         arrays[split] = (images[:, None, :, :], labels)
     return (*arrays["train"], *arrays["test"], str(directory))
 
@@ -239,8 +245,9 @@ def _load_cifar_bin(root: Path, directory: Path) -> tuple:
                 raise FileNotFoundError(path)
             size = path.stat().st_size
             if size == 0 or size % 3073:
-                raise DataError(f"{path}: wrong size {size} bytes; expected records of 1 label byte + 3,072 pixel bytes "
-                                f"(10,000 records = {CIFAR_BIN_SIZE} bytes). {_how_to_fix('cifar10', root)}")
+                raise DataError(f"{path}: wrong size {size} bytes; expected records of 1 label byte "
+                                f"+ 3,072 pixel bytes (10,000 records = {CIFAR_BIN_SIZE} bytes). "
+                                f"{_how_to_fix('cifar10', root)}")
             _check_known_checksum(path, root, "cifar10")
             records = np.fromfile(path, dtype=np.uint8).reshape(-1, 3073)
             labels.append(_check_labels(records[:, 0], path, root, "cifar10"))
@@ -260,7 +267,8 @@ def _load_cifar_py(root: Path, directory: Path) -> tuple:
             if not path.is_file():
                 raise FileNotFoundError(path)
             if _md5(path) != md5:
-                raise DataError(f"{path}: checksum mismatch (expected MD5 {md5}); the file is corrupt. {_how_to_fix('cifar10', root)}")
+                raise DataError(f"{path}: checksum mismatch (expected MD5 {md5}); the file is corrupt. "
+                                f"{_how_to_fix('cifar10', root)}")
             try:
                 with open(path, "rb") as handle:
                     entry = pickle.load(handle, encoding="latin1")
@@ -269,8 +277,8 @@ def _load_cifar_py(root: Path, directory: Path) -> tuple:
             except Exception as exc:  # unpicklable or missing keys
                 raise DataError(f"{path}: not a CIFAR-10 python batch ({exc}). {_how_to_fix('cifar10', root)}") from exc
             if data.ndim != 2 or data.shape[1] != 3072 or len(batch_labels) != len(data):
-                raise DataError(f"{path}: expected 'data' of shape (N, 3072) and N labels, got {data.shape} and {len(batch_labels)}. "
-                                f"{_how_to_fix('cifar10', root)}")
+                raise DataError(f"{path}: expected 'data' of shape (N, 3072) and N labels, got {data.shape} and "
+                                f"{len(batch_labels)}. {_how_to_fix('cifar10', root)}")
             labels.append(_check_labels(batch_labels, path, root, "cifar10"))
             images.append(data.reshape(-1, 3, 32, 32))
         splits[split] = (np.concatenate(images), np.concatenate(labels))
@@ -388,4 +396,5 @@ def _load_cached(name: str, root: Path, download: bool) -> Dataset:
     try:
         return _as_dataset(name, spec.loader(root), root)
     except FileNotFoundError as missing:
-        raise DataError(f"{missing.filename or missing.args[0]}: still missing after the download into {root}.") from None
+        raise DataError(f"{missing.filename or missing.args[0]}: still missing after the download into "
+                        f"{root}.") from None

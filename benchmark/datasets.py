@@ -66,7 +66,8 @@ class DatasetSpec:
         if not self.name.isidentifier():
             raise ValueError(f"dataset name must be an identifier (it names folders), got {self.name!r}")
         if len(self.image_shape) != 3 or not all(isinstance(d, int) and d > 0 for d in self.image_shape):
-            raise ValueError(f"{self.name}: image_shape must be (C, H, W) of positive integers, got {self.image_shape!r}")
+            raise ValueError(f"{self.name}: image_shape must be (C, H, W) of positive integers, "
+                             f"got {self.image_shape!r}")
         if len(self.class_names) < 2:
             raise ValueError(f"{self.name}: a one-class task needs at least two classes, got {self.class_names!r}")
         if (self.table is None) != (self.reference_csv is None):

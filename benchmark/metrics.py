@@ -34,7 +34,8 @@ def _check(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarr
     if not np.isin(labels, (0, 1)).all():
         raise ValueError("labels must be 0 (normal) or 1 (anomaly)")
     if len(np.unique(labels)) < 2:
-        raise ValueError("the test set holds only one class; AUROC and the Youden threshold need normal and anomalous images")
+        raise ValueError("the test set holds only one class; AUROC and the Youden threshold need normal and "
+                         "anomalous images")
     return scores, labels.astype(np.int64)
 
 

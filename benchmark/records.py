@@ -24,7 +24,8 @@ from benchmark.metrics import REQUIRED_METRICS
 
 SCHEMA_VERSION = 1
 TMP_PREFIX = ".tmp-"
-REQUIRED_FIELDS = ("schema_version", "dataset", "normal_class", "method", "seed", "profile", "protocol", "status", "metrics")
+REQUIRED_FIELDS = ("schema_version", "dataset", "normal_class", "method", "seed", "profile", "protocol", "status",
+                   "metrics")
 STATUSES = ("ok", "failed", "diverged")
 
 
@@ -86,7 +87,8 @@ def _atomic_write(path: Path, write: Any) -> None:
         fd, tmp_name = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{path.name}.", dir=path.parent)
         os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide records from the other users of a shared folder
     except OSError as exc:
-        raise ResultsWriteError(exc.errno, f"cannot write results into {path.parent}: {exc.strerror}", str(path.parent)) from exc
+        raise ResultsWriteError(exc.errno, f"cannot write results into {path.parent}: {exc.strerror}",
+                                str(path.parent)) from exc
     try:
         with os.fdopen(fd, "wb") as handle:
             write(handle)
@@ -103,14 +105,16 @@ def _atomic_write(path: Path, write: Any) -> None:
         raise
 
 
-def write_record(results_dir: Path, key: JobKey, record: dict, scores: Optional[np.ndarray], labels: Optional[np.ndarray]) -> Path:
+def write_record(results_dir: Path, key: JobKey, record: dict, scores: Optional[np.ndarray],
+                 labels: Optional[np.ndarray]) -> Path:
     """Scores first, then the JSON (the commit point). Returns the JSON path. A random
     `scores_id` in both pairs them: a run killed between the two renames (with --force, over an
     older record) leaves a JSON whose scores file is not its own, which read_record rejects."""
     if scores is not None:
         scores_id = uuid.uuid4().hex
         _atomic_write(key.scores_path(results_dir),
-                      lambda handle: np.savez_compressed(handle, scores=np.asarray(scores, np.float64), labels=np.asarray(labels, np.int8),
+                      lambda handle: np.savez_compressed(handle, scores=np.asarray(scores, np.float64),
+                                                         labels=np.asarray(labels, np.int8),
                                                          scores_id=np.array(scores_id)))
         record = {**record, "scores_file": key.scores_path(results_dir).name, "scores_id": scores_id}
     text = json.dumps(_json_safe(record), indent=2, allow_nan=False, sort_keys=False) + "\n"
@@ -138,7 +142,8 @@ def read_record(path: Path) -> dict:
     if missing:
         raise UnreadableRecord(f"{path}: missing fields {missing} (an older or hand-edited record)")
     if record["schema_version"] != SCHEMA_VERSION:
-        raise UnreadableRecord(f"{path}: schema version {record['schema_version']!r}, this version reads {SCHEMA_VERSION}")
+        raise UnreadableRecord(f"{path}: schema version {record['schema_version']!r}, "
+                               f"this version reads {SCHEMA_VERSION}")
     if record["status"] not in STATUSES:
         raise UnreadableRecord(f"{path}: unknown status {record['status']!r}")
     # Hand edits the tables would trip over, or a record that is not this file's job.
@@ -163,7 +168,8 @@ def read_record(path: Path) -> dict:
         if not {"scores", "labels"} <= names:
             raise UnreadableRecord(f"{scores_file}: no scores / labels arrays")
         if "scores_id" in record and scores_id != record["scores_id"]:
-            raise UnreadableRecord(f"{path}: its scores file {scores_file.name} belongs to another run (interrupted rewrite)")
+            raise UnreadableRecord(f"{path}: its scores file {scores_file.name} belongs to another run "
+                                   "(interrupted rewrite)")
     return record
 
 
@@ -210,7 +216,8 @@ class JobLock:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
-            raise ResultsWriteError(exc.errno, f"cannot create the lock file {self.path}: {exc.strerror}", str(self.path)) from exc
+            raise ResultsWriteError(exc.errno, f"cannot create the lock file {self.path}: {exc.strerror}",
+                                    str(self.path)) from exc
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
         except OSError as exc:

@@ -58,7 +58,8 @@ def load_records(results_dir: Path, profile: str, protocol: Optional[str] = None
             "n_train": sizes.get("n_train"), "n_test": sizes.get("n_test"),
             "device": (record.get("run_info") or {}).get("device"),
             "git_commit": (record.get("git") or {}).get("commit"), "error": (record.get("error") or {}).get("message"),
-            "best_epoch_auroc_on_test": ((record.get("diagnostics") or {}).get("best_epoch_on_test_OPTIMISTIC") or {}).get("auroc"),
+            "best_epoch_auroc_on_test": ((record.get("diagnostics") or {}).get("best_epoch_on_test_OPTIMISTIC")
+                                         or {}).get("auroc"),
             "record": str(path.relative_to(Path(results_dir))),
         })
     columns = ["dataset", "normal_class", "class_name", "method", "label", "seed", "profile", "protocol", "status",
@@ -76,7 +77,8 @@ def method_order(frame: pd.DataFrame) -> list[str]:
     return paper + extra
 
 
-def _cell_frame(frame: pd.DataFrame, metric: str, classes: list[str], methods: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
+def _cell_frame(frame: pd.DataFrame, metric: str, classes: list[str],
+                methods: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(values, notes) per class x method: the mean of `metric` over ok seeds; notes say
     'diverged' / 'failed' when no seed is ok, or 'k/n ok' when only some are."""
     values = pd.DataFrame(np.nan, index=classes, columns=methods)
@@ -118,8 +120,10 @@ def auroc_table(frame: pd.DataFrame, dataset: str, latex: bool = False) -> tuple
     values, notes = _cell_frame(subset, "auroc", classes, methods)
     means, counts = _mean_row(values)
     values.loc["mean"] = means
-    notes.loc["mean"] = ["" if counts[m] in (0, len(classes)) else f"{counts[m]}/{len(classes)} classes" for m in methods]
-    paper = reference.rename(index={str(i): c for i, c in zip(range(10), classes)}).reindex(index=values.index, columns=methods)
+    notes.loc["mean"] = ["" if counts[m] in (0, len(classes)) else f"{counts[m]}/{len(classes)} classes"
+                         for m in methods]
+    paper = reference.rename(index={str(i): c for i, c in zip(range(10), classes)})
+    paper = paper.reindex(index=values.index, columns=methods)
 
     paired = pd.DataFrame("", index=values.index, columns=methods)
     for row in values.index:
@@ -223,7 +227,8 @@ def _to_markdown(title: str, tables: list[tuple[str, pd.DataFrame]], footer: str
 def _to_latex(title: str, tables: list[tuple[str, pd.DataFrame]]) -> str:
     parts = [f"% {title}"]
     for caption, table in tables:
-        body = table.to_latex(escape=False, caption=caption.replace("_", r"\_").replace("%", r"\%"), column_format="l" + "r" * table.shape[1])
+        body = table.to_latex(escape=False, caption=caption.replace("_", r"\_").replace("%", r"\%"),
+                              column_format="l" + "r" * table.shape[1])
         parts.append(body.replace("±", r"$\pm$"))
     return "\n".join(parts)
 
@@ -237,7 +242,8 @@ def write_reports(results_dir: Path, reports_dir: Path, profile: str, protocol: 
     n_records = len(frame)
     footer = (f"Cells: ours ({'paper'}). Ours = mean over seeds of the final model's metric, profile `{profile}`, "
               f"protocol `{protocol}`, from {n_records} records under `{Path(results_dir) / profile}`. "
-              f"{DASH} = no record; bold = best of ours in the row; [k/n] = only part of the runs or classes present.\n")
+              f"{DASH} = no record; bold = best of ours in the row; [k/n] = only part of the runs or classes "
+              "present.\n")
     if problems:
         footer += "\nUnreadable records, treated as missing:\n" + "\n".join(f"- {p}" for p in problems) + "\n"
 
@@ -251,8 +257,10 @@ def write_reports(results_dir: Path, reports_dir: Path, profile: str, protocol: 
         title = f"Table {number[-1]}: AUROC on {TITLES[dataset]} ({profile} profile, {protocol} protocol)"
         md_paired, md_diff = auroc_table(frame, dataset, latex=False)
         tex_paired, _ = auroc_table(frame, dataset, latex=True)
-        save(f"{stem}.md", _to_markdown(title, [("AUROC, ours (paper):", md_paired), ("Difference, ours - paper:", md_diff)], footer))
-        save(f"{stem}.tex", _to_latex(title, [(f"{title}: ours (paper)", tex_paired), (f"{title}: ours - paper", md_diff)]))
+        save(f"{stem}.md", _to_markdown(title, [("AUROC, ours (paper):", md_paired),
+                                                ("Difference, ours - paper:", md_diff)], footer))
+        save(f"{stem}.tex", _to_latex(title, [(f"{title}: ours (paper)", tex_paired),
+                                              (f"{title}: ours - paper", md_diff)]))
         if (frame["dataset"] == dataset).any():
             figure = out_dir / f"{stem}.png"
             auroc_figure(frame, dataset, figure)
@@ -261,12 +269,15 @@ def write_reports(results_dir: Path, reports_dir: Path, profile: str, protocol: 
         if diagnostics is not None:
             save(f"diagnostics_{dataset}{suffix}.md", _to_markdown(
                 f"Per-epoch diagnostic on {TITLES[dataset]}: final model vs best epoch ON THE TEST SET",
-                [("AUROC (the second number of each method is optimistic, chosen on test labels):", diagnostics)], footer))
+                [("AUROC (the second number of each method is optimistic, chosen on test labels):", diagnostics)],
+                footer))
     title = f"Table 4: mean threshold metrics on MNIST ({profile} profile, {protocol} protocol)"
     t4 = table4(frame)
     note = ("Threshold: the Youden-optimal ROC point on the test labels (the paper's rule; optimistic). "
-            "Normal = positive class: false-alarm rate = normals flagged anomalous, miss rate = anomalies accepted.\n\n")
-    save(f"table4_mnist_threshold_metrics{suffix}.md", _to_markdown(title, [("Mean over the MNIST classes, ours (paper):", t4)], note + footer))
+            "Normal = positive class: false-alarm rate = normals flagged anomalous, miss rate = anomalies "
+            "accepted.\n\n")
+    save(f"table4_mnist_threshold_metrics{suffix}.md",
+         _to_markdown(title, [("Mean over the MNIST classes, ours (paper):", t4)], note + footer))
     save(f"table4_mnist_threshold_metrics{suffix}.tex", _to_latex(title, [(title, t4)]))
     save(f"records{suffix}.csv", frame.to_csv(index=False))
     return written

@@ -24,8 +24,15 @@ import numpy as np
 from benchmark.data import load_dataset
 from benchmark.metrics import evaluate
 from benchmark.profiles import PROFILE_SUBSAMPLE
-from benchmark.records import (SCHEMA_VERSION, JobKey, JobLock, ResultsWriteError, existing_record,
-                               remove_stray_temp_files, write_record)
+from benchmark.records import (
+    SCHEMA_VERSION,
+    JobKey,
+    JobLock,
+    ResultsWriteError,
+    existing_record,
+    remove_stray_temp_files,
+    write_record,
+)
 from benchmark.splits import Task, make_task
 
 
@@ -76,7 +83,8 @@ def library_versions() -> dict:
 def git_state() -> dict:
     repo = Path(__file__).resolve().parents[1]
     try:
-        commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10)
         dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
                                capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
@@ -92,9 +100,11 @@ def provenance(argv: list[str]) -> dict:
 
 
 @lru_cache(maxsize=1)
-def _task(dataset: str, data_root: Optional[str], download: bool, normal_class: int, protocol: str, base_profile: str) -> Task:
+def _task(dataset: str, data_root: Optional[str], download: bool, normal_class: int, protocol: str,
+          base_profile: str) -> Task:
     """The last task is kept: jobs are ordered dataset -> class -> method -> seed."""
-    return make_task(load_dataset(dataset, data_root, download), normal_class, protocol, PROFILE_SUBSAMPLE[base_profile])
+    data = load_dataset(dataset, data_root, download)
+    return make_task(data, normal_class, protocol, PROFILE_SUBSAMPLE[base_profile])
 
 
 def _limit_threads(threads: int) -> None:
@@ -138,7 +148,8 @@ def run_job(job: Job, settings: RunSettings, blocking: bool = False) -> JobOutco
         }
         scores = labels = None
         try:
-            task = _task(key.dataset, settings.data_root, settings.download, key.normal_class, key.protocol, job.base_profile)
+            task = _task(key.dataset, settings.data_root, settings.download, key.normal_class, key.protocol,
+                         job.base_profile)
             subsample = PROFILE_SUBSAMPLE[job.base_profile]
             record["sizes"] = task.sizes
             record["sampling"] = {"sample_seed": task.sample_seed, "max_train": subsample.max_train,
@@ -161,7 +172,8 @@ def run_job(job: Job, settings: RunSettings, blocking: bool = False) -> JobOutco
             if settings.track_auroc:
                 record["diagnostics"] = _auroc_summary(epoch_aurocs)
             if not np.all(np.isfinite(scores)):
-                raise DivergedError(epoch=-1, step=-1, detail=f"{int((~np.isfinite(scores)).sum())} non-finite test scores")
+                n_bad = int((~np.isfinite(scores)).sum())
+                raise DivergedError(epoch=-1, step=-1, detail=f"{n_bad} non-finite test scores")
             record["metrics"] = evaluate(scores, labels)
             record["status"] = "ok"
         except DivergedError as exc:
@@ -176,7 +188,8 @@ def run_job(job: Job, settings: RunSettings, blocking: bool = False) -> JobOutco
             record["error"] = {"type": type(exc).__name__, "message": str(exc), "traceback": traceback.format_exc()}
             scores = None
         elapsed = time.perf_counter() - started
-        record.update({"seconds": elapsed, "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        created_at = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        record.update({"seconds": elapsed, "created_at": created_at,
                        "threads": settings.threads_per_job, **settings.provenance})
         record.setdefault("run_info", {"device": str(job.params.get("device", "cpu"))})
         write_record(results_dir, key, record, scores, labels)
@@ -193,7 +206,8 @@ def _auroc_tracker(task: Task, sink: list) -> Callable:
 
     def callback(epoch: int, detector: Any) -> None:
         scores = detector.decision_function(task.x_test)
-        sink.append({"epoch": epoch, "auroc": float(roc_auc_score(task.y_test, scores)) if np.all(np.isfinite(scores)) else None})
+        auroc = float(roc_auc_score(task.y_test, scores)) if np.all(np.isfinite(scores)) else None
+        sink.append({"epoch": epoch, "auroc": auroc})
 
     return callback
 
@@ -203,7 +217,8 @@ def _auroc_summary(epoch_aurocs: list) -> dict:
     best = max(finite, key=lambda e: e["auroc"]) if finite else None
     return {"auroc_per_epoch": epoch_aurocs,
             "best_epoch_on_test_OPTIMISTIC": best,
-            "note": "per-epoch test AUROC is a diagnostic of training dynamics; the reported metrics are the final model's"}
+            "note": "per-epoch test AUROC is a diagnostic of training dynamics; the reported metrics are the "
+                    "final model's"}
 
 
 def _install_sigterm_handler() -> None:
@@ -227,7 +242,8 @@ def execute(jobs: list[Job], settings: RunSettings, n_parallel: int, progress: b
         auroc = f"auroc={outcome.auroc:.4f}" if outcome.auroc is not None else outcome.status
         bar.set_postfix_str(f"{outcome.key.label()} {auroc}")
         if outcome.status in ("failed", "diverged"):
-            bar.write(f"[{outcome.status}] {outcome.key.label()}: {outcome.message.splitlines()[0] if outcome.message else ''}")
+            first_line = outcome.message.splitlines()[0] if outcome.message else ""
+            bar.write(f"[{outcome.status}] {outcome.key.label()}: {first_line}")
 
     deferred: list[Job] = []
     try:

@@ -153,7 +153,8 @@ def bench_method(name: str, args: argparse.Namespace, device: torch.device, rng:
     }
     if "score_batch_size" in detector.get_params():
         detector.set_params(score_batch_size=BATCH)
-        result["score64_img_s"] = args.n_score / timed(lambda: detector.decision_function(x_score), device, args.repeats)
+        score_seconds = timed(lambda: detector.decision_function(x_score), device, args.repeats)
+        result["score64_img_s"] = args.n_score / score_seconds
     return result
 
 
@@ -250,7 +251,8 @@ def main(argv: Optional[list[str]] = None) -> None:
             flops = f"{'n/a':>11}{'n/a':>9}{'n/a':>8}"
         rows.append(f"{name:<16}{res['train_img_s']:>12.1f}{res['score_img_s']:>12.0f}{score64}{flops}  "
                     f"score batch {res['score_batch']}, fit {res['fit_s']:.1f} s, {res['overrides']}")
-    anomalib = None if args.no_anomalib or "ganomaly" not in results else bench_anomalib(args, device, np.random.default_rng(0))
+    anomalib = (None if args.no_anomalib or "ganomaly" not in results
+                else bench_anomalib(args, device, np.random.default_rng(0)))
     if anomalib is not None:
         achieved = anomalib["train_gflop_per_img"] * anomalib["train_img_s"]
         rows.append(f"{'anomalib GANomaly':<16}{anomalib['train_img_s']:>12.1f}{anomalib['score_big_img_s']:>12.0f}"
@@ -262,15 +264,16 @@ def main(argv: Optional[list[str]] = None) -> None:
     gan, mem = results.get("ganomaly"), results.get("mem_ganomaly")
     if gan is not None:
         if anomalib is not None:
-            print(f"GANomaly / anomalib (measured, same run): training {gan['train_img_s'] / anomalib['train_img_s']:.2f}x, "
+            print("GANomaly / anomalib (measured, same run): "
+                  f"training {gan['train_img_s'] / anomalib['train_img_s']:.2f}x, "
                   f"scoring {gan['score_img_s'] / anomalib['score_img_s']:.2f}x against anomalib at batch 64 "
                   f"({gan['score_img_s'] / anomalib['score_big_img_s']:.2f}x against anomalib at batch 1024); "
                   f"FLOPs per training image {gan['train_gflop_per_img'] / anomalib['train_gflop_per_img']:.2f}x")
         elif not args.no_anomalib:
             q = ANOMALIB_QUOTED
             print(f"anomalib GANomaly, QUOTED from the issue (not measured here; 2-core CPU machine): training about "
-                  f"{q['train_img_s']:.0f} images/s (~{100 * q['peak_fraction']:.0f}% of a ~{q['peak_gflops']:.0f} GFLOP/s "
-                  f"peak), scoring about {q['score_img_s']:.0f} images/s")
+                  f"{q['train_img_s']:.0f} images/s (~{100 * q['peak_fraction']:.0f}% of a "
+                  f"~{q['peak_gflops']:.0f} GFLOP/s peak), scoring about {q['score_img_s']:.0f} images/s")
             print(f"GANomaly / quoted anomalib: training {gan['train_img_s'] / q['train_img_s']:.2f}x, "
                   f"scoring {gan['score_img_s'] / q['score_img_s']:.2f}x (different runs: indicative only)")
         if mem is not None:

@@ -68,7 +68,8 @@ def make_task(data: Dataset, normal_class: int, protocol: str = "paper",
     test_anomalous = np.flatnonzero(data.test_labels != normal_class)
     pool = [(data.test_images, test_normal, test_anomalous)]
     if protocol == "paper":
-        pool.append((data.train_images, np.array([], dtype=np.int64), np.flatnonzero(data.train_labels != normal_class)))
+        train_anomalous = np.flatnonzero(data.train_labels != normal_class)
+        pool.append((data.train_images, np.array([], dtype=np.int64), train_anomalous))
 
     # Caps apply to the pooled normal / anomalous test images (the test split first, then train).
     normal_parts = [(images, idx) for images, idx, _ in pool]

@@ -37,7 +37,8 @@ def check_positive_int(name: str, value: Any) -> None:
 
 
 def check_positive_float(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not np.isfinite(value) or value <= 0:
+    if (isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not np.isfinite(value)
+            or value <= 0):
         raise ValueError(f"{name} must be a positive finite number, got {value!r}")
 
 

@@ -39,8 +39,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from methods.base import (DivergedError, EpochCallback, check_nonneg_float, check_positive_float,
-                          check_positive_int, iterate_minibatches)
+from methods.base import (
+    DivergedError,
+    EpochCallback,
+    check_nonneg_float,
+    check_positive_float,
+    check_positive_int,
+    iterate_minibatches,
+)
 from methods.preprocess import flatten
 from methods.torch_base import DivergenceMonitor, TorchDetector
 
@@ -101,7 +107,8 @@ def reconstruction_features(x: torch.Tensor, x_rec: torch.Tensor, eps: float) ->
 
 
 # ---- GMM -----------------------------------------------------------------------------------------
-def mixture_parameters(gamma: torch.Tensor, z: torch.Tensor, jitter: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def mixture_parameters(gamma: torch.Tensor, z: torch.Tensor,
+                       jitter: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Paper eq. 5 from memberships gamma (N, K) and codes z (N, d): phi (K,), mu (K, d) and
     Sigma (K, d, d), plus `jitter` on each diagonal (a stability choice, see module doc)."""
     weight = gamma.sum(dim=0)                                      # (K,)
@@ -181,7 +188,8 @@ class DAGMM(TorchDetector):
         return flatten(x)
 
     def _networks(self) -> Iterable[nn.Module]:
-        return [net for net in (getattr(self, "compression_", None), getattr(self, "estimation_", None)) if net is not None]
+        nets = (getattr(self, "compression_", None), getattr(self, "estimation_", None))
+        return [net for net in nets if net is not None]
 
     def _codes(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x -> (z (B, latent_dim + 2) in float64, gamma (B, K) in float64, x')."""

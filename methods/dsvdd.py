@@ -28,8 +28,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from methods.base import (DivergedError, EpochCallback, check_choice, check_nonneg_float,
-                          check_positive_float, check_positive_int, iterate_minibatches)
+from methods.base import (
+    DivergedError,
+    EpochCallback,
+    check_choice,
+    check_nonneg_float,
+    check_positive_float,
+    check_positive_int,
+    iterate_minibatches,
+)
 from methods.preprocess import global_contrast_normalization
 from methods.torch_base import DivergenceMonitor, TorchDetector
 

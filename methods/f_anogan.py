@@ -38,8 +38,14 @@ from typing import Callable, Iterable, Optional
 import torch
 from torch import nn
 
-from methods.base import (EpochCallback, check_choice, check_nonneg_float, check_positive_float,
-                          check_positive_int, iterate_minibatches)
+from methods.base import (
+    EpochCallback,
+    check_choice,
+    check_nonneg_float,
+    check_positive_float,
+    check_positive_int,
+    iterate_minibatches,
+)
 from methods.blocks import DCGANDecoder, DCGANFeatures, batch_norm, layer_norm
 from methods.preprocess import resize, to_minus_one_one
 from methods.torch_base import DivergenceMonitor, TorchDetector, init_dcgan_weights
@@ -108,7 +114,8 @@ def gradient_penalty(critic: Callable[[torch.Tensor], torch.Tensor], real: torch
     return weight * ((grad.flatten(1).norm(dim=1) - 1.0) ** 2).mean()
 
 
-def izif_terms(x: torch.Tensor, rec: torch.Tensor, f_x: torch.Tensor, f_rec: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def izif_terms(x: torch.Tensor, rec: torch.Tensor, f_x: torch.Tensor,
+               f_rec: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample izi_f terms: (mean over pixels of (x - G(E(x)))^2, mean over features of
     (f(x) - f(G(E(x))))^2), each (B,). Loss = batch mean of img + kappa * feat; score = per sample."""
     return (x - rec).pow(2).flatten(1).mean(dim=1), (f_x - f_rec).pow(2).flatten(1).mean(dim=1)

@@ -35,8 +35,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from methods.base import (EpochCallback, check_choice, check_nonneg_float, check_positive_float,
-                          check_positive_int, iterate_minibatches)
+from methods.base import (
+    EpochCallback,
+    check_choice,
+    check_nonneg_float,
+    check_positive_float,
+    check_positive_int,
+    iterate_minibatches,
+)
 from methods.memory import MemoryModule, addressing_entropy, check_memory_params
 from methods.preprocess import to_minus_one_one
 from methods.torch_base import DivergenceMonitor, TorchDetector, init_dcgan_weights
@@ -157,7 +163,8 @@ class MemAE(TorchDetector):
                  widths: Sequence[int] = (16, 32, 64), output_activation: str = "tanh",
                  epochs: int = 100, batch_size: int = 64, lr: float = 1e-4,
                  max_steps_per_epoch: Optional[int] = None, score: str = "mse",
-                 memory_layout: str = "position", random_state: int = 0, device: str = "auto", score_batch_size: int = 1024) -> None:
+                 memory_layout: str = "position", random_state: int = 0, device: str = "auto",
+                 score_batch_size: int = 1024) -> None:
         self.num_slots = num_slots
         self.shrink_threshold = shrink_threshold
         self.addressing = addressing

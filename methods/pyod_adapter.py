@@ -9,7 +9,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from methods.base import check_random_state, Detector, EpochCallback, check_images
+from methods.base import Detector, EpochCallback, check_images, check_random_state
 
 PROFILES: dict = {profile: {"*": {}} for profile in ("paper", "quick", "smoke")}
 

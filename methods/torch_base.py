@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from methods.base import check_random_state, Detector, DivergedError, EpochCallback, check_images, check_positive_int
+from methods.base import Detector, DivergedError, EpochCallback, check_images, check_positive_int, check_random_state
 
 
 def resolve_device(device: str) -> torch.device:
@@ -134,7 +134,8 @@ class TorchDetector(Detector, abc.ABC):
     def decision_function(self, X: np.ndarray) -> np.ndarray:
         X = check_images(X)
         if tuple(X.shape[1:]) != getattr(self, "input_shape_", None):
-            raise ValueError(f"images of shape {X.shape[1:]} do not match the training images {getattr(self, 'input_shape_', None)}; call fit first")
+            raise ValueError(f"images of shape {X.shape[1:]} do not match the training images "
+                             f"{getattr(self, 'input_shape_', None)}; call fit first")
         self._set_mode(train=False)  # BatchNorm in inference mode: a score never depends on its batch
         scores = []
         with torch.inference_mode():
@@ -150,7 +151,8 @@ class TorchDetector(Detector, abc.ABC):
             "torch_num_threads": torch.get_num_threads(),
             "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
             "determinism": ("bit-identical on CPU for the same seed, torch version and thread count"
-                            if device.type == "cpu" else "GPU kernels (cuDNN autotuning, atomics) may differ run to run"),
+                            if device.type == "cpu"
+                            else "GPU kernels (cuDNN autotuning, atomics) may differ run to run"),
         }
         if device.type == "cuda":
             info["gpu_name"] = torch.cuda.get_device_name(device)

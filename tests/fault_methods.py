@@ -180,7 +180,8 @@ class TinyAE(TorchDetector):
 
 # CLI name -> (label, target) for methods.register / methods.REGISTRY.
 FAULT_METHODS = {name: (cls, f"fault_methods:{cls}") for name, cls in
-                 (("slow", "Slow"), ("boom", "Boom"), ("diverge", "Diverge"), ("nan_scores", "NanScores"), ("tiny_ae", "TinyAE"))}
+                 (("slow", "Slow"), ("boom", "Boom"), ("diverge", "Diverge"), ("nan_scores", "NanScores"),
+                  ("tiny_ae", "TinyAE"))}
 
 
 # ---- fake data roots ------------------------------------------------------------------------
@@ -351,7 +352,8 @@ def job_classes(data_root: Path, classes: Iterable[int], method_class: str = "Sl
     from benchmark.splits import make_task
 
     data = load_dataset("mnist", data_root, download=False)
-    return {job_name(method_class, seed, make_task(data, k, "paper", PROFILE_SUBSAMPLE["smoke"]).x_train): k for k in classes}
+    return {job_name(method_class, seed, make_task(data, k, "paper", PROFILE_SUBSAMPLE["smoke"]).x_train): k
+            for k in classes}
 
 
 def outcomes(results: Path) -> dict[str, tuple]:
@@ -363,7 +365,8 @@ def outcomes(results: Path) -> dict[str, tuple]:
     for path, record, problem in iter_records(results):
         assert problem is None, problem
         arrays = read_scores(path) if record["status"] == "ok" else (None, None)
-        found[path.relative_to(results).as_posix()] = (record["status"], record["metrics"], record.get("hyperparameters"), *arrays)
+        found[path.relative_to(results).as_posix()] = (record["status"], record["metrics"],
+                                                       record.get("hyperparameters"), *arrays)
     return found
 
 
@@ -378,7 +381,8 @@ def assert_same_outcomes(got: dict, expected: dict) -> None:
 def select(expected: dict, classes: Iterable[int]) -> dict:
     """The records of some classes (paths end in class<k>_seed<s>.json)."""
     wanted = {f"class{k}_" for k in classes}
-    return {name: value for name, value in expected.items() if Path(name).name[:Path(name).name.index("_") + 1] in wanted}
+    return {name: value for name, value in expected.items()
+            if Path(name).name[:Path(name).name.index("_") + 1] in wanted}
 
 
 def temp_files(folder: Path) -> list[Path]:
@@ -389,8 +393,9 @@ def temp_files(folder: Path) -> list[Path]:
 def isolated() -> Iterator[None]:
     """The fault detectors in this process's registry, and the global state a run changes (the
     SIGTERM handler, torch's thread count, loky workers) put back afterwards."""
-    import methods
     from joblib.externals.loky import reusable_executor
+
+    import methods
 
     sigterm, threads = signal.getsignal(signal.SIGTERM), torch.get_num_threads()
     with pytest.MonkeyPatch.context() as patch:

@@ -10,7 +10,6 @@ import benchmark.datasets as datasets
 from benchmark import __version__
 from benchmark.cli import main, package_version, prog_name
 from benchmark.data import DataError, load_dataset
-from fault_methods import in_process  # noqa: F401  (fixture: isolated run state)
 
 pytestmark = pytest.mark.usefixtures("in_process")
 

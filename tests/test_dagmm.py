@@ -12,8 +12,7 @@ from sklearn.metrics import roc_auc_score
 
 import methods.dagmm as dg
 from methods.base import DivergedError
-from methods.dagmm import (DAGMM, inverse_diagonal_sum, mixture_parameters, reconstruction_features,
-                           sample_energy)
+from methods.dagmm import DAGMM, inverse_diagonal_sum, mixture_parameters, reconstruction_features, sample_energy
 
 TINY = dict(hidden_dims=(32, 8), batch_size=32, device="cpu")
 SEPARABLE = dict(TINY, epochs=30, lr=1e-3)
@@ -115,7 +114,8 @@ def test_mixture_is_estimated_on_the_whole_training_set(fitted) -> None:
 def test_epoch_callback_sees_a_scoring_model(separable_task) -> None:
     X_train, X_test, _ = separable_task(64, 4, 4, channels=1, size=28, seed=1)
     seen = []
-    model = DAGMM(**TINY, epochs=2).fit(X_train, epoch_callback=lambda e, det: seen.append((e, det.decision_function(X_test))))
+    model = DAGMM(**TINY, epochs=2).fit(X_train,
+                                        epoch_callback=lambda e, det: seen.append((e, det.decision_function(X_test))))
     assert [e for e, _ in seen] == [1, 2]
     np.testing.assert_allclose(seen[-1][1], model.decision_function(X_test))
     # The callback's extra eval-mode passes do not change training.

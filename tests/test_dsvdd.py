@@ -6,11 +6,20 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from sklearn.metrics import roc_auc_score
 
 from methods.base import DivergedError
-from methods.dsvdd import (PROFILES, CIFARLeNet, CIFARLeNetAE, DeepSVDD, MNISTLeNet, MNISTLeNetAE,
-                           copy_encoder_state, init_center, lr_factor, min_max_constants)
+from methods.dsvdd import (
+    PROFILES,
+    CIFARLeNet,
+    CIFARLeNetAE,
+    DeepSVDD,
+    MNISTLeNet,
+    MNISTLeNetAE,
+    copy_encoder_state,
+    init_center,
+    lr_factor,
+    min_max_constants,
+)
 from methods.preprocess import global_contrast_normalization
 
 TINY = dict(epochs=1, ae_epochs=1, batch_size=16, ae_batch_size=16, lr_milestones=(), ae_lr_milestones=(),

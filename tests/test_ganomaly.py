@@ -177,6 +177,7 @@ def test_bad_hyperparameters(kwargs):
 
 def test_profiles_follow_the_authors():
     defaults = GANomaly().get_params()
-    assert (defaults["epochs"], defaults["batch_size"], defaults["lr"], defaults["beta1"], defaults["beta2"]) == (15, 64, 2e-4, 0.5, 0.999)
+    optimiser = (defaults["epochs"], defaults["batch_size"], defaults["lr"], defaults["beta1"], defaults["beta2"])
+    assert optimiser == (15, 64, 2e-4, 0.5, 0.999)
     assert (defaults["w_adv"], defaults["w_con"], defaults["w_enc"], defaults["nz"]) == (1.0, 50.0, 1.0, 100)
     assert PROFILES["paper"] == {"*": {}}

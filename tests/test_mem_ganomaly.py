@@ -33,7 +33,8 @@ def loss_inputs():
 
 
 def test_presets_and_explicit_weights():
-    assert MemGANomaly().loss_weights() == {"eta_adv": 1.0, "eta_con": 50.0, "eta_enc": 1.0, "eta_w": 0.0002, "eta_gan": 0.0}
+    assert MemGANomaly().loss_weights() == {"eta_adv": 1.0, "eta_con": 50.0, "eta_enc": 1.0, "eta_w": 0.0002,
+                                            "eta_gan": 0.0}
     assert MemGANomaly(preset="algorithm1").loss_weights() == dict.fromkeys(PRESETS["ganomaly"], 1.0)
     assert MemGANomaly(preset="algorithm1", eta_w=0.5).loss_weights()["eta_w"] == 0.5
 
@@ -51,7 +52,8 @@ def test_generator_loss_ganomaly_preset_mean_reduction():
 
 def test_generator_loss_algorithm1_preset_norm_reduction():
     x, x_hat, z, z_hat, fr, ff, logit, w = loss_inputs()
-    total, parts = MemGANomaly(preset="algorithm1", reduction="norm")._generator_loss(x, x_hat, z, z_hat, fr, ff, logit, w)
+    detector = MemGANomaly(preset="algorithm1", reduction="norm")
+    total, parts = detector._generator_loss(x, x_hat, z, z_hat, fr, ff, logit, w)
     adv = torch.stack([(ff[i] - fr[i]).norm() for i in range(2)]).mean()          # (22), unsquared l2
     con = torch.stack([(x_hat[i] - x[i]).norm() for i in range(2)]).mean()        # (24)
     enc = (z - z_hat).abs().sum(dim=1).mean()                                     # (26), l1 norm
@@ -63,7 +65,8 @@ def test_generator_loss_algorithm1_preset_norm_reduction():
 
 def test_discriminator_loss_is_eq_32_unhalved():
     # D(x) = D(x_hat) = 1/2: -log(1/2) - log(1 - 1/2) = 2 ln 2
-    assert MemGANomaly()._discriminator_loss(torch.zeros(3), torch.zeros(3)).item() == pytest.approx(2 * math.log(2), rel=1e-6)
+    loss = MemGANomaly()._discriminator_loss(torch.zeros(3), torch.zeros(3)).item()
+    assert loss == pytest.approx(2 * math.log(2), rel=1e-6)
 
 
 def test_memory_sits_between_encoder_and_decoder_and_score_is_eq_33():

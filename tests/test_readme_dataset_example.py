@@ -12,7 +12,6 @@ import benchmark.datasets as datasets
 from benchmark.cli import main
 from benchmark.data import CLASS_NAMES, DATASETS, DataError, load_dataset
 from benchmark.records import iter_records
-from fault_methods import in_process  # noqa: F401  (fixture: isolated run state)
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -81,6 +80,7 @@ def test_run_end_to_end_from_the_command_line(tiny_shapes, tmp_path, capsys):
     # A method whose PROFILES names each dataset has no budget for the new one: a usage error
     # naming it, not the paper's full budget.
     capsys.readouterr()
-    assert main([*common, "--methods", "mem_ganomaly", "--profile", "quick", "--results-dir", str(tmp_path / "r2")]) == 2
+    other_results = ["--results-dir", str(tmp_path / "r2")]
+    assert main([*common, "--methods", "mem_ganomaly", "--profile", "quick", *other_results]) == 2
     assert "'mem_ganomaly' has no settings for dataset 'tiny_shapes' under profile 'quick'" in capsys.readouterr().err
     assert not (tmp_path / "r2").exists()

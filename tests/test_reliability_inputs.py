@@ -13,10 +13,17 @@ import pytest
 
 from benchmark.cli import main, prog_name
 from benchmark.data import CIFAR_BIN_SIZE, DataError, load_dataset
-from fault_methods import (cifar_arrays, cli_args, fake_images, idx_bytes, in_process, write_fake_cifar_bin,
-                           write_fake_cifar_py, write_fake_mnist)
+from fault_methods import (
+    cifar_arrays,
+    cli_args,
+    fake_images,
+    idx_bytes,
+    write_fake_cifar_bin,
+    write_fake_cifar_py,
+    write_fake_mnist,
+)
 
-pytestmark = pytest.mark.usefixtures("in_process")  # imported from fault_methods
+pytestmark = pytest.mark.usefixtures("in_process")  # from fault_methods, through conftest.py
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
@@ -165,11 +172,13 @@ def _cifar_py_not_official(root: Path) -> Path:
     ("mnist", _label_count, "holds 100 images but"),
     ("mnist", _cifar_sized_images, "expected (N, 28, 28) images and (N,) labels, got (300, 32, 32)"),
     ("mnist", _missing, "file not found"),
-    ("mnist", _official_size_flipped, "checksum mismatch (MD5 differs from the official file's 2646ac647ad5339dbf082846283269ea)"),
+    ("mnist", _official_size_flipped,
+     "checksum mismatch (MD5 differs from the official file's 2646ac647ad5339dbf082846283269ea)"),
     ("mnist", _official_size_flipped_gz, "checksum mismatch (MD5 of its decompressed content differs"),
     ("mnist", _truncated_gz, "cannot read"),
     ("cifar10", _cifar_bin_wrong_size, "wrong size 61465 bytes; expected records of 1 label byte + 3,072 pixel bytes"),
-    ("cifar10", _cifar_bin_official_size_corrupt, "checksum mismatch (MD5 differs from the official file's 803d5f7f4d78ea53de84dbe85f74fb6d)"),
+    ("cifar10", _cifar_bin_official_size_corrupt,
+     "checksum mismatch (MD5 differs from the official file's 803d5f7f4d78ea53de84dbe85f74fb6d)"),
     # The python batches are fixed published files (torchvision checks the same MD5s), so
     # anything else in cifar-10-batches-py is refused, even a well-formed pickle.
     ("cifar10", _cifar_py_not_official, "checksum mismatch (expected MD5 c99cafc152244af753f735de768cd75f)"),

@@ -8,18 +8,28 @@ import csv
 import os
 import shutil
 import signal
-import time
 from pathlib import Path
 
 import pytest
 
 from benchmark.cli import main
 from benchmark.records import existing_record, read_record
-from fault_methods import (shared_run_fixtures, assert_same_outcomes, cli_args, in_process, job_classes,
-                           launch, live_group_members, log_events, output_of, outcomes, select, temp_files,
-                           wait_for)
+from fault_methods import (
+    assert_same_outcomes,
+    cli_args,
+    job_classes,
+    launch,
+    live_group_members,
+    log_events,
+    outcomes,
+    output_of,
+    select,
+    shared_run_fixtures,
+    temp_files,
+    wait_for,
+)
 
-pytestmark = pytest.mark.usefixtures("in_process")  # imported from fault_methods
+pytestmark = pytest.mark.usefixtures("in_process")  # from fault_methods, through conftest.py
 CLASSES = (0, 1, 2, 3)
 JOB_DIR = Path("smoke", "paper", "mnist", "slow")
 STARTUP = 180  # seconds a subprocess may take to import torch & co. on a loaded 2-core machine
@@ -47,7 +57,8 @@ def _stop_with(process, sig, group: bool) -> int:
 def test_ctrl_c_stops_at_once_and_rerun_does_only_missing_jobs(data, reference, tmp_path, processes, monkeypatch):
     results, log = tmp_path / "results", tmp_path / "log"
     names = job_classes(data, CLASSES)
-    runner = launch(cli_args(data, results, tmp_path / "reports"), tmp_path, FAULT_LOG=str(log), FAULT_EPOCH_SECONDS="1")
+    runner = launch(cli_args(data, results, tmp_path / "reports"), tmp_path, FAULT_LOG=str(log),
+                    FAULT_EPOCH_SECONDS="1")
     processes.append(runner)
     wait_for(lambda: sum(e == "start" for e, _, _ in log_events(log)) >= 2, STARTUP, "the second job to start")
 
@@ -59,7 +70,8 @@ def test_ctrl_c_stops_at_once_and_rerun_does_only_missing_jobs(data, reference, 
     assert finished and interrupted
     # The finished jobs have their records; the interrupted one has nothing, not even a temp file.
     assert sorted(outcomes(results)) == sorted(select(reference[0], finished))
-    assert not any((results / JOB_DIR / f"class{k}_seed0.{ext}").exists() for k in interrupted for ext in ("json", "npz"))
+    assert not any((results / JOB_DIR / f"class{k}_seed0.{ext}").exists()
+                   for k in interrupted for ext in ("json", "npz"))
     assert temp_files(results) == []
 
     monkeypatch.setenv("FAULT_LOG", str(log))
@@ -103,7 +115,8 @@ def test_sigkill_mid_write_is_never_read_back(data, reference, tmp_path, process
     results, reports = tmp_path / "results", tmp_path / "reports"
     if force:
         shutil.copytree(reference[1], results)
-    runner = launch(cli_args(data, results, reports, *(["--force"] if force else [])), tmp_path, FAULT_KILL_WRITING=killed_in)
+    runner = launch(cli_args(data, results, reports, *(["--force"] if force else [])), tmp_path,
+                    FAULT_KILL_WRITING=killed_in)
     processes.append(runner)
     assert runner.wait(timeout=STARTUP) == -signal.SIGKILL, output_of(runner)
 

@@ -14,10 +14,9 @@ import pytest
 
 from benchmark.cli import main
 from benchmark.records import iter_records, read_record, read_scores
-from fault_methods import (shared_run_fixtures, assert_same_outcomes, cli_args, in_process, log_events,
-                           outcomes, select, temp_files)
+from fault_methods import assert_same_outcomes, cli_args, log_events, outcomes, select, shared_run_fixtures, temp_files
 
-pytestmark = pytest.mark.usefixtures("in_process")  # imported from fault_methods
+pytestmark = pytest.mark.usefixtures("in_process")  # from fault_methods, through conftest.py
 CLASSES = (0, 1, 2, 3, 4)
 JOB_DIR = Path("smoke", "paper", "mnist", "slow")
 
@@ -121,7 +120,8 @@ def test_failing_and_diverging_detectors_are_recorded_and_the_rest_go_on(data, t
 
 def test_same_seed_same_scores_bit_for_bit_with_run_info(data, tmp_path):
     results = tmp_path / "results"
-    args = cli_args(data, results, tmp_path / "reports", "--device", "cpu", "--seeds", "3", methods=("tiny_ae",), classes=(2,))
+    args = cli_args(data, results, tmp_path / "reports", "--device", "cpu", "--seeds", "3", methods=("tiny_ae",),
+                    classes=(2,))
     assert main(args) == 0
     path = results / "smoke" / "paper" / "mnist" / "tiny_ae" / "class2_seed3.json"
     first, first_record = read_scores(path)[0], read_record(path)
@@ -132,7 +132,8 @@ def test_same_seed_same_scores_bit_for_bit_with_run_info(data, tmp_path):
     assert info["deterministic_algorithms"] in (True, False) and "bit-identical on CPU" in info["determinism"]
     assert first_record["hyperparameters"]["random_state"] == 3
     # Another seed gives other scores (the seed reaches the detector).
-    other = cli_args(data, results, tmp_path / "reports", "--device", "cpu", "--seeds", "4", methods=("tiny_ae",), classes=(2,))
+    other = cli_args(data, results, tmp_path / "reports", "--device", "cpu", "--seeds", "4", methods=("tiny_ae",),
+                     classes=(2,))
     assert main(other) == 0
     assert not np.array_equal(read_scores(path.with_name("class2_seed4.json"))[0], first)
 
@@ -147,14 +148,15 @@ def test_unreadable_records_are_named_and_treated_as_missing(data, reference, tm
     record = json.loads(edited.read_text())
     edited.write_text(json.dumps({**record, "metrics": {**record["metrics"], "auroc": "0.99 (checked by hand)"}}))
     older = job_dir / "class2_seed0.json"
-    older.write_text(json.dumps({k: v for k, v in json.loads(older.read_text()).items() if k not in ("schema_version", "protocol")}))
+    older.write_text(json.dumps({k: v for k, v in json.loads(older.read_text()).items()
+                                 if k not in ("schema_version", "protocol")}))
     bad_scores = job_dir / "class3_seed0.npz"
     bad_scores.write_bytes(bad_scores.read_bytes()[:100])
 
     assert main(cli_args(data, results, reports, "--report-only")) == 0
     err = capsys.readouterr().err
-    for path, why in ((truncated, "unreadable record"), (edited, "status ok but metrics incomplete"), (older, "missing fields"),
-                      (bad_scores, "unreadable scores")):
+    for path, why in ((truncated, "unreadable record"), (edited, "status ok but metrics incomplete"),
+                      (older, "missing fields"), (bad_scores, "unreadable scores")):
         assert f"{path}: {why}" in err
         assert str(path) in (reports / "smoke" / "table1_mnist_auroc.md").read_text()
     rows = (reports / "smoke" / "records.csv").read_text().splitlines()[1:]

@@ -16,7 +16,8 @@ def registered_labels() -> list[str]:
 
 
 def _record(dataset, normal_class, method, status="ok", auroc=0.5, seed=0, gmean=0.5, far=0.1, miss=0.2):
-    metrics = {"auroc": auroc, "gmean": gmean, "false_alarm_rate": far, "miss_rate": miss, "threshold": 0.5} if status == "ok" else None
+    metrics = ({"auroc": auroc, "gmean": gmean, "false_alarm_rate": far, "miss_rate": miss, "threshold": 0.5}
+               if status == "ok" else None)
     return {"schema_version": SCHEMA_VERSION, "dataset": dataset, "normal_class": normal_class, "method": method,
             "seed": seed, "profile": "quick", "protocol": "paper", "status": status, "metrics": metrics}
 
@@ -52,7 +53,8 @@ def reports(tmp_path, request, monkeypatch):
 def test_all_tables_in_markdown_and_latex(reports):
     folder, files = reports
     names = sorted(p.name for p in files)
-    for stem in ("table1_mnist_auroc", "table2_fashion_mnist_auroc", "table3_cifar10_auroc", "table4_mnist_threshold_metrics"):
+    for stem in ("table1_mnist_auroc", "table2_fashion_mnist_auroc", "table3_cifar10_auroc",
+                 "table4_mnist_threshold_metrics"):
         assert f"{stem}.md" in names and f"{stem}.tex" in names
     assert "records.csv" in names
     assert "\\begin{tabular}" in (folder / "table1_mnist_auroc.tex").read_text()
@@ -104,7 +106,8 @@ def test_difference_table_and_table4(reports):
 def test_records_csv_is_long_format(reports):
     folder, _ = reports
     frame = pd.read_csv(folder / "records.csv")
-    assert len(frame) == 33 + 10 * ("MeanDistance" in registered_labels()) and set(frame["status"]) == {"ok", "failed", "diverged"}
+    assert len(frame) == 33 + 10 * ("MeanDistance" in registered_labels())
+    assert set(frame["status"]) == {"ok", "failed", "diverged"}
 
 
 def test_reference_tables_are_packaged():

@@ -11,7 +11,6 @@ from benchmark.cli import main
 from benchmark.data import Dataset
 from benchmark.records import JobKey, iter_records, read_record, read_scores
 from benchmark.runner import Job, RunSettings, run_job
-from fault_methods import in_process  # noqa: F401  (fixture: isolated run state)
 from methods.base import Detector, check_images
 
 
