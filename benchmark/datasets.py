@@ -189,24 +189,6 @@ PAPER_TABLES: Mapping[str, tuple[str, str]] = _SpecMapping(lambda spec: (f"table
 
 
 # ---- the paper's three datasets (loaders and file checks in benchmark/data.py) -----------------
-def _mnist(root: Path) -> LoaderResult:
-    from benchmark.data import load_mnist_like
-
-    return load_mnist_like("mnist", root)
-
-
-def _fashion_mnist(root: Path) -> LoaderResult:
-    from benchmark.data import load_mnist_like
-
-    return load_mnist_like("fashion_mnist", root)
-
-
-def _cifar10(root: Path) -> LoaderResult:
-    from benchmark.data import load_cifar10
-
-    return load_cifar10(root)
-
-
 def _torchvision_download(class_name: str) -> Callable[[Path], None]:
     def download(root: Path) -> None:
         import torchvision.datasets as tvd
@@ -217,34 +199,44 @@ def _torchvision_download(class_name: str) -> Callable[[Path], None]:
     return download
 
 
-def _idx_checksums(directory: str, md5s: tuple[str, str, str, str]) -> dict[str, str]:
+def _mnist_like(name: str, title: str, folder: str, class_names: tuple[str, ...], table: int,
+                md5s: tuple[str, str, str, str]) -> DatasetSpec:
+    """MNIST and Fashion-MNIST: torchvision's ``<folder>/raw/`` IDX files, 1 x 28 x 28."""
+    def loader(root: Path) -> LoaderResult:
+        from benchmark.data import load_mnist_like
+
+        return load_mnist_like(name, root)
+
     files = ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte", "train-images-idx3-ubyte", "train-labels-idx1-ubyte")
-    return {f"{directory}/raw/{f}": md5 for f, md5 in zip(files, md5s)}
+    return DatasetSpec(name=name, title=title, loader=loader, class_names=class_names, image_shape=(1, 28, 28),
+                       table=table, reference_csv=f"table{table}_{name}_auroc.csv",
+                       checksums={f"{folder}/raw/{f}": md5 for f, md5 in zip(files, md5s)},
+                       download=_torchvision_download(folder))
 
 
+def _cifar10(root: Path) -> LoaderResult:
+    from benchmark.data import load_cifar10
+
+    return load_cifar10(root)
+
+
+register_dataset(_mnist_like("mnist", "MNIST", "MNIST", tuple(str(i) for i in range(10)), 1,
+                             ("2646ac647ad5339dbf082846283269ea", "27ae3e4e09519cfbb04c329615203637",
+                              "6bbc9ace898e44ae57da46a324031adb", "a25bea736e30d166cdddb491f175f624")))
+# Tables 2 and 3 use these class names.
+register_dataset(_mnist_like("fashion_mnist", "Fashion-MNIST", "FashionMNIST",
+                             ("T-shirt", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                              "Ankle boot"), 2,
+                             ("8181f5470baa50b63fa0f6fddb340f0a", "15d484375f8d13e6eb1aabb0c3f46965",
+                              "f4a8712d7a061bf5bd6d2ca38dc4d50a", "9018921c3c673c538a1fc5bad174d6f9")))
 register_dataset(DatasetSpec(
-    "mnist", "MNIST", _mnist, tuple(str(i) for i in range(10)), (1, 28, 28), 1, "table1_mnist_auroc.csv",
-    _idx_checksums("MNIST", ("2646ac647ad5339dbf082846283269ea", "27ae3e4e09519cfbb04c329615203637",
-                             "6bbc9ace898e44ae57da46a324031adb", "a25bea736e30d166cdddb491f175f624")),
-    _torchvision_download("MNIST")))
-register_dataset(DatasetSpec(
-    # Tables 2 and 3 use these labels.
-    "fashion_mnist", "Fashion-MNIST", _fashion_mnist,
-    ("T-shirt", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),
-    (1, 28, 28), 2, "table2_fashion_mnist_auroc.csv",
-    _idx_checksums("FashionMNIST", ("8181f5470baa50b63fa0f6fddb340f0a", "15d484375f8d13e6eb1aabb0c3f46965",
-                                    "f4a8712d7a061bf5bd6d2ca38dc4d50a", "9018921c3c673c538a1fc5bad174d6f9")),
-    _torchvision_download("FashionMNIST")))
-register_dataset(DatasetSpec(
-    "cifar10", "CIFAR-10", _cifar10,
-    ("Plane", "Car", "Bird", "Cat", "Deer", "Dog", "Frog", "Horse", "Ship", "Truck"),
-    (3, 32, 32), 3, "table3_cifar10_auroc.csv",
+    name="cifar10", title="CIFAR-10", loader=_cifar10,
+    class_names=("Plane", "Car", "Bird", "Cat", "Deer", "Dog", "Frog", "Horse", "Ship", "Truck"),
+    image_shape=(3, 32, 32), table=3, reference_csv="table3_cifar10_auroc.csv",
     # The official binary batches as published (the python batches are checked against
     # torchvision's own list in the loader).
-    {"cifar-10-batches-bin/data_batch_1.bin": "5dd7e06a14cb22eb9f671a540d1b7c25",
-     "cifar-10-batches-bin/data_batch_2.bin": "5ea93a67294ea407fff1d09f752e9692",
-     "cifar-10-batches-bin/data_batch_3.bin": "942cd6a4bcdd0dd3c604fbe906cb4421",
-     "cifar-10-batches-bin/data_batch_4.bin": "ae636b3ba5c66a11e91e8cb52e771fcb",
-     "cifar-10-batches-bin/data_batch_5.bin": "53f37980c15c3d472c316c40844f3f0d",
-     "cifar-10-batches-bin/test_batch.bin": "803d5f7f4d78ea53de84dbe85f74fb6d"},
-    _torchvision_download("CIFAR10")))
+    checksums={f"cifar-10-batches-bin/{batch}.bin": md5 for batch, md5 in (
+        ("data_batch_1", "5dd7e06a14cb22eb9f671a540d1b7c25"), ("data_batch_2", "5ea93a67294ea407fff1d09f752e9692"),
+        ("data_batch_3", "942cd6a4bcdd0dd3c604fbe906cb4421"), ("data_batch_4", "ae636b3ba5c66a11e91e8cb52e771fcb"),
+        ("data_batch_5", "53f37980c15c3d472c316c40844f3f0d"), ("test_batch", "803d5f7f4d78ea53de84dbe85f74fb6d"))},
+    download=_torchvision_download("CIFAR10")))

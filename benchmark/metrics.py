@@ -40,17 +40,42 @@ def _check(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarr
 
 
 def min_max_scale(scores: np.ndarray) -> np.ndarray:
-    """Eq. 34: (s - min) / (max - min); all-equal scores map to 0."""
+    """Min-max scaling of eq. 34, (s - min) / (max - min); all-equal scores map to 0.
+
+    Parameters
+    ----------
+    scores : ndarray
+        Raw scores.
+
+    Returns
+    -------
+    ndarray
+        float64 scores in [0, 1].
+    """
     scores = np.asarray(scores, dtype=np.float64)
     low, span = scores.min(), np.ptp(scores)
     return (scores - low) / span if span > 0 else np.zeros_like(scores)
 
 
 def youden_threshold(scores: np.ndarray, labels: np.ndarray) -> tuple[Optional[float], float, float]:
-    """(threshold, false-alarm rate, detection rate) at the ROC point maximising J.
+    """The ROC point maximising Youden's J = TPR - FPR.
+
     Ties in J go to the highest threshold (scikit-learn's first such point). When no point beats
-    J = 0 (an inverted or useless detector) that is the "flag nothing" point, whose threshold
-    is +inf: returned as None."""
+    J = 0 (an inverted or useless detector) that is the "flag nothing" point, whose threshold is
+    +inf: returned as None.
+
+    Parameters
+    ----------
+    scores : ndarray
+        Scores, higher = more anomalous; an image is flagged when its score is >= the threshold.
+    labels : ndarray
+        1 = anomaly, 0 = normal.
+
+    Returns
+    -------
+    tuple
+        ``(threshold or None, false-alarm rate, detection rate)``.
+    """
     fpr, tpr, thresholds = roc_curve(labels, scores)  # positive = anomaly: fpr = false alarms
     best = int(np.argmax(tpr - fpr))
     threshold = float(thresholds[best]) if np.isfinite(thresholds[best]) else None
@@ -58,7 +83,25 @@ def youden_threshold(scores: np.ndarray, labels: np.ndarray) -> tuple[Optional[f
 
 
 def evaluate(scores: np.ndarray, labels: np.ndarray) -> dict[str, Optional[float]]:
-    """All reported metrics for one task. `scores`: higher = more anomalous; labels: 1 = anomaly."""
+    """All reported metrics of one task (module docstring; docs/method.md, 'Metrics').
+
+    Parameters
+    ----------
+    scores : ndarray
+        One finite score per test image, higher = more anomalous.
+    labels : ndarray
+        1 = anomaly, 0 = normal; both must occur.
+
+    Returns
+    -------
+    dict
+        One value per name in `METRIC_NAMES` (the threshold is None when no ROC point beats J = 0).
+
+    Raises
+    ------
+    ValueError
+        For non-finite scores, mismatched lengths, labels other than 0/1, or a one-class test set.
+    """
     scores, labels = _check(scores, labels)
     scaled = min_max_scale(scores)
     threshold, false_alarm_rate, detection_rate = youden_threshold(scaled, labels)

@@ -39,30 +39,54 @@ class UnreadableRecord(Exception):
 
 @dataclass(frozen=True)
 class JobKey:
+    """What identifies one job, and so where its record lives.
+
+    Parameters
+    ----------
+    dataset : str
+        A registered dataset name.
+    normal_class : int
+        The class that is normal in this task.
+    method : str
+        The method's registry name (``pyod:<model>`` included).
+    seed : int
+        The detector's random_state.
+    profile : str
+        The profile's folder name, e.g. ``"quick"`` or ``"quick+epochs=2"`` for overridden runs.
+    protocol : str
+        ``"paper"`` or ``"standard"``.
+    """
+
     dataset: str
     normal_class: int
     method: str
     seed: int
-    profile: str   # profile directory name, e.g. "quick" or "quick+epochs=2"
+    profile: str
     protocol: str
 
     def directory(self, results_dir: Path) -> Path:
+        """``<results>/<profile>/<protocol>/<dataset>/<method>`` (``:`` in a method name becomes ``-``)."""
         method_dir = self.method.replace(":", "-")  # pyod:knn -> pyod-knn
         return Path(results_dir) / self.profile / self.protocol / self.dataset / method_dir
 
     def stem(self) -> str:
+        """``class<k>_seed<s>``, the file name of the job's record without extension."""
         return f"class{self.normal_class}_seed{self.seed}"
 
     def json_path(self, results_dir: Path) -> Path:
+        """The JSON record's path."""
         return self.directory(results_dir) / f"{self.stem()}.json"
 
     def scores_path(self, results_dir: Path) -> Path:
+        """The per-image scores' path (.npz)."""
         return self.directory(results_dir) / f"{self.stem()}.npz"
 
     def lock_path(self, results_dir: Path) -> Path:
+        """The job's lock file."""
         return self.directory(results_dir) / f"{self.stem()}.lock"
 
     def label(self) -> str:
+        """A short name for progress lines and messages."""
         return f"{self.dataset}/{self.method}/class{self.normal_class}/seed{self.seed}"
 
 
@@ -107,9 +131,33 @@ def _atomic_write(path: Path, write: Any) -> None:
 
 def write_record(results_dir: Path, key: JobKey, record: dict, scores: Optional[np.ndarray],
                  labels: Optional[np.ndarray]) -> Path:
-    """Scores first, then the JSON (the commit point). Returns the JSON path. A random
-    `scores_id` in both pairs them: a run killed between the two renames (with --force, over an
-    older record) leaves a JSON whose scores file is not its own, which read_record rejects."""
+    """Write one job's record atomically: the scores first, then the JSON (the commit point).
+
+    A random ``scores_id`` in both pairs them: a run killed between the two renames (with
+    --force, over an older record) leaves a JSON whose scores file is not its own, which
+    `read_record` rejects.
+
+    Parameters
+    ----------
+    results_dir : Path
+        The results folder.
+    key : JobKey
+        The job.
+    record : dict
+        The JSON-serialisable record (NumPy scalars and arrays are converted).
+    scores, labels : ndarray or None
+        Per-image scores (float64) and labels (1 = anomaly); None for a failed or diverged job.
+
+    Returns
+    -------
+    Path
+        The JSON record's path.
+
+    Raises
+    ------
+    ResultsWriteError
+        When the results folder cannot be written.
+    """
     if scores is not None:
         scores_id = uuid.uuid4().hex
         _atomic_write(key.scores_path(results_dir),
@@ -131,7 +179,24 @@ def _is_finite(value: Any) -> bool:
 
 
 def read_record(path: Path) -> dict:
-    """Parse and validate a JSON record; UnreadableRecord says what is wrong with it."""
+    """Parse and validate a JSON record.
+
+    Parameters
+    ----------
+    path : Path
+        A ``class<k>_seed<s>.json`` file.
+
+    Returns
+    -------
+    dict
+        The record.
+
+    Raises
+    ------
+    UnreadableRecord
+        Saying what is wrong with it (truncated, missing fields, another schema version, an ``ok``
+        record without finite metrics, a scores file from another run).
+    """
     try:
         record = json.loads(Path(path).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -182,7 +247,18 @@ def read_scores(json_path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def iter_records(results_dir: Path) -> Iterator[tuple[Path, Optional[dict], Optional[str]]]:
-    """Every *.json under results_dir as (path, record or None, error message or None)."""
+    """Every record under a folder, readable or not.
+
+    Parameters
+    ----------
+    results_dir : Path
+        Any folder of the results tree (a profile's, for instance).
+
+    Yields
+    ------
+    tuple
+        ``(path, record, None)`` for a readable record, ``(path, None, message)`` otherwise.
+    """
     for path in sorted(Path(results_dir).rglob("*.json")):
         if path.name.startswith(TMP_PREFIX):
             continue
@@ -243,7 +319,21 @@ class JobLock:
 
 
 def remove_stray_temp_files(key: JobKey, results_dir: Path) -> list[Path]:
-    """Temp files a killed writer of this job left behind. Call only while holding its lock."""
+    """Remove the temp files a killed writer of this job left behind (call only while holding
+    its lock).
+
+    Parameters
+    ----------
+    key : JobKey
+        The job.
+    results_dir : Path
+        The results folder.
+
+    Returns
+    -------
+    list of Path
+        The files removed.
+    """
     directory = key.directory(results_dir)
     if not directory.is_dir():
         return []

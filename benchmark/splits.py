@@ -20,8 +20,18 @@ PROTOCOLS = ("paper", "standard")
 
 @dataclass(frozen=True)
 class Subsample:
-    """Caps used by the cheaper profiles. Every cap draws with a seed fixed by (dataset, class,
-    protocol) alone, so every method and every seed sees the same images."""
+    """Caps on a task's images, used by the cheaper profiles (benchmark/profiles.py).
+
+    Every cap draws with a seed fixed by (dataset, class, protocol) alone, so every method and
+    every seed sees the same images.
+
+    Parameters
+    ----------
+    max_train : int, optional
+        At most this many training images (None: all).
+    max_test_normal, max_test_anomalous : int, optional
+        At most this many normal / anomalous test images (None: all).
+    """
     max_train: Optional[int] = None
     max_test_normal: Optional[int] = None
     max_test_anomalous: Optional[int] = None
@@ -29,6 +39,26 @@ class Subsample:
 
 @dataclass(frozen=True)
 class Task:
+    """One one-class task.
+
+    Parameters
+    ----------
+    dataset : str
+        The dataset's name.
+    normal_class : int
+        The normal class.
+    protocol : str
+        ``"paper"`` or ``"standard"`` (module docstring).
+    x_train : ndarray
+        float32 (N, C, H, W) normal training images in [0, 1].
+    x_test : ndarray
+        float32 test images, normal ones first.
+    y_test : ndarray
+        int8 labels of the test images, 1 = anomaly.
+    sample_seed : int
+        The seed the caps drew with.
+    """
+
     dataset: str
     normal_class: int
     protocol: str
@@ -39,12 +69,14 @@ class Task:
 
     @property
     def sizes(self) -> dict:
+        """Image counts: n_train, n_test, n_test_normal, n_test_anomalous."""
         n_anomalous = int(self.y_test.sum())
         return {"n_train": int(len(self.x_train)), "n_test": int(len(self.y_test)),
                 "n_test_normal": int(len(self.y_test) - n_anomalous), "n_test_anomalous": n_anomalous}
 
 
 def to_float(images: np.ndarray) -> np.ndarray:
+    """uint8 images -> float32 in [0, 1]."""
     return images.astype(np.float32) / np.float32(255.0)
 
 
@@ -56,6 +88,28 @@ def _cap(indices: np.ndarray, cap: Optional[int], rng: np.random.Generator) -> n
 
 def make_task(data: Dataset, normal_class: int, protocol: str = "paper",
               subsample: Subsample = Subsample()) -> Task:
+    """Build the task in which `normal_class` is normal and every other class anomalous.
+
+    Parameters
+    ----------
+    data : Dataset
+        The loaded dataset.
+    normal_class : int
+        The normal class, in ``range(len(data.class_names))``.
+    protocol : {"paper", "standard"}
+        The split protocol (module docstring; docs/method.md, 'Split protocol').
+    subsample : Subsample
+        Caps on the images (the profile's).
+
+    Returns
+    -------
+    Task
+
+    Raises
+    ------
+    ValueError
+        For an unknown protocol or a class out of range.
+    """
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}; valid choices: {', '.join(PROTOCOLS)}")
     if not 0 <= normal_class < len(data.class_names):

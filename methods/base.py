@@ -32,33 +32,104 @@ class DivergedError(RuntimeError):
 
 
 def check_positive_int(name: str, value: Any) -> None:
+    """Raise a ValueError naming `name` and `value` unless `value` is a positive integer (not a bool).
+
+    Parameters
+    ----------
+    name : str
+        The hyperparameter, e.g. ``epochs``.
+    value : object
+        Its value.
+    """
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
 def check_positive_float(name: str, value: Any) -> None:
+    """Raise a ValueError naming `name` and `value` unless `value` is a positive finite number.
+
+    Parameters
+    ----------
+    name : str
+        The hyperparameter, e.g. ``lr``.
+    value : object
+        Its value.
+    """
     if (isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not np.isfinite(value)
             or value <= 0):
         raise ValueError(f"{name} must be a positive finite number, got {value!r}")
 
 
 def check_nonneg_float(name: str, value: Any) -> None:
+    """Raise a ValueError naming `name` and `value` unless `value` is a finite number >= 0.
+
+    Parameters
+    ----------
+    name : str
+        The hyperparameter, e.g. ``weight_decay``.
+    value : object
+        Its value.
+    """
     if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not np.isfinite(value) or value < 0:
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
 
 
 def check_random_state(value: Any) -> None:
+    """Check a seed: an integer in [0, 2**32).
+
+    Parameters
+    ----------
+    value : object
+        The ``random_state``.
+
+    Raises
+    ------
+    ValueError
+        Naming ``random_state``.
+    """
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 <= value < 2**32:
         raise ValueError(f"random_state must be an integer in [0, 2**32), got {value!r}")
 
 
 def check_choice(name: str, value: Any, choices: tuple) -> None:
+    """Check that a hyperparameter is one of `choices`.
+
+    Parameters
+    ----------
+    name : str
+        The hyperparameter's name.
+    value : object
+        Its value.
+    choices : tuple
+        The allowed values.
+
+    Raises
+    ------
+    ValueError
+        Naming the hyperparameter and listing the choices.
+    """
     if value not in choices:
         raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
 
 
 def check_images(X: Any) -> np.ndarray:
-    """Validate the (N, C, H, W) float input every detector receives."""
+    """Validate the (N, C, H, W) input every detector receives.
+
+    Parameters
+    ----------
+    X : array-like
+        Images, (N, C, H, W) with N > 0.
+
+    Returns
+    -------
+    ndarray
+        float32 (no copy when it already is).
+
+    Raises
+    ------
+    ValueError
+        For another number of dimensions or an empty array.
+    """
     X = np.asarray(X)
     if X.ndim != 4:
         raise ValueError(f"expected images of shape (N, C, H, W), got shape {X.shape}")
@@ -68,7 +139,13 @@ def check_images(X: Any) -> np.ndarray:
 
 
 class Detector(BaseEstimator, abc.ABC):
-    """Base class. Subclasses implement `_check_params`, `fit` and `decision_function`."""
+    """Base class of every detector (module docstring).
+
+    Subclasses take their hyperparameters as constructor arguments (stored unchanged) and
+    implement `_check_params`, `fit` and `decision_function`; `fit(X, epoch_callback=None)`
+    returns the detector, `decision_function(X)` one float64 score per image, higher = more
+    anomalous.
+    """
 
     #: seconds-free, JSON-serialisable facts about training (losses, D re-inits, ...), set by fit.
     training_log_: dict
@@ -96,7 +173,26 @@ class Detector(BaseEstimator, abc.ABC):
 
 
 def iterate_minibatches(n: int, batch_size: int, drop_last: bool, generator: Any, device: Any) -> Iterator[Any]:
-    """Shuffled index tensors on `device` for one epoch (torch.randperm with `generator`)."""
+    """Shuffled minibatch indices for one epoch.
+
+    Parameters
+    ----------
+    n : int
+        The number of samples.
+    batch_size : int
+        Indices per batch.
+    drop_last : bool
+        Drop the last incomplete batch (unless there is only one).
+    generator : torch.Generator
+        The source of the permutation (`torch.randperm`).
+    device : torch.device
+        Where the index tensors go.
+
+    Yields
+    ------
+    Tensor
+        One batch of indices.
+    """
     import torch
 
     perm = torch.randperm(n, generator=generator, device=generator.device).to(device)

@@ -18,11 +18,13 @@ Norm = Optional[Callable[[int, int], nn.Module]]  # (channels, spatial size) -> 
 
 
 def batch_norm(channels: int, size: int) -> nn.Module:
+    """BatchNorm2d over `channels` (`size`, the spatial size, is unused: the `Norm` signature)."""
     return nn.BatchNorm2d(channels)
 
 
 def layer_norm(channels: int, size: int) -> nn.Module:
-    """Per-sample normalisation for WGAN-GP critics, where BatchNorm breaks the gradient penalty."""
+    """LayerNorm over (channels, size, size): per-sample normalisation for WGAN-GP critics, where
+    BatchNorm would break the per-sample gradient penalty."""
     return nn.LayerNorm([channels, size, size])
 
 
@@ -33,7 +35,21 @@ def _check_isize(isize: int) -> int:
 
 
 class DCGANFeatures(nn.Module):
-    """The encoder pyramid without its last conv: (B, nc, isize, isize) -> (B, C, 4, 4)."""
+    """The encoder pyramid without its last conv: (B, nc, isize, isize) -> (B, C, 4, 4).
+
+    Parameters
+    ----------
+    isize : int
+        Input size (square images), a power of two >= 16.
+    nc : int
+        Input channels.
+    ndf : int
+        Width of the first conv; each stride-2 stage doubles it (``out_channels`` is the last).
+    norm : callable or None
+        ``norm(channels, size)`` builds the layer after each conv but the first; None = none.
+    bias : bool
+        Conv biases (DCGAN: none).
+    """
 
     def __init__(self, isize: int, nc: int, ndf: int = 64, norm: Norm = batch_norm, bias: bool = False) -> None:
         super().__init__()
@@ -54,7 +70,19 @@ class DCGANFeatures(nn.Module):
 
 
 class DCGANEncoder(nn.Module):
-    """Image -> latent map (B, nz, 1, 1) (GANomaly's G_E and E, eqs. 1 and 3)."""
+    """Image -> latent map (B, nz, 1, 1): GANomaly's G_E and E (docs/method.md eqs. 1 and 3).
+
+    Parameters
+    ----------
+    isize, nc : int
+        Input size and channels, as for `DCGANFeatures`.
+    nz : int
+        Latent size.
+    ndf : int
+        Width of the first conv.
+    norm : callable or None
+        As for `DCGANFeatures`.
+    """
 
     def __init__(self, isize: int, nc: int, nz: int = 100, ndf: int = 64, norm: Norm = batch_norm) -> None:
         super().__init__()
@@ -66,7 +94,19 @@ class DCGANEncoder(nn.Module):
 
 
 class DCGANDecoder(nn.Module):
-    """Latent (B, nz, 1, 1) -> image (B, nc, isize, isize) in [-1, 1] (G_D, eq. 2)."""
+    """Latent (B, nz, 1, 1) or (B, nz) -> image (B, nc, isize, isize) in [-1, 1] (G_D, eq. 2).
+
+    Parameters
+    ----------
+    isize : int
+        Output size, a power of two >= 16.
+    nc : int
+        Output channels.
+    nz : int
+        Latent size.
+    ngf : int
+        Width of the last transposed conv before the output; earlier ones are wider by powers of 2.
+    """
 
     def __init__(self, isize: int, nc: int, nz: int = 100, ngf: int = 64) -> None:
         super().__init__()
@@ -88,10 +128,21 @@ class DCGANDecoder(nn.Module):
 
 
 class DCGANDiscriminator(nn.Module):
-    """Encoder layout with a one-channel last conv. `forward` returns (logit, features), the
-    features being the last feature layer f(.) (the map before the final conv). It returns a
-    logit, not a probability: BCE-with-logits is the numerically stable form of GANomaly's
-    sigmoid + BCE."""
+    """Encoder layout with a one-channel last conv.
+
+    ``forward(x)`` returns ``(logit, features)``, the features being the last feature layer f(.)
+    (the map before the final conv). It returns a logit, not a probability: BCE-with-logits is the
+    numerically stable form of GANomaly's sigmoid + BCE.
+
+    Parameters
+    ----------
+    isize, nc : int
+        Input size and channels, as for `DCGANFeatures`.
+    ndf : int
+        Width of the first conv.
+    norm : callable or None
+        As for `DCGANFeatures`.
+    """
 
     def __init__(self, isize: int, nc: int, ndf: int = 64, norm: Norm = batch_norm) -> None:
         super().__init__()

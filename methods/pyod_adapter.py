@@ -15,8 +15,24 @@ PROFILES: dict = {profile: {"*": {}} for profile in ("paper", "quick", "smoke")}
 
 
 def find_pyod_class(model: str) -> type:
-    """pyod.models.<model> -> its detector class (the one whose lower-cased name is <model>,
-    else the only BaseDetector subclass defined there)."""
+    """Find a pyod detector class by module name.
+
+    Parameters
+    ----------
+    model : str
+        ``<model>`` of ``pyod.models.<model>``, e.g. ``"knn"``.
+
+    Returns
+    -------
+    type
+        The class there whose lower-cased name is ``model``, else the only `BaseDetector`
+        subclass defined there.
+
+    Raises
+    ------
+    KeyError
+        With the reason: not an identifier, no such module, or no single detector in it.
+    """
     from pyod.models.base import BaseDetector
 
     if not model.isidentifier():
@@ -36,7 +52,17 @@ def find_pyod_class(model: str) -> type:
 
 
 class PyODDetector(Detector):
-    """Wraps the pyod model `model` built with `params` (plus `random_state` where it takes one)."""
+    """Any pyod model as a `Detector`, on flattened pixels.
+
+    Parameters
+    ----------
+    model : str, default "iforest"
+        The pyod module name (`find_pyod_class`).
+    params : dict, optional
+        Constructor arguments of the pyod model.
+    random_state : int, default 0
+        Passed to the model when it takes one.
+    """
 
     def __init__(self, model: str = "iforest", params: Optional[dict] = None, random_state: int = 0) -> None:
         self.model = model
