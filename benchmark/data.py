@@ -23,7 +23,7 @@ from typing import Mapping, Optional, Sequence, Union
 import numpy as np
 
 from benchmark.datasets import CLASS_NAMES as _CLASS_NAMES
-from benchmark.datasets import DATASET_REGISTRY, DatasetNames, get_dataset
+from benchmark.datasets import DATASET_REGISTRY, DatasetNames, DatasetSpec, get_dataset
 
 # Live views of the dataset registry (benchmark/datasets.py): every registered dataset, in order.
 DATASETS: Sequence[str] = DatasetNames()
@@ -361,8 +361,7 @@ def load_dataset(name: str, data_root: Union[str, Path, None] = None, download: 
     DataError
         For a missing, corrupt or malformed file (the message names the file and the fix).
     """
-    get_dataset(name)
-    return _load_cached(name, resolve_data_root(data_root).resolve(), download)
+    return _load_cached(get_dataset(name), resolve_data_root(data_root).resolve(), download)
 
 
 def _as_dataset(name: str, arrays: tuple, root: Path) -> Dataset:
@@ -382,8 +381,8 @@ def _as_dataset(name: str, arrays: tuple, root: Path) -> Dataset:
 
 
 @lru_cache(maxsize=None)
-def _load_cached(name: str, root: Path, download: bool) -> Dataset:
-    spec = get_dataset(name)
+def _load_cached(spec: DatasetSpec, root: Path, download: bool) -> Dataset:
+    name = spec.name
     try:
         return _as_dataset(name, spec.loader(root), root)
     except FileNotFoundError as missing:

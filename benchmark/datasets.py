@@ -21,7 +21,7 @@ import numpy as np
 LoaderResult = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, str]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # compared and hashed by identity: a loaded dataset is cached per spec
 class DatasetSpec:
     """Everything the benchmark knows about one dataset.
 

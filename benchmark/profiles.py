@@ -18,28 +18,3 @@ PROFILE_SUBSAMPLE: dict[str, Subsample] = {
 #: The profile names, in order of budget (largest first).
 PROFILE_NAMES: tuple[str, ...] = tuple(PROFILE_SUBSAMPLE)
 
-
-def get_subsample(profile: str) -> Subsample:
-    """The test-set caps of a profile.
-
-    Parameters
-    ----------
-    profile : str
-        A name in `PROFILE_NAMES`.
-
-    Returns
-    -------
-    Subsample
-
-    Raises
-    ------
-    ValueError
-        For an unknown profile, with the valid names and a close match.
-    """
-    from benchmark.datasets import did_you_mean
-
-    try:
-        return PROFILE_SUBSAMPLE[profile]
-    except KeyError:
-        raise ValueError(f"unknown profile {profile!r}; valid choices: {', '.join(PROFILE_NAMES)}"
-                         f"{did_you_mean(profile, PROFILE_NAMES)}") from None
