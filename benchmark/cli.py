@@ -16,7 +16,7 @@ from typing import Any, Optional, Sequence
 from benchmark.data import CLASS_NAMES, DATASETS, DataError, load_dataset, resolve_data_root
 from benchmark.records import JobKey, ResultsWriteError, existing_record, iter_records, remove_idle_stray_temp_files
 from benchmark.reports import write_reports
-from benchmark.runner import Job, RunSettings, execute, provenance
+from benchmark.runner import DEFAULT_VAL_FRACTION, Job, RunSettings, execute, provenance
 from benchmark.splits import PROTOCOLS
 
 PROFILES = ("paper", "quick", "smoke")
@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--track-auroc", action="store_true",
                         help="diagnostic: record the test AUROC after every epoch (never used to pick a model)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--val-fraction", default=str(DEFAULT_VAL_FRACTION),
+                        help="share of the normal training images held out to set a threshold without test labels, "
+                             f"in [0, 0.5] (default {DEFAULT_VAL_FRACTION}; 0 = none); another value goes to <profile>+val<f>")
     return parser
 
 
@@ -96,9 +99,6 @@ def _parse_classes(tokens: Optional[list[str]], datasets: list[str]) -> list[int
 
 
 def parse_config(argv: Sequence[str]) -> argparse.Namespace:
-    from methods import get_method
-    from methods.torch_base import resolve_device
-
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.profile not in PROFILES:
@@ -110,6 +110,20 @@ def parse_config(argv: Sequence[str]) -> argparse.Namespace:
     if args.dataset is not None and args.dataset not in (*DATASETS, "all"):
         raise UsageError(f"unknown dataset {args.dataset!r}; valid choices: {', '.join(DATASETS)}, all")
     args.datasets = list(DATASETS) if args.dataset in (None, "all") else [args.dataset]
+    try:
+        args.val_fraction = float(args.val_fraction)
+    except ValueError:
+        raise UsageError(f"--val-fraction must be a number in [0, 0.5], got {args.val_fraction!r}") from None
+    if not 0.0 <= args.val_fraction <= 0.5:
+        raise UsageError(f"--val-fraction must be in [0, 0.5], got {args.val_fraction}")
+    val_tag = "" if args.val_fraction == DEFAULT_VAL_FRACTION else f"+val{args.val_fraction:g}"
+    if args.report_only and not args.overrides and not args.tag:
+        # The reports need no detector code: no method (or torch) import, so this starts fast.
+        args.profile_dir = args.profile + val_tag
+        return args
+    from methods import get_method
+    from methods.torch_base import resolve_device
+
     args.methods = args.methods or _registry_names()
     for name in args.methods:
         try:
@@ -131,6 +145,7 @@ def parse_config(argv: Sequence[str]) -> argparse.Namespace:
         tag = args.tag or "+".join(f"{k}={v}" for k, v in sorted(overrides_flat.items()))
         tag = re.sub(r"[^A-Za-z0-9_.=+-]", "_", tag)
         args.profile_dir = f"{args.profile}+{tag}"
+    args.profile_dir += val_tag
     return args
 
 
@@ -180,7 +195,7 @@ def build_jobs(args: argparse.Namespace) -> list[Job]:
                     if "device" in accepted:
                         params["device"] = args.device
                     key = JobKey(dataset, normal_class, method, seed, args.profile_dir, args.protocol)
-                    jobs.append(Job(key, args.profile, params, spec.target))
+                    jobs.append(Job(key, args.profile, params, spec.target, spec.label))
     return jobs
 
 
@@ -258,7 +273,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     settings = RunSettings(results_dir=results_dir, data_root=args.data_root, download=not args.no_download,
                            threads_per_job=max(1, (os.cpu_count() or 1) // min(args.n_jobs, max(1, len(pending)))),
                            track_auroc=args.track_auroc, overrides=args.override_map, provenance=provenance(["run_all.py", *argv]),
-                           force=args.force, started_at=time.time())
+                           force=args.force, started_at=time.time(), val_fraction=args.val_fraction)
     started = time.perf_counter()
     exit_code = 0
     try:

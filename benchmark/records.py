@@ -101,15 +101,18 @@ def _atomic_write(path: Path, write: Any) -> None:
         raise
 
 
-def write_record(results_dir: Path, key: JobKey, record: dict, scores: Optional[np.ndarray], labels: Optional[np.ndarray]) -> Path:
+def write_record(results_dir: Path, key: JobKey, record: dict, scores: Optional[np.ndarray], labels: Optional[np.ndarray],
+                 extra_arrays: Optional[dict] = None) -> Path:
     """Scores first, then the JSON (the commit point). Returns the JSON path. A random
     `scores_id` in both pairs them: a run killed between the two renames (with --force, over an
-    older record) leaves a JSON whose scores file is not its own, which read_record rejects."""
+    older record) leaves a JSON whose scores file is not its own, which read_record rejects.
+    `extra_arrays` (e.g. {"val_scores": ...}) are stored in the .npz beside the scores."""
     if scores is not None:
         scores_id = uuid.uuid4().hex
+        extra = {name: np.asarray(value) for name, value in (extra_arrays or {}).items()}
         _atomic_write(key.scores_path(results_dir),
                       lambda handle: np.savez_compressed(handle, scores=np.asarray(scores, np.float64), labels=np.asarray(labels, np.int8),
-                                                         scores_id=np.array(scores_id)))
+                                                         scores_id=np.array(scores_id), **extra))
         record = {**record, "scores_file": key.scores_path(results_dir).name, "scores_id": scores_id}
     text = json.dumps(_json_safe(record), indent=2, allow_nan=False, sort_keys=False) + "\n"
     _atomic_write(key.json_path(results_dir), lambda handle: handle.write(text.encode()))
