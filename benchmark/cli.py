@@ -56,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--val-fraction", default=str(DEFAULT_VAL_FRACTION),
                         help="share of the normal training images held out to set a threshold without test labels, "
-                             f"in [0, 0.5] (default {DEFAULT_VAL_FRACTION}; 0 = none); another value goes to <profile>+val<f>")
+                             f"in [0, 0.5] (default {DEFAULT_VAL_FRACTION}; 0 = none); another value goes to "
+                             "<profile>+val<f>")
     return parser
 
 

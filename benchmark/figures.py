@@ -6,6 +6,7 @@
 
 Both return PNG bytes (the caller writes them atomically) and show only methods with results.
 """
+
 from __future__ import annotations
 
 import io
@@ -64,15 +65,23 @@ def auroc_figure(ours: pd.DataFrame, paper: pd.DataFrame, title: str) -> bytes:
         colour = f"C{i % 10}"
         ax.scatter(x, ours[method].to_numpy(float), color=colour, label=method, s=22, zorder=3)
         if method in paper.columns:
-            ax.scatter(x, paper[method].reindex(classes).to_numpy(float), facecolors="none", edgecolors=colour, s=22, zorder=2)
+            ax.scatter(
+                x, paper[method].reindex(classes).to_numpy(float), facecolors="none", edgecolors=colour, s=22, zorder=2
+            )
     ax.scatter([], [], facecolors="none", edgecolors="grey", s=22, label="paper (hollow)")
     ax.set_xticks(np.arange(len(classes)), classes)
     ax.set_xlabel("normal class")
     ax.set_ylabel("AUROC")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, title="ours (filled)",
-              title_fontsize=8)
+    ax.legend(
+        fontsize=8,
+        loc="upper left",
+        bbox_to_anchor=(1.01, 1.0),
+        borderaxespad=0.0,
+        title="ours (filled)",
+        title_fontsize=8,
+    )
     return _png(fig)
 
 
@@ -94,7 +103,9 @@ def mean_roc(curves: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
     return np.mean([np.interp(FPR_GRID, fpr, tpr) for fpr, tpr in curves], axis=0)
 
 
-def roc_figure(frame: pd.DataFrame, results_dir: Path, classes: list[str], methods: list[str], title: str) -> Optional[bytes]:
+def roc_figure(
+    frame: pd.DataFrame, results_dir: Path, classes: list[str], methods: list[str], title: str
+) -> Optional[bytes]:
     """ROC curves of one dataset, one panel per normal class with ok records.
 
     Parameters
@@ -131,8 +142,9 @@ def roc_figure(frame: pd.DataFrame, results_dir: Path, classes: list[str], metho
     plt = _pyplot()
     ncols = min(5, len(panels))
     nrows = -(-len(panels) // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(2.6 * ncols + 1.8, 2.6 * nrows + 0.6), squeeze=False,
-                             sharex=True, sharey=True)
+    fig, axes = plt.subplots(
+        nrows, ncols, figsize=(2.6 * ncols + 1.8, 2.6 * nrows + 0.6), squeeze=False, sharex=True, sharey=True
+    )
     colours = {m: f"C{i % 10}" for i, m in enumerate(drawn)}
     for ax, class_name in zip(axes.flat, panels):
         ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
@@ -144,14 +156,16 @@ def roc_figure(frame: pd.DataFrame, results_dir: Path, classes: list[str], metho
         ax.set_ylim(0, 1.01)
         ax.grid(alpha=0.3)
         ax.set_aspect("equal")
-    for ax in axes.flat[len(panels):]:
+    for ax in axes.flat[len(panels) :]:
         ax.set_visible(False)
     for ax in axes[-1, :]:
         ax.set_xlabel("false-alarm rate", fontsize=8)
     for ax in axes[:, 0]:
         ax.set_ylabel("detection rate", fontsize=8)
     handles = [plt.Line2D([], [], color=colours[m], lw=1.5) for m in drawn]
-    fig.legend(handles, drawn, loc="upper left", bbox_to_anchor=(1.0, 0.95), fontsize=8, title="detector", title_fontsize=8)
+    fig.legend(
+        handles, drawn, loc="upper left", bbox_to_anchor=(1.0, 0.95), fontsize=8, title="detector", title_fontsize=8
+    )
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return _png(fig)

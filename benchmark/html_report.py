@@ -1,6 +1,7 @@
 """reports/<profile>/index.html: every table and figure of a profile on one self-contained page
 (figures embedded as data URIs, no scripts, no external files), readable on a laptop screen and
 in print (tables never split across pages when they fit, figures scaled to the page width)."""
+
 from __future__ import annotations
 
 import base64
@@ -38,8 +39,12 @@ img { max-width: 100%; height: auto; }
 """
 
 
-def html_page(title: str, sections: list[tuple[str, list[ReportTable], list[tuple[str, str, bytes]]]],
-              footer: str, records_csv: str) -> str:
+def html_page(
+    title: str,
+    sections: list[tuple[str, list[ReportTable], list[tuple[str, str, bytes]]]],
+    footer: str,
+    records_csv: str,
+) -> str:
     """The whole page.
 
     Parameters
@@ -59,23 +64,39 @@ def html_page(title: str, sections: list[tuple[str, list[ReportTable], list[tupl
         The HTML document.
     """
     esc = html.escape
-    parts = ["<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
-             '<meta name="viewport" content="width=device-width, initial-scale=1">',
-             f"<title>{esc(title)}</title>", f"<style>{CSS}</style>", "</head>", "<body>", f"<h1>{esc(title)}</h1>"]
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en">',
+        "<head>",
+        '<meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>{esc(title)}</title>",
+        f"<style>{CSS}</style>",
+        "</head>",
+        "<body>",
+        f"<h1>{esc(title)}</h1>",
+    ]
     if not sections:
         parts.append("<p>No records: nothing to report.</p>")
-    parts.append("<nav><ul>" + "".join(f'<li><a href="#sec-{i}">{esc(heading)}</a></li>'
-                                       for i, (heading, _, _) in enumerate(sections)) + "</ul></nav>")
+    parts.append(
+        "<nav><ul>"
+        + "".join(f'<li><a href="#sec-{i}">{esc(heading)}</a></li>' for i, (heading, _, _) in enumerate(sections))
+        + "</ul></nav>"
+    )
     for i, (heading, tables, figures) in enumerate(sections):
         parts.append(f'<section id="sec-{i}"><h2>{esc(heading)}</h2>')
         parts += [table.to_html() for table in tables]
         for name, caption, png in figures:
             data = base64.b64encode(png).decode("ascii")
-            parts.append(f'<figure class="figure"><figcaption>{esc(caption)} <a href="{esc(name)}">{esc(name)}</a>'
-                         f'</figcaption><img alt="{esc(caption)}" src="data:image/png;base64,{data}"></figure>')
+            parts.append(
+                f'<figure class="figure"><figcaption>{esc(caption)} <a href="{esc(name)}">{esc(name)}</a>'
+                f'</figcaption><img alt="{esc(caption)}" src="data:image/png;base64,{data}"></figure>'
+            )
         parts.append("</section>")
     parts.append(f'<h2>Provenance</h2><div class="footer">{_inline(footer)}</div>')
-    parts.append(f'<p class="footer">Every record, one row each: <a href="{esc(records_csv)}">{esc(records_csv)}</a></p>')
+    parts.append(
+        f'<p class="footer">Every record, one row each: <a href="{esc(records_csv)}">{esc(records_csv)}</a></p>'
+    )
     parts += ["</body>", "</html>"]
     return "\n".join(parts) + "\n"
 

@@ -101,8 +101,8 @@ def _atomic_write(path: Path, write: Any) -> None:
         raise
 
 
-def write_record(results_dir: Path, key: JobKey, record: dict, scores: Optional[np.ndarray], labels: Optional[np.ndarray],
-                 extra_arrays: Optional[dict] = None) -> Path:
+def write_record(results_dir: Path, key: JobKey, record: dict, scores: Optional[np.ndarray],
+                 labels: Optional[np.ndarray], extra_arrays: Optional[dict] = None) -> Path:
     """Scores first, then the JSON (the commit point). Returns the JSON path. A random
     `scores_id` in both pairs them: a run killed between the two renames (with --force, over an
     older record) leaves a JSON whose scores file is not its own, which read_record rejects.

@@ -24,6 +24,7 @@ scaled with `\\resizebox`. The font size (`\\small`, `\\footnotesize` or `\\scri
 separation are chosen from an estimate of the table's width so it fits the 345 pt text width of a
 one-column 10 pt article.
 """
+
 from __future__ import annotations
 
 import html
@@ -39,12 +40,32 @@ TEXT_WIDTH_PT = 345.0  # \textwidth of a one-column article at 10 pt (letter and
 # (command, \tabcolsep in pt, the smaller size of a stacked cell's reference / note lines), tried from
 # the largest down, each with the width of 1 em of cmr10 metrics at that size: Computer Modern's small
 # optical sizes are relatively wider (a digit is 4.6 pt in cmr9, 4.25 in cmr8, 4.0 in cmr7, 3.4 in cmr5).
-_SIZES = (("\\small", 9.25, 4.0, "\\scriptsize", 7.97), ("\\footnotesize", 8.5, 3.0, "\\scriptsize", 7.97),
-          ("\\scriptsize", 7.97, 2.5, "\\tiny", 6.8))
-_LATEX_SPECIALS = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
-                   "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
-                   DASH: "--", "—": "---", "±": r"$\pm$", "−": "$-$", "≥": r"$\geq$", "≤": r"$\leq$",
-                   "<": r"\textless{}", ">": r"\textgreater{}", "|": r"\textbar{}"}
+_SIZES = (
+    ("\\small", 9.25, 4.0, "\\scriptsize", 7.97),
+    ("\\footnotesize", 8.5, 3.0, "\\scriptsize", 7.97),
+    ("\\scriptsize", 7.97, 2.5, "\\tiny", 6.8),
+)
+_LATEX_SPECIALS = {
+    "\\": r"\textbackslash{}",
+    "&": r"\&",
+    "%": r"\%",
+    "$": r"\$",
+    "#": r"\#",
+    "_": r"\_",
+    "{": r"\{",
+    "}": r"\}",
+    "~": r"\textasciitilde{}",
+    "^": r"\textasciicircum{}",
+    DASH: "--",
+    "—": "---",
+    "±": r"$\pm$",
+    "−": "$-$",
+    "≥": r"$\geq$",
+    "≤": r"$\leq$",
+    "<": r"\textless{}",
+    ">": r"\textgreater{}",
+    "|": r"\textbar{}",
+}
 _LATEX_RE = re.compile("|".join(re.escape(k) for k in _LATEX_SPECIALS))
 
 
@@ -53,6 +74,7 @@ class Cell:
     """One table cell: `text` (the value as printed), `ref` (a reference value, e.g. the paper's,
     shown in parentheses; None = no reference column, "" or DASH = reference missing), `note`
     (a short qualifier such as "2/10 classes", shown in brackets) and `bold`."""
+
     text: str
     ref: Optional[str] = None
     note: str = ""
@@ -81,6 +103,7 @@ class ReportTable:
     digits : int
         Decimals of float cells.
     """
+
     caption: str
     label: str
     frame: pd.DataFrame
@@ -94,8 +117,10 @@ class ReportTable:
         if not re.fullmatch(r"[A-Za-z0-9_:.\-]+", self.label):
             raise ValueError(f"table label {self.label!r}: use letters, digits, '_', '-', ':' or '.' only")
         if self.column_groups is not None and sum(n for _, n in self.column_groups) != self.frame.shape[1]:
-            raise ValueError(f"column_groups span {sum(n for _, n in self.column_groups)} columns, "
-                             f"the frame has {self.frame.shape[1]}")
+            raise ValueError(
+                f"column_groups span {sum(n for _, n in self.column_groups)} columns, "
+                f"the frame has {self.frame.shape[1]}"
+            )
         if self.bold is not None and self.bold.shape != self.frame.shape:
             raise ValueError(f"the bold mask has shape {self.bold.shape}, the frame {self.frame.shape}")
         self._cells = [[self._cell(i, j) for j in range(self.frame.shape[1])] for i in range(self.frame.shape[0])]
@@ -118,9 +143,12 @@ class ReportTable:
         if self.column_groups:
             groups = [title for title, n in self.column_groups for _ in range(n)]
             headers = [f"{g}: {h}" if g else h for g, h in zip(groups, headers)]
-        lines = [f"**{_md(self.caption)}**", "",
-                 "| " + " | ".join([_md(self.index_name)] + [_md(h) for h in headers]) + " |",
-                 "| " + " | ".join(["---"] + ["---:"] * len(headers)) + " |"]
+        lines = [
+            f"**{_md(self.caption)}**",
+            "",
+            "| " + " | ".join([_md(self.index_name)] + [_md(h) for h in headers]) + " |",
+            "| " + " | ".join(["---"] + ["---:"] * len(headers)) + " |",
+        ]
         for row, cells in zip(self.frame.index, self._cells):
             lines.append("| " + " | ".join([_md(str(row))] + [_md_cell(c) for c in cells]) + " |")
         if self.notes:
@@ -132,12 +160,18 @@ class ReportTable:
         """A complete `table` float (see the module docstring for what it needs)."""
         size, small, colsep, index_lines, headers, groups, scale = self._latex_size()
         ncol = self.frame.shape[1]
-        lines = [f"% {latex_escape(self.caption)}",
-                 "% Needs \\usepackage{booktabs}" + (" and \\usepackage{graphicx}" if scale else "")
-                 + " in a one-column article; nothing else.",
-                 "\\begin{table}[htbp]", "\\centering",
-                 f"\\caption{{{latex_escape(self.caption)}}}", f"\\label{{tab:{self.label}}}",
-                 size, f"\\setlength{{\\tabcolsep}}{{{colsep:g}pt}}"]
+        lines = [
+            f"% {latex_escape(self.caption)}",
+            "% Needs \\usepackage{booktabs}"
+            + (" and \\usepackage{graphicx}" if scale else "")
+            + " in a one-column article; nothing else.",
+            "\\begin{table}[htbp]",
+            "\\centering",
+            f"\\caption{{{latex_escape(self.caption)}}}",
+            f"\\label{{tab:{self.label}}}",
+            size,
+            f"\\setlength{{\\tabcolsep}}{{{colsep:g}pt}}",
+        ]
         if scale:
             lines.append("\\resizebox{\\textwidth}{!}{%")
         lines += [f"\\begin{{tabular}}{{l{'r' * ncol}}}", "\\toprule"]
@@ -150,8 +184,7 @@ class ReportTable:
                 start += n
             lines.append(" & ".join(spans) + " \\\\")
             lines.append(" ".join(rules))
-        lines.append(" & ".join([_latex_lines(index_lines, "l")] + [_latex_lines(h, "r") for h in headers])
-                     + " \\\\")
+        lines.append(" & ".join([_latex_lines(index_lines, "l")] + [_latex_lines(h, "r") for h in headers]) + " \\\\")
         lines.append("\\midrule")
         for i, (row, cells) in enumerate(zip(self.frame.index, self._cells)):
             if str(row) == "mean" and i > 0:
@@ -159,15 +192,19 @@ class ReportTable:
             lines.append(" & ".join([latex_escape(str(row))] + [_latex_cell(c, small) for c in cells]) + " \\\\")
         lines += ["\\bottomrule", "\\end{tabular}" + ("}" if scale else "")]
         if self.notes:
-            lines.append(f"\\par\\smallskip\\parbox{{\\linewidth}}{{\\footnotesize\\raggedright {latex_escape(self.notes)}}}")
+            lines.append(
+                f"\\par\\smallskip\\parbox{{\\linewidth}}{{\\footnotesize\\raggedright {latex_escape(self.notes)}}}"
+            )
         lines.append("\\end{table}")
         return "\n".join(lines) + "\n"
 
-    def _layout(self, points: float, colsep: float, small_points: float) -> tuple[list[str], list[list[str]],
-                                                                                   list[list[str]], float]:
+    def _layout(
+        self, points: float, colsep: float, small_points: float
+    ) -> tuple[list[str], list[list[str]], list[list[str]], float]:
         """(index header lines, column header lines, group title lines, table width in pt) at one
         font size. A header much wider than its column's cells, or a group title wider than its
         columns, is broken in two at a space, '_', '-' or ':' (e.g. "Mem_" over "GANomaly")."""
+
         def split(text: str, room: float) -> list[str]:
             breaks = [i + 1 for i, ch in enumerate(text[:-1]) if ch in " _-:" and 3 <= i and len(text) - i >= 4]
             if any(text[i - 1] == " " for i in breaks):  # prefer spaces: "false-alarm" over "rate"
@@ -190,7 +227,7 @@ class ReportTable:
             spans.append(max(cells, width(headers[-1])) + 2 * colsep)
         groups = []
         for (title, n), start in zip(self.column_groups or [], _starts(self.column_groups or [])):
-            inside = sum(spans[1 + start:1 + start + n]) - 2 * colsep
+            inside = sum(spans[1 + start : 1 + start + n]) - 2 * colsep
             groups.append(split(title, inside))
             spans[start + n] += max(0.0, width(groups[-1]) - inside)  # a wider title widens the last column
         return index_lines, headers, groups, sum(spans)
@@ -208,17 +245,29 @@ class ReportTable:
     def to_html(self) -> str:
         """A `<figure>` holding the caption and an HTML `<table>` (classes for the page's CSS)."""
         esc = html.escape
-        out = [f'<figure class="table" id="tab-{esc(self.label)}">',
-               f"<figcaption>{esc(self.caption)}</figcaption>", "<table>", "<thead>"]
+        out = [
+            f'<figure class="table" id="tab-{esc(self.label)}">',
+            f"<figcaption>{esc(self.caption)}</figcaption>",
+            "<table>",
+            "<thead>",
+        ]
         if self.column_groups:
-            out.append("<tr><th></th>" + "".join(f'<th colspan="{n}" class="group">{esc(t)}</th>'
-                                                 for t, n in self.column_groups) + "</tr>")
-        out.append(f"<tr><th>{esc(self.index_name)}</th>" + "".join(f"<th>{esc(str(c))}</th>" for c in self.frame.columns)
-                   + "</tr>")
+            out.append(
+                "<tr><th></th>"
+                + "".join(f'<th colspan="{n}" class="group">{esc(t)}</th>' for t, n in self.column_groups)
+                + "</tr>"
+            )
+        out.append(
+            f"<tr><th>{esc(self.index_name)}</th>"
+            + "".join(f"<th>{esc(str(c))}</th>" for c in self.frame.columns)
+            + "</tr>"
+        )
         out += ["</thead>", "<tbody>"]
         for row, cells in zip(self.frame.index, self._cells):
             cls = ' class="mean"' if str(row) == "mean" else ""
-            out.append(f"<tr{cls}><th>{esc(str(row))}</th>" + "".join(f"<td>{_html_cell(c)}</td>" for c in cells) + "</tr>")
+            out.append(
+                f"<tr{cls}><th>{esc(str(row))}</th>" + "".join(f"<td>{_html_cell(c)}</td>" for c in cells) + "</tr>"
+            )
         out += ["</tbody>", "</table>"]
         if self.notes:
             out.append(f'<p class="notes">{esc(self.notes)}</p>')
@@ -256,15 +305,100 @@ def _starts(groups: list[tuple[str, int]]) -> list[int]:
 
 
 # Widths of Computer Modern Roman glyphs in em (cmr10's metrics, rounded); others count 0.75.
-_CM_WIDTHS = dict(zip("abcdefghijklmnopqrstuvwxyz", (.5, .556, .444, .556, .444, .306, .5, .556, .278, .306, .528, .278,
-                                                     .833, .556, .5, .556, .528, .392, .394, .389, .556, .528, .722, .528,
-                                                     .528, .444)))
-_CM_WIDTHS.update(dict(zip("ABCDEFGHIJKLMNOPQRSTUVWXYZ", (.75, .708, .722, .764, .681, .653, .785, .75, .361, .514, .778,
-                                                          .625, .917, .75, .778, .681, .778, .736, .556, .722, .75, .75,
-                                                          1.028, .75, .75, .611))))
-_CM_WIDTHS.update({**{d: .5 for d in "0123456789"}, " ": .333, ".": .278, ",": .278, ":": .278, ";": .278, "(": .389,
-                   ")": .389, "[": .278, "]": .278, "/": .5, "-": .333, "+": .778, "_": .5, "'": .278, "%": .833,
-                   "±": .778, DASH: .5, "=": .778, "&": .778, "!": .278, "?": .472})
+_CM_WIDTHS = dict(
+    zip(
+        "abcdefghijklmnopqrstuvwxyz",
+        (
+            0.5,
+            0.556,
+            0.444,
+            0.556,
+            0.444,
+            0.306,
+            0.5,
+            0.556,
+            0.278,
+            0.306,
+            0.528,
+            0.278,
+            0.833,
+            0.556,
+            0.5,
+            0.556,
+            0.528,
+            0.392,
+            0.394,
+            0.389,
+            0.556,
+            0.528,
+            0.722,
+            0.528,
+            0.528,
+            0.444,
+        ),
+    )
+)
+_CM_WIDTHS.update(
+    dict(
+        zip(
+            "ABCDEFGHIJKLMNOPQRSTUVWXYZ",
+            (
+                0.75,
+                0.708,
+                0.722,
+                0.764,
+                0.681,
+                0.653,
+                0.785,
+                0.75,
+                0.361,
+                0.514,
+                0.778,
+                0.625,
+                0.917,
+                0.75,
+                0.778,
+                0.681,
+                0.778,
+                0.736,
+                0.556,
+                0.722,
+                0.75,
+                0.75,
+                1.028,
+                0.75,
+                0.75,
+                0.611,
+            ),
+        )
+    )
+)
+_CM_WIDTHS.update(
+    {
+        **{d: 0.5 for d in "0123456789"},
+        " ": 0.333,
+        ".": 0.278,
+        ",": 0.278,
+        ":": 0.278,
+        ";": 0.278,
+        "(": 0.389,
+        ")": 0.389,
+        "[": 0.278,
+        "]": 0.278,
+        "/": 0.5,
+        "-": 0.333,
+        "+": 0.778,
+        "_": 0.5,
+        "'": 0.278,
+        "%": 0.833,
+        "±": 0.778,
+        DASH: 0.5,
+        "=": 0.778,
+        "&": 0.778,
+        "!": 0.278,
+        "?": 0.472,
+    }
+)
 
 
 def _width_em(text: str, bold: bool = False) -> float:
@@ -298,7 +432,11 @@ def _latex_lines(lines: list[str], align: str) -> str:
     """A header of one or two lines (two: a nested tabular aligned on its bottom line)."""
     if len(lines) == 1:
         return latex_escape(lines[0])
-    return f"\\begin{{tabular}}[b]{{@{{}}{align}@{{}}}}" + "\\\\".join(latex_escape(line) for line in lines) + "\\end{tabular}"
+    return (
+        f"\\begin{{tabular}}[b]{{@{{}}{align}@{{}}}}"
+        + "\\\\".join(latex_escape(line) for line in lines)
+        + "\\end{tabular}"
+    )
 
 
 def _latex_cell(cell: Cell, small: str = "\\scriptsize") -> str:

@@ -18,6 +18,7 @@ The report layer reads records and scores only: it imports neither `methods` nor
 display label comes from its record (`method_label`); older records fall back to the paper's
 label of the same name, else the method name. A missing cell is a dash, never a zero.
 """
+
 from __future__ import annotations
 
 import re
@@ -32,18 +33,43 @@ from benchmark.data import CLASS_NAMES
 from benchmark.records import _atomic_write, iter_records
 from benchmark.render import DASH, Cell, ReportTable, format_value
 
-TABLES = {"mnist": ("table1", "table1_mnist_auroc.csv"),
-          "fashion_mnist": ("table2", "table2_fashion_mnist_auroc.csv"),
-          "cifar10": ("table3", "table3_cifar10_auroc.csv")}
+TABLES = {
+    "mnist": ("table1", "table1_mnist_auroc.csv"),
+    "fashion_mnist": ("table2", "table2_fashion_mnist_auroc.csv"),
+    "cifar10": ("table3", "table3_cifar10_auroc.csv"),
+}
 TABLE4_CSV = "table4_mnist_threshold_metrics.csv"
 THRESHOLD_METRICS = ("gmean", "false_alarm_rate", "miss_rate")
 METRIC_NAMES = {"gmean": "gmean", "false_alarm_rate": "false-alarm rate", "miss_rate": "miss rate"}
 VAL_METRICS = tuple(f"val_{m}" for m in THRESHOLD_METRICS)
 TITLES = {"mnist": "MNIST", "fashion_mnist": "Fashion-MNIST", "cifar10": "CIFAR-10"}
-COLUMNS = ["dataset", "normal_class", "class_name", "method", "label", "seed", "profile", "protocol", "status",
-           "auroc", *THRESHOLD_METRICS, "threshold", *VAL_METRICS, "val_percentile", "val_threshold", "n_val",
-           "train_seconds", "score_seconds", "n_train", "n_test", "device", "git_commit", "error",
-           "best_epoch_auroc_on_test", "record"]
+COLUMNS = [
+    "dataset",
+    "normal_class",
+    "class_name",
+    "method",
+    "label",
+    "seed",
+    "profile",
+    "protocol",
+    "status",
+    "auroc",
+    *THRESHOLD_METRICS,
+    "threshold",
+    *VAL_METRICS,
+    "val_percentile",
+    "val_threshold",
+    "n_val",
+    "train_seconds",
+    "score_seconds",
+    "n_train",
+    "n_test",
+    "device",
+    "git_commit",
+    "error",
+    "best_epoch_auroc_on_test",
+    "record",
+]
 
 
 def reference_table(csv_name: str) -> pd.DataFrame:
@@ -86,20 +112,35 @@ def load_records(results_dir: Path, profile: str, protocol: Optional[str] = None
         val = record.get("metrics_val_threshold") or {}
         sizes = record.get("sizes") or {}
         names = CLASS_NAMES.get(record["dataset"], [str(i) for i in range(10)])
-        rows.append({
-            "dataset": record["dataset"], "normal_class": int(record["normal_class"]),
-            "class_name": names[int(record["normal_class"])], "method": record["method"], "label": display_label(record),
-            "seed": record["seed"], "profile": record["profile"], "protocol": record["protocol"], "status": record["status"],
-            **{m: metrics.get(m) for m in ("auroc", *THRESHOLD_METRICS, "threshold")},
-            **{f"val_{m}": val.get(m) for m in THRESHOLD_METRICS},
-            "val_percentile": val.get("percentile"), "val_threshold": val.get("threshold"), "n_val": sizes.get("n_val"),
-            "train_seconds": record.get("train_seconds"), "score_seconds": record.get("score_seconds"),
-            "n_train": sizes.get("n_train"), "n_test": sizes.get("n_test"),
-            "device": (record.get("run_info") or {}).get("device"),
-            "git_commit": (record.get("git") or {}).get("commit"), "error": (record.get("error") or {}).get("message"),
-            "best_epoch_auroc_on_test": ((record.get("diagnostics") or {}).get("best_epoch_on_test_OPTIMISTIC") or {}).get("auroc"),
-            "record": str(path.relative_to(Path(results_dir))),
-        })
+        rows.append(
+            {
+                "dataset": record["dataset"],
+                "normal_class": int(record["normal_class"]),
+                "class_name": names[int(record["normal_class"])],
+                "method": record["method"],
+                "label": display_label(record),
+                "seed": record["seed"],
+                "profile": record["profile"],
+                "protocol": record["protocol"],
+                "status": record["status"],
+                **{m: metrics.get(m) for m in ("auroc", *THRESHOLD_METRICS, "threshold")},
+                **{f"val_{m}": val.get(m) for m in THRESHOLD_METRICS},
+                "val_percentile": val.get("percentile"),
+                "val_threshold": val.get("threshold"),
+                "n_val": sizes.get("n_val"),
+                "train_seconds": record.get("train_seconds"),
+                "score_seconds": record.get("score_seconds"),
+                "n_train": sizes.get("n_train"),
+                "n_test": sizes.get("n_test"),
+                "device": (record.get("run_info") or {}).get("device"),
+                "git_commit": (record.get("git") or {}).get("commit"),
+                "error": (record.get("error") or {}).get("message"),
+                "best_epoch_auroc_on_test": (
+                    (record.get("diagnostics") or {}).get("best_epoch_on_test_OPTIMISTIC") or {}
+                ).get("auroc"),
+                "record": str(path.relative_to(Path(results_dir))),
+            }
+        )
     return pd.DataFrame(rows, columns=COLUMNS), problems
 
 
@@ -111,7 +152,9 @@ def method_order(frame: pd.DataFrame, first: Optional[list[str]] = None) -> list
     return [m for m in first if m in present] + sorted(present - set(first))
 
 
-def _cell_frame(frame: pd.DataFrame, metric: str, classes: list[str], methods: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
+def _cell_frame(
+    frame: pd.DataFrame, metric: str, classes: list[str], methods: list[str]
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(values, notes) per class x method: the mean of `metric` over ok seeds; notes say
     'diverged' / 'failed' when no seed is ok, or 'k/n seeds ok' when only some are."""
     values = pd.DataFrame(np.nan, index=classes, columns=methods)
@@ -135,7 +178,9 @@ def _means(values: pd.DataFrame, notes: pd.DataFrame) -> tuple[pd.Series, pd.Ser
     n = len(values.index)
     counts = values.notna().sum()
     complete = (counts == n) & (notes == "").all()
-    note = pd.Series({m: "" if counts[m] in (0, n) else f"{counts[m]}/{n} classes" for m in values.columns}, dtype=object)
+    note = pd.Series(
+        {m: "" if counts[m] in (0, n) else f"{counts[m]}/{n} classes" for m in values.columns}, dtype=object
+    )
     note[(counts == n) & ~complete] = "some seeds failed"
     return values.mean(), note, complete
 
@@ -149,7 +194,9 @@ def _best(values: pd.Series, complete: pd.Series, lower_is_better: bool = False)
     return complete & values.notna() & np.isclose(values.astype(float), best, rtol=0, atol=5e-5)
 
 
-def auroc_tables(frame: pd.DataFrame, dataset: str, profile: str = "", protocol: str = "paper") -> tuple[ReportTable, Optional[ReportTable]]:
+def auroc_tables(
+    frame: pd.DataFrame, dataset: str, profile: str = "", protocol: str = "paper"
+) -> tuple[ReportTable, Optional[ReportTable]]:
     """(AUROC table 'ours (paper)', difference table ours - paper or None) for Tables 1-3: one
     column per method with records on `dataset`."""
     number, csv_name = TABLES[dataset]
@@ -165,8 +212,10 @@ def auroc_tables(frame: pd.DataFrame, dataset: str, profile: str = "", protocol:
     for class_name in classes:
         complete = values.loc[class_name].notna() & (notes.loc[class_name] == "")
         bold = _best(values.loc[class_name], complete)
-        rows[class_name] = [_auroc_cell(values.loc[class_name, m], notes.loc[class_name, m], bold[m],
-                                        paper.loc[class_name].get(m)) for m in methods]
+        rows[class_name] = [
+            _auroc_cell(values.loc[class_name, m], notes.loc[class_name, m], bold[m], paper.loc[class_name].get(m))
+            for m in methods
+        ]
     bold = _best(means, complete_mean)
     rows["mean"] = [_auroc_cell(means[m], mean_notes[m], bold[m], paper.loc["mean"].get(m)) for m in methods]
     cells = pd.DataFrame.from_dict(rows, orient="index", columns=methods)
@@ -175,10 +224,14 @@ def auroc_tables(frame: pd.DataFrame, dataset: str, profile: str = "", protocol:
     title = TITLES[dataset]
     paired = ReportTable(
         caption=f"AUROC on {title} per normal class, ours (paper) ({where}; the paper's Table {number[-1]})",
-        label=f"{number}_{dataset}_auroc" + ("" if protocol == "paper" else f"_{protocol}"), frame=cells,
-        notes=(f"Ours: the final model's AUROC, mean over seeds; (paper): the paper's value, {DASH} where it has none. "
-               f"Bold: best of ours in the row among complete values; a mean is complete when it covers every class "
-               f"and seed. [k/n]: only part of the classes or seeds; failed / diverged: no ok seed."))
+        label=f"{number}_{dataset}_auroc" + ("" if protocol == "paper" else f"_{protocol}"),
+        frame=cells,
+        notes=(
+            f"Ours: the final model's AUROC, mean over seeds; (paper): the paper's value, {DASH} where it has none. "
+            f"Bold: best of ours in the row among complete values; a mean is complete when it covers every class "
+            f"and seed. [k/n]: only part of the classes or seeds; failed / diverged: no ok seed."
+        ),
+    )
 
     with_paper = [m for m in methods if m in reference.columns]
     diff_table = None
@@ -193,7 +246,8 @@ def auroc_tables(frame: pd.DataFrame, dataset: str, profile: str = "", protocol:
                 label=f"{number}_{dataset}_auroc_difference" + ("" if protocol == "paper" else f"_{protocol}"),
                 frame=diff,
                 notes="The mean row averages the per-class differences, so a partial column is compared with the "
-                      "paper on the same classes only.")
+                "paper on the same classes only.",
+            )
     return paired, diff_table
 
 
@@ -239,20 +293,30 @@ def table4(frame: pd.DataFrame, profile: str = "", protocol: str = "paper") -> O
     table = pd.DataFrame(columns, index=pd.Index(methods, name="method"))
     table.columns = [METRIC_NAMES[metric] for _, metric, _ in metrics]  # repeated per group: cells go by position
     where = f"{profile} profile, {protocol} protocol" if profile else f"{protocol} protocol"
-    notes = ("Mean over the MNIST classes (normal = the positive class): false-alarm rate = normals flagged "
-             "anomalous, miss rate = anomalies accepted. Left: the paper's Table 4 rule, the ROC point maximising "
-             "Youden's J chosen on the test labels (optimistic: no deployed detector can do this), ours (paper). "
-             "Right: " + ("a threshold set without test labels, a percentile of the scores of held-out normal "
-                          "training images never used in fitting (the same images for every method and seed). "
-                          if has_val else "") +
-             f"Bold: best complete mean of the column; [k/n]: only part of the classes; {DASH}: no value.")
+    notes = (
+        "Mean over the MNIST classes (normal = the positive class): false-alarm rate = normals flagged "
+        "anomalous, miss rate = anomalies accepted. Left: the paper's Table 4 rule, the ROC point maximising "
+        "Youden's J chosen on the test labels (optimistic: no deployed detector can do this), ours (paper). "
+        "Right: "
+        + (
+            "a threshold set without test labels, a percentile of the scores of held-out normal "
+            "training images never used in fitting (the same images for every method and seed). "
+            if has_val
+            else ""
+        )
+        + f"Bold: best complete mean of the column; [k/n]: only part of the classes; {DASH}: no value."
+    )
     if not has_val:
         notes += " The records hold no held-out validation scores (made before the validation split existed)."
-    return ReportTable(caption=f"Mean threshold metrics on MNIST ({where}; the paper's Table 4 and a threshold "
-                               f"without test labels)" if has_val else f"Mean threshold metrics on MNIST ({where}; "
-                                                                        f"the paper's Table 4)",
-                       label="table4_mnist_threshold_metrics" + ("" if protocol == "paper" else f"_{protocol}"),
-                       frame=table, notes=notes, column_groups=groups)
+    return ReportTable(
+        caption=f"Mean threshold metrics on MNIST ({where}; the paper's Table 4 and a threshold without test labels)"
+        if has_val
+        else f"Mean threshold metrics on MNIST ({where}; the paper's Table 4)",
+        label="table4_mnist_threshold_metrics" + ("" if protocol == "paper" else f"_{protocol}"),
+        frame=table,
+        notes=notes,
+        column_groups=groups,
+    )
 
 
 def diagnostics_table(frame: pd.DataFrame, dataset: str, protocol: str = "paper") -> Optional[ReportTable]:
@@ -267,12 +331,20 @@ def diagnostics_table(frame: pd.DataFrame, dataset: str, protocol: str = "paper"
     final, _ = _cell_frame(subset, "auroc", classes, methods)
     best, _ = _cell_frame(subset, "best_epoch_auroc_on_test", classes, methods)
     final.loc["mean"], best.loc["mean"] = final.mean(), best.mean()
-    table = pd.DataFrame({f"{m}: {kind}": (final if kind == "final" else best)[m]
-                          for m in methods for kind in ("final", "best epoch on test (optimistic)")})
+    table = pd.DataFrame(
+        {
+            f"{m}: {kind}": (final if kind == "final" else best)[m]
+            for m in methods
+            for kind in ("final", "best epoch on test (optimistic)")
+        }
+    )
     table.index.name = "normal class"
-    return ReportTable(caption=f"Per-epoch diagnostic on {TITLES[dataset]}: final model vs best epoch ON THE TEST SET",
-                       label=f"diagnostics_{dataset}" + ("" if protocol == "paper" else f"_{protocol}"), frame=table,
-                       notes="The second number of each method is optimistic (the epoch chosen on test labels).")
+    return ReportTable(
+        caption=f"Per-epoch diagnostic on {TITLES[dataset]}: final model vs best epoch ON THE TEST SET",
+        label=f"diagnostics_{dataset}" + ("" if protocol == "paper" else f"_{protocol}"),
+        frame=table,
+        notes="The second number of each method is optimistic (the epoch chosen on test labels).",
+    )
 
 
 def write_reports(results_dir: Path, reports_dir: Path, profile: str, protocol: str = "paper") -> list[Path]:
@@ -302,8 +374,10 @@ def write_reports(results_dir: Path, reports_dir: Path, profile: str, protocol: 
     out_dir = Path(reports_dir) / profile
     suffix = "" if protocol == "paper" else f"_{protocol}"
     written: list[Path] = []
-    footer = (f"From {len(frame)} records under `{Path(results_dir) / profile}` (profile `{profile}`, protocol "
-              f"`{protocol}`); each number is the final model's after a fixed budget.\n")
+    footer = (
+        f"From {len(frame)} records under `{Path(results_dir) / profile}` (profile `{profile}`, protocol "
+        f"`{protocol}`); each number is the final model's after a fixed budget.\n"
+    )
     if problems:
         footer += "\nUnreadable records, treated as missing:\n" + "\n".join(f"- {p}" for p in problems) + "\n"
 
@@ -318,8 +392,13 @@ def write_reports(results_dir: Path, reports_dir: Path, profile: str, protocol: 
         stem = csv_name.replace(".csv", "") + suffix
         subset = frame[frame["dataset"] == dataset]
         if subset.empty:
-            for stale in (f"{stem}.md", f"{stem}.tex", f"{stem}.png", f"roc_{dataset}{suffix}.png",
-                          f"diagnostics_{dataset}{suffix}.md"):
+            for stale in (
+                f"{stem}.md",
+                f"{stem}.tex",
+                f"{stem}.png",
+                f"roc_{dataset}{suffix}.png",
+                f"diagnostics_{dataset}{suffix}.md",
+            ):
                 (out_dir / stale).unlink(missing_ok=True)
             continue
         paired, diff = auroc_tables(frame, dataset, profile, protocol)
@@ -333,15 +412,26 @@ def write_reports(results_dir: Path, reports_dir: Path, profile: str, protocol: 
         paper.index = CLASS_NAMES[dataset]
         png = figures.auroc_figure(values, paper, f"{TITLES[dataset]}: AUROC per normal class")
         save(f"{stem}.png", png)
-        pictures.append((f"{stem}.png", f"AUROC per normal class on {TITLES[dataset]}: ours (filled), the paper's "
-                                        f"(hollow).", png))
-        roc = figures.roc_figure(subset, results_dir, CLASS_NAMES[dataset], method_order(subset),
-                                 f"{TITLES[dataset]}: ROC curves per task ({profile} profile, {protocol} protocol)")
+        pictures.append(
+            (f"{stem}.png", f"AUROC per normal class on {TITLES[dataset]}: ours (filled), the paper's (hollow).", png)
+        )
+        roc = figures.roc_figure(
+            subset,
+            results_dir,
+            CLASS_NAMES[dataset],
+            method_order(subset),
+            f"{TITLES[dataset]}: ROC curves per task ({profile} profile, {protocol} protocol)",
+        )
         if roc is not None:
             save(f"roc_{dataset}{suffix}.png", roc)
-            pictures.append((f"roc_{dataset}{suffix}.png",
-                             f"ROC curves on {TITLES[dataset]}, one panel per normal class, every detector overlaid "
-                             f"(anomaly = positive; averaged vertically over the ok seeds).", roc))
+            pictures.append(
+                (
+                    f"roc_{dataset}{suffix}.png",
+                    f"ROC curves on {TITLES[dataset]}, one panel per normal class, every detector overlaid "
+                    f"(anomaly = positive; averaged vertically over the ok seeds).",
+                    roc,
+                )
+            )
         diagnostics = diagnostics_table(frame, dataset, protocol)
         if diagnostics is not None:
             save(f"diagnostics_{dataset}{suffix}.md", _markdown(diagnostics.caption, [diagnostics], footer).encode())
@@ -357,7 +447,9 @@ def write_reports(results_dir: Path, reports_dir: Path, profile: str, protocol: 
         for ext in ("md", "tex"):
             (out_dir / f"table4_mnist_threshold_metrics{suffix}.{ext}").unlink(missing_ok=True)
     save(f"records{suffix}.csv", frame.to_csv(index=False).encode())
-    page = html_page(f"Benchmark report: {profile} profile, {protocol} protocol", sections, footer, f"records{suffix}.csv")
+    page = html_page(
+        f"Benchmark report: {profile} profile, {protocol} protocol", sections, footer, f"records{suffix}.csv"
+    )
     save(f"index{suffix}.html", page.encode())
     return written
 

@@ -106,8 +106,8 @@ def provenance(argv: list[str]) -> dict:
 def _task(dataset: str, data_root: Optional[str], download: bool, normal_class: int, protocol: str, base_profile: str,
           val_fraction: float = 0.0) -> Task:
     """The last task is kept: jobs are ordered dataset -> class -> method -> seed."""
-    return make_task(load_dataset(dataset, data_root, download), normal_class, protocol, PROFILE_SUBSAMPLE[base_profile],
-                     val_fraction)
+    return make_task(load_dataset(dataset, data_root, download), normal_class, protocol,
+                     PROFILE_SUBSAMPLE[base_profile], val_fraction)
 
 
 def _method_label(job: Job) -> str:
@@ -163,8 +163,8 @@ def run_job(job: Job, settings: RunSettings, blocking: bool = False) -> JobOutco
         }
         scores = labels = val_scores = None
         try:
-            task = _task(key.dataset, settings.data_root, settings.download, key.normal_class, key.protocol, job.base_profile,
-                         settings.val_fraction)
+            task = _task(key.dataset, settings.data_root, settings.download, key.normal_class, key.protocol,
+                         job.base_profile, settings.val_fraction)
             subsample = PROFILE_SUBSAMPLE[job.base_profile]
             record["sizes"] = task.sizes
             record["sampling"] = {"sample_seed": task.sample_seed, "max_train": subsample.max_train,
@@ -190,7 +190,7 @@ def run_job(job: Job, settings: RunSettings, blocking: bool = False) -> JobOutco
             if not np.all(np.isfinite(scores)):
                 raise DivergedError(epoch=-1, step=-1, detail=f"{int((~np.isfinite(scores)).sum())} non-finite test scores")
             record["metrics"] = evaluate(scores, labels)
-            if task.x_val is not None and len(task.x_val):
+            if getattr(task, "x_val", None) is not None and len(task.x_val):
                 val_scores = _validation_metrics(detector, task, scores, record)
             record["status"] = "ok"
         except DivergedError as exc:

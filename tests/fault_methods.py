@@ -347,11 +347,12 @@ def log_events(log: Path) -> list[tuple[str, int, str]]:
 def job_classes(data_root: Path, classes: Iterable[int], method_class: str = "Slow", seed: int = 0) -> dict[str, int]:
     """{job name in the log: normal class} for the smoke profile's MNIST tasks."""
     from benchmark.data import load_dataset
-    from benchmark.runner import PROFILE_SUBSAMPLE
+    from benchmark.runner import DEFAULT_VAL_FRACTION, PROFILE_SUBSAMPLE
     from benchmark.splits import make_task
 
     data = load_dataset("mnist", data_root, download=False)
-    return {job_name(method_class, seed, make_task(data, k, "paper", PROFILE_SUBSAMPLE["smoke"]).x_train): k for k in classes}
+    return {job_name(method_class, seed, make_task(data, k, "paper", PROFILE_SUBSAMPLE["smoke"], DEFAULT_VAL_FRACTION).x_train): k
+            for k in classes}
 
 
 def outcomes(results: Path) -> dict[str, tuple]:
