@@ -143,7 +143,7 @@ def roc_figure(
     ncols = min(5, len(panels))
     nrows = -(-len(panels) // ncols)
     fig, axes = plt.subplots(
-        nrows, ncols, figsize=(2.6 * ncols + 1.8, 2.6 * nrows + 0.6), squeeze=False, sharex=True, sharey=True
+        nrows, ncols, figsize=(2.2 * ncols + 1.6, 2.3 * nrows + 0.5), squeeze=False, sharex=True, sharey=True
     )
     colours = {m: f"C{i % 10}" for i, m in enumerate(drawn)}
     for ax, class_name in zip(axes.flat, panels):

@@ -274,7 +274,7 @@ def table4(frame: pd.DataFrame, profile: str = "", protocol: str = "paper") -> O
     if has_val:
         percentile = subset["val_percentile"].dropna()
         pct = f"{percentile.iloc[0]:g}th" if len(percentile) and percentile.nunique() == 1 else "a"
-        groups.append((f"{pct} percentile of held-out normals", 3))
+        groups.append((f"{pct} percentile of held-out normals (no test labels)", 3))
         metrics += [(f"val_{m}", m, True) for m in THRESHOLD_METRICS]
     columns = {}
     for column, metric, is_val in metrics:
