@@ -18,7 +18,7 @@ from benchmark.datasets import did_you_mean
 from benchmark.profiles import PROFILE_NAMES
 from benchmark.records import JobKey, ResultsWriteError, existing_record, iter_records, remove_idle_stray_temp_files
 from benchmark.reports import write_reports
-from benchmark.runner import Job, RunSettings, execute, provenance
+from benchmark.runner import DEFAULT_VAL_FRACTION, Job, RunSettings, execute, provenance
 from benchmark.splits import PROTOCOLS
 
 PROFILES = PROFILE_NAMES
@@ -78,6 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="diagnostic: record the test AUROC after every epoch (never used to pick a model)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
+    parser.add_argument("--val-fraction", default=str(DEFAULT_VAL_FRACTION),
+                        help="share of the normal training images held out to set a threshold without test labels, "
+                             f"in [0, 0.5] (default {DEFAULT_VAL_FRACTION}; 0 = none); another value goes to "
+                             "<profile>+val<f>")
     return parser
 
 
@@ -123,9 +127,6 @@ def _parse_classes(tokens: Optional[list[str]], datasets: list[str]) -> list[int
 
 
 def parse_config(argv: Sequence[str]) -> argparse.Namespace:
-    from methods import get_method
-    from methods.torch_base import resolve_device
-
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.profile not in PROFILES:
@@ -140,6 +141,20 @@ def parse_config(argv: Sequence[str]) -> argparse.Namespace:
         raise UsageError(f"unknown dataset {args.dataset!r}; valid choices: {', '.join(DATASETS)}, all"
                          f"{did_you_mean(args.dataset, [*DATASETS, 'all'])}")
     args.datasets = list(DATASETS) if args.dataset in (None, "all") else [args.dataset]
+    try:
+        args.val_fraction = float(args.val_fraction)
+    except ValueError:
+        raise UsageError(f"--val-fraction must be a number in [0, 0.5], got {args.val_fraction!r}") from None
+    if not 0.0 <= args.val_fraction <= 0.5:
+        raise UsageError(f"--val-fraction must be in [0, 0.5], got {args.val_fraction}")
+    val_tag = "" if args.val_fraction == DEFAULT_VAL_FRACTION else f"+val{args.val_fraction:g}"
+    if args.report_only and not args.overrides and not args.tag:
+        # The reports need no detector code: no method (or torch) import, so this starts fast.
+        args.profile_dir = args.profile + val_tag
+        return args
+    from methods import get_method
+    from methods.torch_base import resolve_device
+
     args.methods = args.methods or _registry_names()
     for name in args.methods:
         try:
@@ -162,6 +177,7 @@ def parse_config(argv: Sequence[str]) -> argparse.Namespace:
         tag = args.tag or "+".join(f"{k}={v}" for k, v in sorted(overrides_flat.items()))
         tag = re.sub(r"[^A-Za-z0-9_.=+-]", "_", tag)
         args.profile_dir = f"{args.profile}+{tag}"
+    args.profile_dir += val_tag
     return args
 
 
@@ -217,7 +233,7 @@ def build_jobs(args: argparse.Namespace) -> list[Job]:
                     if "device" in accepted:
                         params["device"] = args.device
                     key = JobKey(dataset, normal_class, method, seed, args.profile_dir, args.protocol)
-                    jobs.append(Job(key, args.profile, params, spec.target))
+                    jobs.append(Job(key, args.profile, params, spec.target, spec.label))
     return jobs
 
 
@@ -303,7 +319,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                            threads_per_job=max(1, (os.cpu_count() or 1) // min(args.n_jobs, max(1, len(pending)))),
                            track_auroc=args.track_auroc, overrides=args.override_map,
                            provenance=provenance([prog_name(), *argv]),
-                           force=args.force, started_at=time.time())
+                           force=args.force, started_at=time.time(), val_fraction=args.val_fraction)
     started = time.perf_counter()
     exit_code = 0
     try:

@@ -113,3 +113,42 @@ def evaluate(scores: np.ndarray, labels: np.ndarray) -> dict[str, Optional[float
         "miss_rate": miss_rate,
         "threshold": threshold,
     }
+
+
+VAL_PERCENTILE = 95.0
+
+
+def validation_threshold_metrics(scores: np.ndarray, labels: np.ndarray, val_scores: np.ndarray,
+                                 percentile: float = VAL_PERCENTILE) -> dict[str, Optional[float]]:
+    """Threshold metrics with a threshold chosen WITHOUT test labels: the `percentile` of the
+    scores of held-out normal training images (a validation split never used in fitting).
+
+    Parameters
+    ----------
+    scores, labels : numpy.ndarray
+        Test scores (higher = more anomalous) and labels (1 = anomaly).
+    val_scores : numpy.ndarray
+        Scores of the held-out normal images.
+    percentile : float
+        Percentile of `val_scores` used as the threshold (0-100); an image is flagged anomalous
+        when its raw score is >= the threshold, as in `evaluate`.
+
+    Returns
+    -------
+    dict
+        percentile, threshold (raw score), n_val, gmean, false_alarm_rate, miss_rate (normal = the
+        positive class, as in `evaluate`).
+    """
+    scores, labels = _check(scores, labels)
+    val_scores = np.asarray(val_scores, dtype=np.float64).ravel()
+    if len(val_scores) == 0 or not np.all(np.isfinite(val_scores)):
+        raise ValueError("the validation scores are empty or not finite; no validation threshold can be set")
+    if not 0.0 <= percentile <= 100.0:
+        raise ValueError(f"percentile must be in [0, 100], got {percentile}")
+    threshold = float(np.percentile(val_scores, percentile))
+    flagged = scores >= threshold
+    false_alarm_rate = float(flagged[labels == 0].mean())
+    miss_rate = float((~flagged[labels == 1]).mean())
+    return {"percentile": float(percentile), "threshold": threshold, "n_val": int(len(val_scores)),
+            "gmean": float(np.sqrt((1.0 - false_alarm_rate) * (1.0 - miss_rate))),
+            "false_alarm_rate": false_alarm_rate, "miss_rate": miss_rate}

@@ -130,7 +130,7 @@ def _atomic_write(path: Path, write: Any) -> None:
 
 
 def write_record(results_dir: Path, key: JobKey, record: dict, scores: Optional[np.ndarray],
-                 labels: Optional[np.ndarray]) -> Path:
+                 labels: Optional[np.ndarray], extra_arrays: Optional[dict] = None) -> Path:
     """Write one job's record atomically: the scores first, then the JSON (the commit point).
 
     A random ``scores_id`` in both pairs them: a run killed between the two renames (with
@@ -147,6 +147,8 @@ def write_record(results_dir: Path, key: JobKey, record: dict, scores: Optional[
         The JSON-serialisable record (NumPy scalars and arrays are converted).
     scores, labels : ndarray or None
         Per-image scores (float64) and labels (1 = anomaly); None for a failed or diverged job.
+    extra_arrays : dict, optional
+        More arrays stored in the .npz beside the scores (e.g. ``{"val_scores": ...}``).
 
     Returns
     -------
@@ -160,10 +162,11 @@ def write_record(results_dir: Path, key: JobKey, record: dict, scores: Optional[
     """
     if scores is not None:
         scores_id = uuid.uuid4().hex
+        extra = {name: np.asarray(value) for name, value in (extra_arrays or {}).items()}
         _atomic_write(key.scores_path(results_dir),
                       lambda handle: np.savez_compressed(handle, scores=np.asarray(scores, np.float64),
                                                          labels=np.asarray(labels, np.int8),
-                                                         scores_id=np.array(scores_id)))
+                                                         scores_id=np.array(scores_id), **extra))
         record = {**record, "scores_file": key.scores_path(results_dir).name, "scores_id": scores_id}
     text = json.dumps(_json_safe(record), indent=2, allow_nan=False, sort_keys=False) + "\n"
     _atomic_write(key.json_path(results_dir), lambda handle: handle.write(text.encode()))

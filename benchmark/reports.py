@@ -1,14 +1,27 @@
-"""Tables 1-4 from the job records alone, beside the paper's numbers.
+"""Tables 1-4, figures and one HTML page from the job records alone, beside the paper's numbers.
 
-Per profile, under <reports-dir>/<profile>/: table1_mnist_auroc, table2_fashion_mnist_auroc,
-table3_cifar10_auroc (AUROC per class and the mean; methods in the paper's column order; best
-of ours per row in bold; each cell "ours (paper)"; then a difference table ours - paper) and
-table4_mnist_threshold_metrics (mean gmean, false-alarm and miss rate over the MNIST classes),
-each as .md and .tex, plus records.csv (one row per record). Files of protocol "standard" get a
-"_standard" suffix. A missing cell is a dash, never a zero; failed / diverged cells say so.
+Per profile, under <reports-dir>/<profile>/ (files of protocol "standard" get a "_standard" suffix),
+for each dataset WITH records:
+
+- table{1,2,3}_<dataset>_auroc.{md,tex}: AUROC per normal class and the mean, one column per method
+  with records (paper's order first); each cell ours with the paper's value beside it; bold = best
+  complete value of the row; then ours - paper for the methods the paper has.
+- table{1,2,3}_<dataset>_auroc.png: per-class AUROC dot plot; roc_<dataset>.png: ROC curves per task.
+- diagnostics_<dataset>.md: only for runs with --track-auroc.
+
+and, with MNIST records, table4_mnist_threshold_metrics.{md,tex}: one row per method, the paper's
+Table 4 (threshold = Youden point on the test labels) beside the same metrics at a threshold set
+without test labels (the 95th percentile of held-out normal training images' scores). Finally
+records.csv (one row per record) and index.html (every table and figure on one self-contained page).
+
+The report layer reads records and scores only: it imports neither `methods` nor torch. A method's
+display label comes from its record (`method_label`); older records fall back to the paper's
+label of the same name, else the method name. A missing cell is a dash, never a zero.
 """
+
 from __future__ import annotations
 
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Optional
@@ -21,9 +34,38 @@ from benchmark.datasets import PAPER_TABLES as TABLES  # dataset -> ("table<k>",
 from benchmark.datasets import TITLES
 from benchmark.metrics import METRIC_NAMES, THRESHOLD_METRICS
 from benchmark.records import _atomic_write, iter_records
+from benchmark.render import DASH, Cell, ReportTable, format_value
 
-DASH = "–"
 TABLE4_CSV = "table4_mnist_threshold_metrics.csv"
+METRIC_LABELS = {"gmean": "gmean", "false_alarm_rate": "false-alarm rate", "miss_rate": "miss rate"}
+VAL_METRICS = tuple(f"val_{m}" for m in THRESHOLD_METRICS)
+COLUMNS = [
+    "dataset",
+    "normal_class",
+    "class_name",
+    "method",
+    "label",
+    "seed",
+    "profile",
+    "protocol",
+    "status",
+    "auroc",
+    *THRESHOLD_METRICS,
+    "threshold",
+    *VAL_METRICS,
+    "val_percentile",
+    "val_threshold",
+    "n_val",
+    "train_seconds",
+    "score_seconds",
+    "n_train",
+    "n_test",
+    "device",
+    "git_commit",
+    "error",
+    "best_epoch_auroc_on_test",
+    "record",
+]
 
 
 def reference_table(csv_name: str) -> pd.DataFrame:
@@ -32,11 +74,28 @@ def reference_table(csv_name: str) -> pd.DataFrame:
         return pd.read_csv(handle, index_col=0)
 
 
+def paper_labels() -> list[str]:
+    """The paper's seven method labels in its column order (Tables 1-3)."""
+    return list(reference_table(TABLES["mnist"][1]).columns)
+
+
+def _key(name: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", name.lower())
+
+
+def display_label(record: dict) -> str:
+    """The record's `method_label`; for older records the paper's label of the same method
+    (`mem_ganomaly` -> `Mem_GANomaly`), else the method name."""
+    label = record.get("method_label")
+    if isinstance(label, str) and label:
+        return label
+    by_key = {_key(label): label for label in paper_labels()}
+    return by_key.get(_key(record["method"]), record["method"])
+
+
 def load_records(results_dir: Path, profile: str, protocol: Optional[str] = None) -> tuple[pd.DataFrame, list[str]]:
     """All readable records of one profile (directory name) as a long frame, and the problems
     (unreadable records, by name), which are treated as missing."""
-    from methods import REGISTRY
-
     rows, problems = [], []
     base = Path(results_dir) / profile
     for path, record, error in iter_records(base):
@@ -46,126 +105,217 @@ def load_records(results_dir: Path, profile: str, protocol: Optional[str] = None
         if protocol is not None and record["protocol"] != protocol:
             continue
         metrics = record.get("metrics") or {}
+        val = record.get("metrics_val_threshold") or {}
         sizes = record.get("sizes") or {}
-        spec = REGISTRY.get(record["method"])
-        rows.append({
-            "dataset": record["dataset"], "normal_class": int(record["normal_class"]),
-            "class_name": CLASS_NAMES.get(record["dataset"], [str(i) for i in range(10)])[int(record["normal_class"])],
-            "method": record["method"], "label": spec.label if spec else record["method"],
-            "seed": record["seed"], "profile": record["profile"], "protocol": record["protocol"],
-            "status": record["status"], **{m: metrics.get(m) for m in METRIC_NAMES},
-            "train_seconds": record.get("train_seconds"), "score_seconds": record.get("score_seconds"),
-            "n_train": sizes.get("n_train"), "n_test": sizes.get("n_test"),
-            "device": (record.get("run_info") or {}).get("device"),
-            "git_commit": (record.get("git") or {}).get("commit"), "error": (record.get("error") or {}).get("message"),
-            "best_epoch_auroc_on_test": ((record.get("diagnostics") or {}).get("best_epoch_on_test_OPTIMISTIC")
-                                         or {}).get("auroc"),
-            "record": str(path.relative_to(Path(results_dir))),
-        })
-    columns = ["dataset", "normal_class", "class_name", "method", "label", "seed", "profile", "protocol", "status",
-               *METRIC_NAMES, "train_seconds", "score_seconds", "n_train", "n_test",
-               "device", "git_commit", "error", "best_epoch_auroc_on_test", "record"]
-    return pd.DataFrame(rows, columns=columns), problems
+        names = CLASS_NAMES.get(record["dataset"], [str(i) for i in range(10)])
+        rows.append(
+            {
+                "dataset": record["dataset"],
+                "normal_class": int(record["normal_class"]),
+                "class_name": names[int(record["normal_class"])],
+                "method": record["method"],
+                "label": display_label(record),
+                "seed": record["seed"],
+                "profile": record["profile"],
+                "protocol": record["protocol"],
+                "status": record["status"],
+                **{m: metrics.get(m) for m in METRIC_NAMES},
+                **{f"val_{m}": val.get(m) for m in THRESHOLD_METRICS},
+                "val_percentile": val.get("percentile"),
+                "val_threshold": val.get("threshold"),
+                "n_val": sizes.get("n_val"),
+                "train_seconds": record.get("train_seconds"),
+                "score_seconds": record.get("score_seconds"),
+                "n_train": sizes.get("n_train"),
+                "n_test": sizes.get("n_test"),
+                "device": (record.get("run_info") or {}).get("device"),
+                "git_commit": (record.get("git") or {}).get("commit"),
+                "error": (record.get("error") or {}).get("message"),
+                "best_epoch_auroc_on_test": (
+                    (record.get("diagnostics") or {}).get("best_epoch_on_test_OPTIMISTIC") or {}
+                ).get("auroc"),
+                "record": str(path.relative_to(Path(results_dir))),
+            }
+        )
+    return pd.DataFrame(rows, columns=COLUMNS), problems
 
 
-def method_order(frame: pd.DataFrame) -> list[str]:
-    """The paper's seven labels in its column order, then any other method with records."""
-    from methods import REGISTRY
+def method_order(frame: pd.DataFrame, first: Optional[list[str]] = None) -> list[str]:
+    """The labels with records in `frame`: those of `first` (default the paper's column order) in
+    that order, then the others alphabetically."""
+    present = set(frame["label"]) if len(frame) else set()
+    first = list(dict.fromkeys(paper_labels() if first is None else first))
+    return [m for m in first if m in present] + sorted(present - set(first))
 
-    paper = [spec.label for spec in REGISTRY.values()]
-    extra = sorted(set(frame["label"]) - set(paper)) if len(frame) else []
-    return paper + extra
 
-
-def _cell_frame(frame: pd.DataFrame, metric: str, classes: list[str],
-                methods: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
+def _cell_frame(
+    frame: pd.DataFrame, metric: str, classes: list[str], methods: list[str]
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(values, notes) per class x method: the mean of `metric` over ok seeds; notes say
-    'diverged' / 'failed' when no seed is ok, or 'k/n ok' when only some are."""
+    'diverged' / 'failed' when no seed is ok, or 'k/n seeds ok' when only some are."""
     values = pd.DataFrame(np.nan, index=classes, columns=methods)
     notes = pd.DataFrame("", index=classes, columns=methods)
     for (class_name, label), group in frame.groupby(["class_name", "label"]):
         if class_name not in values.index or label not in values.columns:
             continue
-        ok = group[group["status"] == "ok"]
+        ok = group[(group["status"] == "ok") & group[metric].notna()]
         if len(ok):
             values.loc[class_name, label] = ok[metric].astype(float).mean()
             if len(ok) < len(group):
                 notes.loc[class_name, label] = f"{len(ok)}/{len(group)} seeds ok"
         else:
-            notes.loc[class_name, label] = "/".join(sorted(set(group["status"])))
+            notes.loc[class_name, label] = "/".join(sorted(set(group["status"]) - {"ok"}) or ["no value"])
     return values, notes
 
 
-def _mean_row(values: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
-    """Mean over the classes present; complete only when all classes are."""
+def _means(values: pd.DataFrame, notes: pd.DataFrame) -> tuple[pd.Series, pd.Series, pd.Series]:
+    """(mean over the classes present, its note 'k/n classes' when partial, complete?). A mean is
+    complete when every class has a value from all its seeds."""
+    n = len(values.index)
     counts = values.notna().sum()
-    return values.mean(), counts
+    complete = (counts == n) & (notes == "").all()
+    note = pd.Series(
+        {m: "" if counts[m] in (0, n) else f"{counts[m]}/{n} classes" for m in values.columns}, dtype=object
+    )
+    note[(counts == n) & ~complete] = "some seeds failed"
+    return values.mean(), note, complete
 
 
-def _fmt(value: float, digits: int = 4) -> str:
-    return DASH if value is None or pd.isna(value) else f"{value:.{digits}f}"
+def _best(values: pd.Series, complete: pd.Series, lower_is_better: bool = False) -> pd.Series:
+    """True where a complete value is the best of the complete ones (ties all bold)."""
+    candidates = values[complete & values.notna()]
+    if candidates.empty:
+        return pd.Series(False, index=values.index)
+    best = candidates.min() if lower_is_better else candidates.max()
+    return complete & values.notna() & np.isclose(values.astype(float), best, rtol=0, atol=5e-5)
 
 
-def _bold(text: str, latex: bool) -> str:
-    return f"\\textbf{{{text}}}" if latex else f"**{text}**"
-
-
-def auroc_table(frame: pd.DataFrame, dataset: str, latex: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(paired table 'ours (paper)', difference table ours - paper) for Tables 1-3."""
-    _, csv_name = TABLES[dataset]
-    reference = reference_table(csv_name)
+def auroc_tables(
+    frame: pd.DataFrame, dataset: str, profile: str = "", protocol: str = "paper"
+) -> tuple[ReportTable, Optional[ReportTable]]:
+    """(AUROC table 'ours (paper)', difference table ours - paper or None) for Tables 1-3: one
+    column per method with records on `dataset`."""
+    number, csv_name = TABLES[dataset]
     classes = CLASS_NAMES[dataset]
-    methods = method_order(frame)
     subset = frame[frame["dataset"] == dataset]
+    methods = method_order(subset)
     values, notes = _cell_frame(subset, "auroc", classes, methods)
-    means, counts = _mean_row(values)
-    values.loc["mean"] = means
-    notes.loc["mean"] = ["" if counts[m] in (0, len(classes)) else f"{counts[m]}/{len(classes)} classes"
-                         for m in methods]
-    paper = reference.rename(index={str(i): c for i, c in zip(range(10), classes)})
-    paper = paper.reindex(index=values.index, columns=methods)
+    means, mean_notes, complete_mean = _means(values, notes)
+    reference = reference_table(csv_name)
+    paper = reference.rename(index={str(i): c for i, c in zip(range(10), classes)}).reindex(index=classes + ["mean"])
 
-    paired = pd.DataFrame("", index=values.index, columns=methods)
-    for row in values.index:
-        best = values.loc[row].max()
-        for method in methods:
-            ours = values.loc[row, method]
-            text = notes.loc[row, method] if pd.isna(ours) and notes.loc[row, method] else _fmt(ours)
-            if not pd.isna(ours) and ours == best:
-                text = _bold(text, latex)
-            if not pd.isna(ours) and notes.loc[row, method]:
-                text += f" [{notes.loc[row, method]}]"
-            paired.loc[row, method] = f"{text} ({_fmt(paper.loc[row, method])})"
-    # The mean row's difference averages the per-class differences, so a partial column is
-    # compared with the paper on the same classes only.
-    class_diff = values.loc[classes] - paper.loc[classes]
-    diff = pd.concat([class_diff, class_diff.mean().to_frame("mean").T])
-    difference = diff.map(lambda v: DASH if pd.isna(v) else f"{v:+.4f}")
-    paired.index.name = difference.index.name = "normal class"
-    return paired, difference
+    rows = {}
+    for class_name in classes:
+        complete = values.loc[class_name].notna() & (notes.loc[class_name] == "")
+        bold = _best(values.loc[class_name], complete)
+        rows[class_name] = [
+            _auroc_cell(values.loc[class_name, m], notes.loc[class_name, m], bold[m], paper.loc[class_name].get(m))
+            for m in methods
+        ]
+    bold = _best(means, complete_mean)
+    rows["mean"] = [_auroc_cell(means[m], mean_notes[m], bold[m], paper.loc["mean"].get(m)) for m in methods]
+    cells = pd.DataFrame.from_dict(rows, orient="index", columns=methods)
+    cells.index.name = "normal class"
+    where = f"{profile} profile, {protocol} protocol" if profile else f"{protocol} protocol"
+    title = TITLES[dataset]
+    paired = ReportTable(
+        caption=f"AUROC on {title} per normal class, ours (paper) ({where}; the paper's Table {number[-1]})",
+        label=f"{number}_{dataset}_auroc" + ("" if protocol == "paper" else f"_{protocol}"),
+        frame=cells,
+        notes=(
+            f"Ours: the final model's AUROC, mean over seeds; (paper): the paper's value, {DASH} where it has none. "
+            f"Bold: best of ours in the row among complete values; a mean is complete when it covers every class "
+            f"and seed. [k/n]: only part of the classes or seeds; failed / diverged: no ok seed."
+        ),
+    )
+
+    with_paper = [m for m in methods if m in reference.columns]
+    diff_table = None
+    if with_paper:
+        class_diff = values.loc[classes, with_paper] - paper.loc[classes, with_paper].astype(float)
+        if class_diff.notna().any().any():
+            diff = pd.concat([class_diff, class_diff.mean().to_frame("mean").T])
+            diff = diff.map(lambda v: DASH if pd.isna(v) else f"{v:+.4f}")
+            diff.index.name = "normal class"
+            diff_table = ReportTable(
+                caption=f"AUROC on {title}: ours minus the paper's ({where})",
+                label=f"{number}_{dataset}_auroc_difference" + ("" if protocol == "paper" else f"_{protocol}"),
+                frame=diff,
+                notes="The mean row averages the per-class differences, so a partial column is compared with the "
+                "paper on the same classes only.",
+            )
+    return paired, diff_table
 
 
-def table4(frame: pd.DataFrame) -> pd.DataFrame:
-    """Mean gmean / false-alarm / miss rate over the MNIST classes, ours (paper)."""
-    reference = reference_table(TABLE4_CSV)
-    # Table 4's own column order (it has no iForest column), then the other methods.
-    methods = list(reference.columns) + [m for m in method_order(frame) if m not in reference.columns]
+def _auroc_cell(value: float, note: str, bold: bool, paper_value: Optional[float]) -> Cell:
+    ref = format_value(paper_value) if paper_value is not None and not pd.isna(paper_value) else DASH
+    if pd.isna(value):
+        return Cell(note or DASH, ref)
+    return Cell(format_value(float(value)), ref, note, bool(bold))
+
+
+def table4(frame: pd.DataFrame, profile: str = "", protocol: str = "paper") -> Optional[ReportTable]:
+    """Mean gmean / false-alarm / miss rate over the MNIST classes, one row per method with MNIST
+    records: at the paper's Youden threshold (test labels; paper's value beside ours) and, when the
+    records have them, at the held-out validation threshold (no test labels). None without MNIST records."""
     subset = frame[frame["dataset"] == "mnist"]
-    out = pd.DataFrame("", index=list(THRESHOLD_METRICS), columns=methods)
-    for metric in THRESHOLD_METRICS:
-        values, _ = _cell_frame(subset, metric, CLASS_NAMES["mnist"], methods)
-        means, counts = _mean_row(values)
-        for method in methods:
-            ours = _fmt(means[method])
-            if counts[method] not in (0, 10):
-                ours += f" [{counts[method]}/10 classes]"
-            paper = reference.loc[metric, method] if method in reference.columns else None
-            out.loc[metric, method] = f"{ours} ({_fmt(paper)})"
-    out.index.name = "metric"
-    return out
+    if subset.empty:
+        return None
+    reference = reference_table(TABLE4_CSV)
+    methods = method_order(subset, first=list(reference.columns) + paper_labels())
+    classes = CLASS_NAMES["mnist"]
+    has_val = subset[list(VAL_METRICS)].notna().any().any()
+    groups = [("Youden point on the test labels (paper)", 3)]
+    metrics = [(m, m, False) for m in THRESHOLD_METRICS]
+    if has_val:
+        percentile = subset["val_percentile"].dropna()
+        pct = f"{percentile.iloc[0]:g}th" if len(percentile) and percentile.nunique() == 1 else "a"
+        groups.append((f"{pct} percentile of held-out normals (no test labels)", 3))
+        metrics += [(f"val_{m}", m, True) for m in THRESHOLD_METRICS]
+    columns = {}
+    for column, metric, is_val in metrics:
+        values, notes = _cell_frame(subset, column, classes, methods)
+        means, mean_notes, complete = _means(values, notes)
+        bold = _best(means, complete, lower_is_better=metric != "gmean")
+        paper = reference.loc[metric] if metric in reference.index else pd.Series(dtype=float)
+        cells = []
+        for m in methods:
+            ref = None if is_val else (format_value(float(paper[m])) if m in paper.index else DASH)
+            if pd.isna(means[m]):
+                cells.append(Cell(DASH, ref))
+            else:
+                cells.append(Cell(format_value(float(means[m])), ref, mean_notes[m], bool(bold[m])))
+        columns[column] = cells
+    table = pd.DataFrame(columns, index=pd.Index(methods, name="method"))
+    table.columns = [METRIC_LABELS[metric] for _, metric, _ in metrics]  # repeated per group: cells go by position
+    where = f"{profile} profile, {protocol} protocol" if profile else f"{protocol} protocol"
+    notes = (
+        "Mean over the MNIST classes (normal = the positive class): false-alarm rate = normals flagged "
+        "anomalous, miss rate = anomalies accepted. Left: the paper's Table 4 rule, the ROC point maximising "
+        "Youden's J chosen on the test labels (optimistic: no deployed detector can do this), ours (paper). "
+        "Right: "
+        + (
+            "a threshold set without test labels, a percentile of the scores of held-out normal "
+            "training images never used in fitting (the same images for every method and seed). "
+            if has_val
+            else ""
+        )
+        + f"Bold: best complete mean of the column; [k/n]: only part of the classes; {DASH}: no value."
+    )
+    if not has_val:
+        notes += " The records hold no held-out validation scores (made before the validation split existed)."
+    return ReportTable(
+        caption=f"Mean threshold metrics on MNIST ({where}; the paper's Table 4 and a threshold without test labels)"
+        if has_val
+        else f"Mean threshold metrics on MNIST ({where}; the paper's Table 4)",
+        label="table4_mnist_threshold_metrics" + ("" if protocol == "paper" else f"_{protocol}"),
+        frame=table,
+        notes=notes,
+        column_groups=groups,
+    )
 
 
-def diagnostics_table(frame: pd.DataFrame, dataset: str) -> Optional[pd.DataFrame]:
+def diagnostics_table(frame: pd.DataFrame, dataset: str, protocol: str = "paper") -> Optional[ReportTable]:
     """Final-model AUROC next to the best per-epoch AUROC on the test set, for runs made with
     --track-auroc. The second number is OPTIMISTIC (picked on test labels): it is shown only to
     compare with papers that report the best epoch, never as our result."""
@@ -173,111 +323,132 @@ def diagnostics_table(frame: pd.DataFrame, dataset: str) -> Optional[pd.DataFram
     if subset.empty:
         return None
     classes = CLASS_NAMES[dataset]
-    methods = [m for m in method_order(frame) if m in set(subset["label"])]
+    methods = method_order(subset)
     final, _ = _cell_frame(subset, "auroc", classes, methods)
     best, _ = _cell_frame(subset, "best_epoch_auroc_on_test", classes, methods)
     final.loc["mean"], best.loc["mean"] = final.mean(), best.mean()
-    table = pd.DataFrame({(m, kind): (final if kind == "final" else best)[m].map(_fmt)
-                          for m in methods for kind in ("final", "best epoch on test (optimistic)")})
-    table.columns = [f"{m}: {kind}" for m, kind in table.columns]
+    table = pd.DataFrame(
+        {
+            f"{m}: {kind}": (final if kind == "final" else best)[m]
+            for m in methods
+            for kind in ("final", "best epoch on test (optimistic)")
+        }
+    )
     table.index.name = "normal class"
-    return table
-
-
-def auroc_figure(frame: pd.DataFrame, dataset: str, path: Path) -> None:
-    """Per-class AUROC, ours (filled) and the paper's (hollow), one colour per method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    classes = CLASS_NAMES[dataset]
-    methods = method_order(frame)
-    ours, _ = _cell_frame(frame[frame["dataset"] == dataset], "auroc", classes, methods)
-    paper = reference_table(TABLES[dataset][1]).drop(index="mean")
-    fig, ax = plt.subplots(figsize=(10, 4))
-    width = 0.8 / len(methods)
-    for i, method in enumerate(methods):
-        x = np.arange(len(classes)) + (i - len(methods) / 2 + 0.5) * width
-        colour = f"C{i}"
-        ax.scatter(x, ours[method].to_numpy(), color=colour, label=f"{method} (ours)", s=18)
-        if method in paper.columns:
-            ax.scatter(x, paper[method].to_numpy(), facecolors="none", edgecolors=colour, s=18)
-    ax.set_xticks(np.arange(len(classes)), classes)
-    ax.set_ylabel("AUROC")
-    ax.set_title(f"{TITLES[dataset]}: ours (filled) vs paper (hollow)")
-    ax.legend(fontsize=7, ncol=4, loc="lower left")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}")
-    fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    tmp.replace(path)
-
-
-def _to_markdown(title: str, tables: list[tuple[str, pd.DataFrame]], footer: str) -> str:
-    parts = [f"# {title}\n"]
-    for caption, table in tables:
-        parts.append(f"{caption}\n\n{table.to_markdown(disable_numparse=True)}\n")
-    parts.append(footer)
-    return "\n".join(parts)
-
-
-def _to_latex(title: str, tables: list[tuple[str, pd.DataFrame]]) -> str:
-    parts = [f"% {title}"]
-    for caption, table in tables:
-        body = table.to_latex(escape=False, caption=caption.replace("_", r"\_").replace("%", r"\%"),
-                              column_format="l" + "r" * table.shape[1])
-        parts.append(body.replace("±", r"$\pm$"))
-    return "\n".join(parts)
+    return ReportTable(
+        caption=f"Per-epoch diagnostic on {TITLES[dataset]}: final model vs best epoch ON THE TEST SET",
+        label=f"diagnostics_{dataset}" + ("" if protocol == "paper" else f"_{protocol}"),
+        frame=table,
+        notes="The second number of each method is optimistic (the epoch chosen on test labels).",
+    )
 
 
 def write_reports(results_dir: Path, reports_dir: Path, profile: str, protocol: str = "paper") -> list[Path]:
-    """Build every table of one profile from its records. Returns the files written."""
+    """Build every table, figure and the HTML page of one profile from its records.
+
+    Parameters
+    ----------
+    results_dir, reports_dir : Path
+        The results root (holding <profile>/) and the reports root (receiving <profile>/).
+    profile : str
+        Profile directory name (e.g. "quick" or "quick+lr2e-4").
+    protocol : str
+        Only records of this protocol are reported.
+
+    Returns
+    -------
+    list of Path
+        The files written. Every file is written to a unique temporary name in the target folder
+        and renamed over the old one, so two processes writing the same reports at once each
+        succeed (the last rename wins) and a reader never sees a half-written file. Tables of
+        datasets that no longer have records are removed.
+    """
+    from benchmark import figures
+    from benchmark.html_report import html_page
+
     frame, problems = load_records(results_dir, profile, protocol)
     out_dir = Path(reports_dir) / profile
     suffix = "" if protocol == "paper" else f"_{protocol}"
     written: list[Path] = []
-    n_records = len(frame)
-    footer = (f"Cells: ours ({'paper'}). Ours = mean over seeds of the final model's metric, profile `{profile}`, "
-              f"protocol `{protocol}`, from {n_records} records under `{Path(results_dir) / profile}`. "
-              f"{DASH} = no record; bold = best of ours in the row; [k/n] = only part of the runs or classes "
-              "present.\n")
+    footer = (
+        f"From {len(frame)} records under `{Path(results_dir) / profile}` (profile `{profile}`, protocol "
+        f"`{protocol}`); each number is the final model's after a fixed budget.\n"
+    )
     if problems:
         footer += "\nUnreadable records, treated as missing:\n" + "\n".join(f"- {p}" for p in problems) + "\n"
 
-    def save(name: str, text: str) -> None:
+    def save(name: str, data: bytes) -> Path:
         path = out_dir / name
-        _atomic_write(path, lambda handle: handle.write(text.encode()))
+        _atomic_write(path, lambda handle: handle.write(data))
         written.append(path)
+        return path
 
+    sections = []  # (heading, [ReportTable], [(file name, caption)]) for the HTML page
     for dataset, (number, csv_name) in TABLES.items():
         stem = csv_name.replace(".csv", "") + suffix
+        subset = frame[frame["dataset"] == dataset]
+        if subset.empty:
+            for stale in (
+                f"{stem}.md",
+                f"{stem}.tex",
+                f"{stem}.png",
+                f"roc_{dataset}{suffix}.png",
+                f"diagnostics_{dataset}{suffix}.md",
+            ):
+                (out_dir / stale).unlink(missing_ok=True)
+            continue
+        paired, diff = auroc_tables(frame, dataset, profile, protocol)
+        tables = [paired] + ([diff] if diff is not None else [])
         title = f"Table {number[-1]}: AUROC on {TITLES[dataset]} ({profile} profile, {protocol} protocol)"
-        md_paired, md_diff = auroc_table(frame, dataset, latex=False)
-        tex_paired, _ = auroc_table(frame, dataset, latex=True)
-        save(f"{stem}.md", _to_markdown(title, [("AUROC, ours (paper):", md_paired),
-                                                ("Difference, ours - paper:", md_diff)], footer))
-        save(f"{stem}.tex", _to_latex(title, [(f"{title}: ours (paper)", tex_paired),
-                                              (f"{title}: ours - paper", md_diff)]))
-        if (frame["dataset"] == dataset).any():
-            figure = out_dir / f"{stem}.png"
-            auroc_figure(frame, dataset, figure)
-            written.append(figure)
-        diagnostics = diagnostics_table(frame, dataset)
+        save(f"{stem}.md", _markdown(title, tables, footer).encode())
+        save(f"{stem}.tex", "\n".join(t.to_latex() for t in tables).encode())
+        pictures = []
+        values, _ = _cell_frame(subset, "auroc", CLASS_NAMES[dataset], method_order(subset))
+        paper = reference_table(csv_name).drop(index="mean")
+        paper.index = CLASS_NAMES[dataset]
+        png = figures.auroc_figure(values, paper, f"{TITLES[dataset]}: AUROC per normal class")
+        save(f"{stem}.png", png)
+        pictures.append(
+            (f"{stem}.png", f"AUROC per normal class on {TITLES[dataset]}: ours (filled), the paper's (hollow).", png)
+        )
+        roc = figures.roc_figure(
+            subset,
+            results_dir,
+            CLASS_NAMES[dataset],
+            method_order(subset),
+            f"{TITLES[dataset]}: ROC curves per task ({profile} profile, {protocol} protocol)",
+        )
+        if roc is not None:
+            save(f"roc_{dataset}{suffix}.png", roc)
+            pictures.append(
+                (
+                    f"roc_{dataset}{suffix}.png",
+                    f"ROC curves on {TITLES[dataset]}, one panel per normal class, every detector overlaid "
+                    f"(anomaly = positive; averaged vertically over the ok seeds).",
+                    roc,
+                )
+            )
+        diagnostics = diagnostics_table(frame, dataset, protocol)
         if diagnostics is not None:
-            save(f"diagnostics_{dataset}{suffix}.md", _to_markdown(
-                f"Per-epoch diagnostic on {TITLES[dataset]}: final model vs best epoch ON THE TEST SET",
-                [("AUROC (the second number of each method is optimistic, chosen on test labels):", diagnostics)],
-                footer))
-    title = f"Table 4: mean threshold metrics on MNIST ({profile} profile, {protocol} protocol)"
-    t4 = table4(frame)
-    note = ("Threshold: the Youden-optimal ROC point on the test labels (the paper's rule; optimistic). "
-            "Normal = positive class: false-alarm rate = normals flagged anomalous, miss rate = anomalies "
-            "accepted.\n\n")
-    save(f"table4_mnist_threshold_metrics{suffix}.md",
-         _to_markdown(title, [("Mean over the MNIST classes, ours (paper):", t4)], note + footer))
-    save(f"table4_mnist_threshold_metrics{suffix}.tex", _to_latex(title, [(title, t4)]))
-    save(f"records{suffix}.csv", frame.to_csv(index=False))
+            save(f"diagnostics_{dataset}{suffix}.md", _markdown(diagnostics.caption, [diagnostics], footer).encode())
+            tables.append(diagnostics)
+        sections.append((title, tables, pictures))
+    t4 = table4(frame, profile, protocol)
+    if t4 is not None:
+        title = f"Table 4: mean threshold metrics on MNIST ({profile} profile, {protocol} protocol)"
+        save(f"table4_mnist_threshold_metrics{suffix}.md", _markdown(title, [t4], footer).encode())
+        save(f"table4_mnist_threshold_metrics{suffix}.tex", t4.to_latex().encode())
+        sections.append((title, [t4], []))
+    else:
+        for ext in ("md", "tex"):
+            (out_dir / f"table4_mnist_threshold_metrics{suffix}.{ext}").unlink(missing_ok=True)
+    save(f"records{suffix}.csv", frame.to_csv(index=False).encode())
+    page = html_page(
+        f"Benchmark report: {profile} profile, {protocol} protocol", sections, footer, f"records{suffix}.csv"
+    )
+    save(f"index{suffix}.html", page.encode())
     return written
+
+
+def _markdown(title: str, tables: list[ReportTable], footer: str) -> str:
+    return "\n".join([f"# {title}\n"] + [t.to_markdown() for t in tables] + [footer])

@@ -22,7 +22,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from benchmark.data import load_dataset
-from benchmark.metrics import evaluate
+from benchmark.metrics import VAL_PERCENTILE, evaluate, validation_threshold_metrics
 from benchmark.profiles import PROFILE_SUBSAMPLE
 from benchmark.records import (
     SCHEMA_VERSION,
@@ -35,6 +35,9 @@ from benchmark.records import (
 )
 from benchmark.splits import Task, make_task
 
+# Share of the normal training images held out (never fitted on) to set a threshold without test labels.
+DEFAULT_VAL_FRACTION = 0.1
+
 
 @dataclass(frozen=True)
 class Job:
@@ -43,6 +46,7 @@ class Job:
     params: dict               # constructor arguments, random_state and device included
     target: str = ""           # the method's "module:Class", so a method registered at run time
                                # (a plugin, a test detector) also loads in parallel workers
+    label: str = ""            # the method's display label, written into the record for the reports
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,7 @@ class RunSettings:
     provenance: dict           # versions, git commit, host, command
     force: bool = False        # --force: retrain jobs recorded before this run began ...
     started_at: float = 0.0    # ... (time.time() at its start; newer records are another runner's)
+    val_fraction: float = DEFAULT_VAL_FRACTION  # held-out normal training images (0: none)
 
 
 @dataclass
@@ -100,11 +105,23 @@ def provenance(argv: list[str]) -> dict:
 
 
 @lru_cache(maxsize=1)
-def _task(dataset: str, data_root: Optional[str], download: bool, normal_class: int, protocol: str,
-          base_profile: str) -> Task:
+def _task(dataset: str, data_root: Optional[str], download: bool, normal_class: int, protocol: str, base_profile: str,
+          val_fraction: float = 0.0) -> Task:
     """The last task is kept: jobs are ordered dataset -> class -> method -> seed."""
-    data = load_dataset(dataset, data_root, download)
-    return make_task(data, normal_class, protocol, PROFILE_SUBSAMPLE[base_profile])
+    return make_task(load_dataset(dataset, data_root, download), normal_class, protocol,
+                     PROFILE_SUBSAMPLE[base_profile], val_fraction)
+
+
+def _method_label(job: Job) -> str:
+    """The display label the tables use (the reports read it from the record, never the registry)."""
+    if job.label:
+        return job.label
+    from methods import get_method
+
+    try:
+        return get_method(job.key.method).label
+    except KeyError:
+        return job.key.method
 
 
 def _limit_threads(threads: int) -> None:
@@ -144,17 +161,18 @@ def run_job(job: Job, settings: RunSettings, blocking: bool = False) -> JobOutco
             "schema_version": SCHEMA_VERSION, "dataset": key.dataset, "normal_class": key.normal_class,
             "method": key.method, "seed": key.seed, "profile": key.profile, "base_profile": job.base_profile,
             "protocol": key.protocol, "status": "failed", "metrics": None,
-            "hyperparameter_overrides": settings.overrides,
+            "hyperparameter_overrides": settings.overrides, "method_label": _method_label(job),
         }
-        scores = labels = None
+        scores = labels = val_scores = None
         try:
             task = _task(key.dataset, settings.data_root, settings.download, key.normal_class, key.protocol,
-                         job.base_profile)
+                         job.base_profile, settings.val_fraction)
             subsample = PROFILE_SUBSAMPLE[job.base_profile]
             record["sizes"] = task.sizes
             record["sampling"] = {"sample_seed": task.sample_seed, "max_train": subsample.max_train,
                                   "max_test_normal": subsample.max_test_normal,
-                                  "max_test_anomalous": subsample.max_test_anomalous}
+                                  "max_test_anomalous": subsample.max_test_anomalous,
+                                  "val_fraction": settings.val_fraction}
             detector = build_detector(job)
             record["hyperparameters"] = detector.get_params()
             record["method_class"] = f"{type(detector).__module__}.{type(detector).__name__}"
@@ -175,6 +193,8 @@ def run_job(job: Job, settings: RunSettings, blocking: bool = False) -> JobOutco
                 n_bad = int((~np.isfinite(scores)).sum())
                 raise DivergedError(epoch=-1, step=-1, detail=f"{n_bad} non-finite test scores")
             record["metrics"] = evaluate(scores, labels)
+            if getattr(task, "x_val", None) is not None and len(task.x_val):
+                val_scores = _validation_metrics(detector, task, scores, record)
             record["status"] = "ok"
         except DivergedError as exc:
             record["status"] = "diverged"
@@ -192,12 +212,27 @@ def run_job(job: Job, settings: RunSettings, blocking: bool = False) -> JobOutco
         record.update({"seconds": elapsed, "created_at": created_at,
                        "threads": settings.threads_per_job, **settings.provenance})
         record.setdefault("run_info", {"device": str(job.params.get("device", "cpu"))})
-        write_record(results_dir, key, record, scores, labels)
+        write_record(results_dir, key, record, scores, labels,
+                     {"val_scores": val_scores} if scores is not None and val_scores is not None else None)
         auroc = record["metrics"]["auroc"] if record["status"] == "ok" else None
         message = record.get("error", {}).get("message", "") if record["status"] != "ok" else ""
         return JobOutcome(key, record["status"], message, auroc, elapsed)
     finally:
         lock.release()
+
+
+def _validation_metrics(detector: Any, task: Task, scores: np.ndarray, record: dict) -> Optional[np.ndarray]:
+    """Score the held-out normal images; record the metrics at their VAL_PERCENTILE threshold
+    (no test labels used) as `metrics_val_threshold`. Non-finite validation scores leave it out."""
+    t0 = time.perf_counter()
+    val_scores = np.asarray(detector.decision_function(task.x_val), dtype=np.float64)
+    record["val_score_seconds"] = time.perf_counter() - t0
+    if not np.all(np.isfinite(val_scores)):
+        record["metrics_val_threshold"] = None
+        record["val_threshold_problem"] = f"{int((~np.isfinite(val_scores)).sum())} non-finite validation scores"
+        return val_scores
+    record["metrics_val_threshold"] = validation_threshold_metrics(scores, task.y_test, val_scores, VAL_PERCENTILE)
+    return val_scores
 
 
 def _auroc_tracker(task: Task, sink: list) -> Callable:

@@ -4,6 +4,9 @@
   original training split; test = the anomalous images of the training split + the whole test split.
 - protocol "standard" (Deep SVDD / GANomaly papers): same train; test = the test split only.
 Labels: 1 = anomaly, 0 = normal. Images: float32 (N, C, H, W) in [0, 1] at native size.
+A validation split (`val_fraction` of the normal training images, never fitted on) is held out
+to set a detection threshold without test labels; drawn with the task's sample seed, so it is the
+same for every method and seed.
 """
 from __future__ import annotations
 
@@ -66,13 +69,15 @@ class Task:
     x_test: np.ndarray
     y_test: np.ndarray
     sample_seed: int
+    x_val: Optional[np.ndarray] = None  # held-out normal training images (None: no validation split)
 
     @property
     def sizes(self) -> dict:
         """Image counts: n_train, n_test, n_test_normal, n_test_anomalous."""
         n_anomalous = int(self.y_test.sum())
-        return {"n_train": int(len(self.x_train)), "n_test": int(len(self.y_test)),
-                "n_test_normal": int(len(self.y_test) - n_anomalous), "n_test_anomalous": n_anomalous}
+        sizes = {"n_train": int(len(self.x_train)), "n_test": int(len(self.y_test)),
+                 "n_test_normal": int(len(self.y_test) - n_anomalous), "n_test_anomalous": n_anomalous}
+        return sizes if self.x_val is None else {**sizes, "n_val": int(len(self.x_val))}
 
 
 def to_float(images: np.ndarray) -> np.ndarray:
@@ -87,7 +92,7 @@ def _cap(indices: np.ndarray, cap: Optional[int], rng: np.random.Generator) -> n
 
 
 def make_task(data: Dataset, normal_class: int, protocol: str = "paper",
-              subsample: Subsample = Subsample()) -> Task:
+              subsample: Subsample = Subsample(), val_fraction: float = 0.0) -> Task:
     """Build the task in which `normal_class` is normal and every other class anomalous.
 
     Parameters
@@ -100,6 +105,9 @@ def make_task(data: Dataset, normal_class: int, protocol: str = "paper",
         The split protocol (module docstring; docs/method.md, 'Split protocol').
     subsample : Subsample
         Caps on the images (the profile's).
+    val_fraction : float
+        Share in [0, 1) of the (capped) normal training images held out as ``x_val``, drawn from
+        its own generator so that the test sample does not change.
 
     Returns
     -------
@@ -110,6 +118,8 @@ def make_task(data: Dataset, normal_class: int, protocol: str = "paper",
     ValueError
         For an unknown protocol or a class out of range.
     """
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}; valid choices: {', '.join(PROTOCOLS)}")
     if not 0 <= normal_class < len(data.class_names):
@@ -118,6 +128,11 @@ def make_task(data: Dataset, normal_class: int, protocol: str = "paper",
     rng = np.random.default_rng(sample_seed)
 
     train_idx = _cap(np.flatnonzero(data.train_labels == normal_class), subsample.max_train, rng)
+    val_idx = np.array([], dtype=np.int64)
+    if val_fraction > 0:
+        n_val = max(1, int(round(val_fraction * len(train_idx))))
+        held = np.random.default_rng([sample_seed, 1]).permutation(len(train_idx))[:n_val]
+        val_idx, train_idx = train_idx[np.sort(held)], np.delete(train_idx, held)
     test_normal = np.flatnonzero(data.test_labels == normal_class)
     test_anomalous = np.flatnonzero(data.test_labels != normal_class)
     pool = [(data.test_images, test_normal, test_anomalous)]
@@ -133,7 +148,7 @@ def make_task(data: Dataset, normal_class: int, protocol: str = "paper",
     x_test = np.concatenate([x_normal, x_anomalous])
     y_test = np.concatenate([np.zeros(len(x_normal), np.int8), np.ones(len(x_anomalous), np.int8)])
     return Task(data.name, normal_class, protocol, to_float(data.train_images[train_idx]), to_float(x_test),
-                y_test, sample_seed)
+                y_test, sample_seed, to_float(data.train_images[val_idx]) if val_fraction > 0 else None)
 
 
 def _take(parts: list, cap: Optional[int], rng: np.random.Generator) -> np.ndarray:

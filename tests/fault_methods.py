@@ -349,10 +349,12 @@ def job_classes(data_root: Path, classes: Iterable[int], method_class: str = "Sl
     """{job name in the log: normal class} for the smoke profile's MNIST tasks."""
     from benchmark.data import load_dataset
     from benchmark.profiles import PROFILE_SUBSAMPLE
+    from benchmark.runner import DEFAULT_VAL_FRACTION
     from benchmark.splits import make_task
 
     data = load_dataset("mnist", data_root, download=False)
-    return {job_name(method_class, seed, make_task(data, k, "paper", PROFILE_SUBSAMPLE["smoke"]).x_train): k
+    return {job_name(method_class, seed,
+                     make_task(data, k, "paper", PROFILE_SUBSAMPLE["smoke"], DEFAULT_VAL_FRACTION).x_train): k
             for k in classes}
 
 
