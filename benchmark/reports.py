@@ -264,6 +264,9 @@ def write_reports(results_dir: Path, reports_dir: Path, profile: str, protocol: 
             save(f"diagnostics_{dataset}{suffix}.md", _to_markdown(
                 f"Per-epoch diagnostic on {TITLES[dataset]}: final model vs best epoch ON THE TEST SET",
                 [("AUROC (the second number of each method is optimistic, chosen on test labels):", diagnostics)], footer))
+    from benchmark.verdict import verdict_sections  # seeds, verdicts, ranks, tests, best epoch, memory health
+    for section in verdict_sections(frame, results_dir, profile, protocol):
+        save(f"{section.stem}{suffix}.md", _to_markdown(section.title, section.tables, section.footer + "\n" + footer))
     title = f"Table 4: mean threshold metrics on MNIST ({profile} profile, {protocol} protocol)"
     t4 = table4(frame)
     note = ("Threshold: the Youden-optimal ROC point on the test labels (the paper's rule; optimistic). "
