@@ -231,11 +231,11 @@ def rank_table(frame: pd.DataFrame, dataset: str) -> tuple[Optional[pd.DataFrame
     paper_rows = paper.loc[[CLASS_NAMES[dataset][c] for c in complete.index], shown]
     paper_ranks = pd.DataFrame([stats.rankdata(-row.to_numpy(dtype=float), method="average") for _, row in paper_rows.iterrows()],
                                columns=shown) if shown else pd.DataFrame()
-    table = pd.DataFrame({"mean rank (ours)": ranks.mean(),
-                          "mean rank (paper, same detectors and classes)": paper_ranks.mean() if shown else np.nan})
-    table["mean rank (ours)"] = table["mean rank (ours)"].map(lambda v: f"{v:.2f}")
-    table.iloc[:, 1] = table.iloc[:, 1].map(lambda v: DASH if pd.isna(v) else f"{v:.2f}")
-    table = table.loc[ranks.mean().sort_values(kind="stable").index]
+    order = ranks.mean().sort_values(kind="stable").index
+    paper_mean = paper_ranks.mean() if shown else pd.Series(dtype=float)
+    table = pd.DataFrame({"mean rank (ours)": [f"{ranks[m].mean():.2f}" for m in order],
+                          "mean rank (paper, same detectors and classes)":
+                              [f"{paper_mean[m]:.2f}" if m in paper_mean.index else DASH for m in order]}, index=order)
     table.index.name = "detector"
     n_classes = len(complete)
     caption = (f"Mean rank over {n_classes} class{'es' if n_classes != 1 else ''} (rank 1 = the highest seed-mean "
@@ -430,6 +430,8 @@ def verdict_sections(frame: pd.DataFrame, results_dir: Path, profile: str, proto
         ranks, caption = rank_table(frame, dataset)
         if ranks is not None:
             section.tables.append((caption, ranks))
+        else:
+            section.footer += f"\n{caption}\n"
         tests, sentences = wilcoxon_table(frame, dataset)
         if tests is not None:
             section.tables.append((f"Wilcoxon signed-rank tests, {REFERENCE_METHOD} against each detector (paired by "
