@@ -45,6 +45,7 @@ VERDICT_RULE = ("Verdict: **reproduced** when the paper's value lies within our 
                 "**not reproduced (ours higher)** when it is below; no verdict with fewer than two seeds. "
                 "A wide band (few seeds, unstable training) makes 'reproduced' easy: read it with the sd.")
 BEST_EPOCH_TITLE = "best epoch on the test set (optimistic; what the paper probably reported)"
+BEST_EPOCH_COLUMN = "best epoch on test set (optimistic)"
 HEALTH_COLUMNS = {"memory_slots_in_use": "slots in use", "memory_slots_per_query": "slots per query",
                   "memory_max_weight": "mean largest weight", "query_norm": "mean ||z||",
                   "memory_row_norm": "mean memory-row norm"}
@@ -329,7 +330,7 @@ def best_epoch_table(frame: pd.DataFrame, dataset: str) -> Optional[pd.DataFrame
     columns = {}
     for label in _labels(subset):
         runs = subset[subset["label"] == label]
-        for kind, column in (("final", "auroc"), (BEST_EPOCH_TITLE, "best_epoch_auroc_on_test")):
+        for kind, column in (("final", "auroc"), (BEST_EPOCH_COLUMN, "best_epoch_auroc_on_test")):
             cells = []
             for i, class_name in enumerate(classes):
                 mean, sd, n = mean_sd(runs.loc[runs["normal_class"] == i, column].to_numpy(dtype=float))

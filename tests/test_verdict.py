@@ -123,7 +123,7 @@ def test_best_epoch_table_beside_final():
             ("mnist", 1, "GANomaly", 0, "ok", 0.80, None)]  # no --track-auroc: not in the table
     table = best_epoch_table(_frame(rows), "mnist")
     assert list(table.columns) == ["Mem_GANomaly: final",
-                                   "Mem_GANomaly: best epoch on the test set (optimistic; what the paper probably reported)",
+                                   "Mem_GANomaly: best epoch on test set (optimistic)",
                                    "Mem_GANomaly: paper"]
     assert table.loc["0"].tolist() == ["0.9100 ± 0.0141", "0.9600 ± 0.0141", "0.9910"]
     assert table.loc["mean"].iloc[0] == "0.9100 [1/10 classes]"
