@@ -44,7 +44,11 @@ def test_fig6_without_records_is_a_usage_error(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def test_fig45_smoke_on_fake_mnist(tmp_path):
+def test_fig45_smoke_on_fake_mnist(tmp_path, monkeypatch):
+    import methods.mem_ganomaly
+
+    small = {"*": {**methods.mem_ganomaly.PROFILES["smoke"]["*"], "nz": 8, "ngf": 8, "ndf": 8}}  # the same path, cheaper
+    monkeypatch.setitem(methods.mem_ganomaly.PROFILES, "smoke", small)
     data = tmp_path / "data"
     write_fake_mnist(data)
     out = tmp_path / "figures"
