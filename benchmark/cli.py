@@ -20,6 +20,8 @@ from benchmark.records import JobKey, ResultsWriteError, existing_record, iter_r
 from benchmark.reports import write_reports
 from benchmark.runner import DEFAULT_VAL_FRACTION, Job, RunSettings, execute, provenance
 from benchmark.splits import PROTOCOLS
+from benchmark.sweeps import SweepError, SweepSpec, parse_sweep, write_sensitivity
+from benchmark.sweeps import set_tag as sweep_set_tag
 
 PROFILES = PROFILE_NAMES
 MAX_SEED = 2**32 - 1
@@ -74,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="override a hyperparameter (e.g. epochs=2, mem_ganomaly.lr=2e-4); results go to "
                              "<profile>+<tag> so they never mix with the profile's own")
     parser.add_argument("--tag", help="name of the results variant for --set runs (default: derived from --set)")
+    parser.add_argument("--sweep", action="append", default=[], metavar="METHOD.PARAM=V1,V2,...",
+                        help="sensitivity sweep: run METHOD once per value (results in <profile>+sweep-METHOD.PARAM=V), "
+                             "then write a sensitivity table and figure; one --sweep per run")
     parser.add_argument("--track-auroc", action="store_true",
                         help="diagnostic: record the test AUROC after every epoch (never used to pick a model)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -148,13 +153,16 @@ def parse_config(argv: Sequence[str]) -> argparse.Namespace:
     if not 0.0 <= args.val_fraction <= 0.5:
         raise UsageError(f"--val-fraction must be in [0, 0.5], got {args.val_fraction}")
     val_tag = "" if args.val_fraction == DEFAULT_VAL_FRACTION else f"+val{args.val_fraction:g}"
-    if args.report_only and not args.overrides and not args.tag:
+    args.val_tag = val_tag
+    if args.report_only and not args.overrides and not args.tag and not args.sweep:
         # The reports need no detector code: no method (or torch) import, so this starts fast.
         args.profile_dir = args.profile + val_tag
+        args.sweep_spec = None
         return args
     from methods import get_method
     from methods.torch_base import resolve_device
 
+    args.sweep_spec = _parse_sweep(args)
     args.methods = args.methods or _registry_names()
     for name in args.methods:
         try:
@@ -173,12 +181,50 @@ def parse_config(argv: Sequence[str]) -> argparse.Namespace:
         raise UsageError(str(exc)) from None
     args.override_map, overrides_flat = _parse_overrides(args.overrides, args.methods)
     args.profile_dir = args.profile
-    if args.override_map or args.tag:
+    if args.sweep_spec is not None:
+        spec = args.sweep_spec
+        if spec.param in args.override_map.get(spec.method, {}):
+            raise UsageError(f"--sweep {spec.name} and --set {spec.name}: the swept parameter cannot also be set")
+        # A non-default --val-fraction goes into the sweep's directory names too.
+        args.sweep_tag = "+".join(filter(None, [sweep_set_tag(overrides_flat, args.tag), val_tag.lstrip("+")]))
+    elif args.override_map or args.tag:
         tag = args.tag or "+".join(f"{k}={v}" for k, v in sorted(overrides_flat.items()))
         tag = re.sub(r"[^A-Za-z0-9_.=+-]", "_", tag)
         args.profile_dir = f"{args.profile}+{tag}"
-    args.profile_dir += val_tag
+    if args.sweep_spec is None:
+        args.profile_dir += val_tag
     return args
+
+
+def _parse_sweep(args: argparse.Namespace) -> Optional[SweepSpec]:
+    """The --sweep spec (one per run); with it, --methods defaults to (and may only be) its method."""
+    if not args.sweep:
+        return None
+    if len(args.sweep) > 1:
+        raise UsageError(f"one --sweep per run, got {len(args.sweep)}: {', '.join(args.sweep)}; run them one after another")
+    try:
+        spec = parse_sweep(args.sweep[0])
+    except SweepError as exc:
+        raise UsageError(str(exc)) from None
+    if args.methods and list(dict.fromkeys(args.methods)) != [spec.method]:
+        raise UsageError(f"--sweep {spec.name} runs only {spec.method}; drop --methods or give --methods {spec.method}")
+    args.methods = [spec.method]
+    return spec
+
+
+def sweep_variants(args: argparse.Namespace) -> list[argparse.Namespace]:
+    """One configuration per swept value (its own profile directory and overrides); [args]
+    itself without --sweep."""
+    spec = args.sweep_spec
+    if spec is None:
+        return [args]
+    variants = []
+    for text, value in zip(spec.values, spec.parsed_values()):
+        variant = argparse.Namespace(**vars(args))
+        variant.override_map = {spec.method: {**args.override_map.get(spec.method, {}), spec.param: value}}
+        variant.profile_dir = spec.profile_dir(args.profile, text, args.sweep_tag)
+        variants.append(variant)
+    return variants
 
 
 def _parse_overrides(items: list[str], methods: list[str]) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
@@ -271,11 +317,19 @@ def check_writable(directory: Path) -> None:
 
 
 def _report(args: argparse.Namespace) -> None:
-    for _, _, problem in iter_records(Path(args.results_dir) / args.profile_dir):
-        if problem:
-            print(f"warning: {problem}; treated as missing in the tables", file=sys.stderr)
-    files = write_reports(Path(args.results_dir), Path(args.reports_dir), args.profile_dir, args.protocol)
-    print(f"reports written to {Path(args.reports_dir) / args.profile_dir} ({len(files)} files)")
+    for variant in sweep_variants(args):
+        for _, _, problem in iter_records(Path(args.results_dir) / variant.profile_dir):
+            if problem:
+                print(f"warning: {problem}; treated as missing in the tables", file=sys.stderr)
+        files = write_reports(Path(args.results_dir), Path(args.reports_dir), variant.profile_dir, args.protocol)
+        print(f"reports written to {Path(args.reports_dir) / variant.profile_dir} ({len(files)} files)")
+    if args.sweep_spec is not None:
+        files = write_sensitivity(Path(args.results_dir), Path(args.reports_dir), args.profile, args.sweep_spec,
+                                  args.sweep_tag, args.protocol)
+        for path in files:
+            print(f"sensitivity: {path}")
+        if not files:
+            print(f"sensitivity: no records of the sweep {args.sweep_spec.name} yet", file=sys.stderr)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -285,12 +339,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             args = parse_config(argv)
         except SystemExit as exit_:  # argparse: --help (0) or a malformed command line (2)
             return int(exit_.code or 0)
+        variants = sweep_variants(args)
+        if args.report_only and args.sweep_spec is None:
+            _report(args)
+            return 0
+        jobs_per_variant = [build_jobs(variant) for variant in variants]
+        for jobs in jobs_per_variant:  # every swept value checked before anything is written
+            validate_jobs(jobs)
         if args.report_only:
             _report(args)
             return 0
         results_dir = Path(args.results_dir)
-        jobs = build_jobs(args)
-        validate_jobs(jobs)
         for dataset in args.datasets:  # every data file checked before any training starts
             load_dataset(dataset, args.data_root, download=not args.no_download)
         check_writable(results_dir)  # last: a usage or data error leaves nothing on disk
@@ -301,6 +360,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"{prog_name()}: data error: {exc}", file=sys.stderr)
         return 2
 
+    exit_code = 0
+    for variant, jobs in zip(variants, jobs_per_variant):
+        code = _run_jobs(variant, jobs, argv)
+        if code == 130:
+            return 130
+        exit_code = max(exit_code, code)
+    try:
+        _report(args)
+    except OSError as exc:
+        print(f"{prog_name()}: could not write the reports: {exc}; the records are intact, rerun with --report-only",
+              file=sys.stderr)
+        exit_code = 1
+    return exit_code
+
+
+def _run_jobs(args: argparse.Namespace, jobs: list[Job], argv: list[str]) -> int:
+    """Run the jobs of one configuration that have no ok / diverged record yet. Returns 0, 1 (a
+    job failed or diverged, or the results folder became unwritable) or 130 (interrupted)."""
+    results_dir = Path(args.results_dir)
     pending, already, unreadable = [], [], []
     for job in jobs:
         record, problem = (None, None) if args.force else existing_record(results_dir, job.key)
@@ -321,7 +399,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                            provenance=provenance([prog_name(), *argv]),
                            force=args.force, started_at=time.time(), val_fraction=args.val_fraction)
     started = time.perf_counter()
-    exit_code = 0
     try:
         outcomes = execute(pending, settings, args.n_jobs, progress=not args.no_progress)
     except KeyboardInterrupt:
@@ -334,12 +411,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"ran {len(outcomes)} jobs in {time.perf_counter() - started:.1f} s: "
           f"{sum(o.status == 'ok' for o in outcomes)} ok, {sum(o.status == 'failed' for o in outcomes)} failed, "
           f"{sum(o.status == 'diverged' for o in outcomes)} diverged")
-    if bad:
-        exit_code = 1
-    try:
-        _report(args)
-    except OSError as exc:
-        print(f"{prog_name()}: could not write the reports: {exc}; the records are intact, rerun with --report-only",
-              file=sys.stderr)
-        exit_code = 1
-    return exit_code
+    return 1 if bad else 0

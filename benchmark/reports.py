@@ -35,6 +35,7 @@ from benchmark.datasets import TITLES
 from benchmark.metrics import METRIC_NAMES, THRESHOLD_METRICS
 from benchmark.records import _atomic_write, iter_records
 from benchmark.render import DASH, Cell, ReportTable, format_value
+from benchmark.verdict import verdict_sections
 
 TABLE4_CSV = "table4_mnist_threshold_metrics.csv"
 METRIC_LABELS = {"gmean": "gmean", "false_alarm_rate": "false-alarm rate", "miss_rate": "miss rate"}
@@ -433,6 +434,13 @@ def write_reports(results_dir: Path, reports_dir: Path, profile: str, protocol: 
             save(f"diagnostics_{dataset}{suffix}.md", _markdown(diagnostics.caption, [diagnostics], footer).encode())
             tables.append(diagnostics)
         sections.append((title, tables, pictures))
+    # Seeds, verdicts, ranks and tests; best epoch on the test set; memory health (benchmark/verdict.py).
+    for section in verdict_sections(frame, results_dir, profile, protocol):
+        verdict_tables = [ReportTable(caption=caption, label=f"{section.stem}{suffix}-{i}", frame=table)
+                          for i, (caption, table) in enumerate(section.tables)]
+        save(f"{section.stem}{suffix}.md",
+             _markdown(section.title, verdict_tables, section.footer + "\n\n" + footer).encode())
+        sections.append((section.title, verdict_tables, []))
     t4 = table4(frame, profile, protocol)
     if t4 is not None:
         title = f"Table 4: mean threshold metrics on MNIST ({profile} profile, {protocol} protocol)"

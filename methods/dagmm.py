@@ -237,7 +237,7 @@ class DAGMM(TorchDetector):
                 log[key].append(value)
             if epoch_callback is not None:
                 self._estimate_mixture(x_train, epoch)  # eval-mode passes only: training is unchanged
-                self._end_epoch(epoch, epoch_callback)
+            self._end_epoch(epoch, epoch_callback)
         self._estimate_mixture(x_train, self.epochs)
 
     @torch.no_grad()

@@ -26,17 +26,13 @@ from __future__ import annotations
 
 from typing import Iterable, Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from methods.base import (
-    EpochCallback,
-    check_nonneg_float,
-    check_positive_float,
-    check_positive_int,
-    iterate_minibatches,
-)
+from methods.base import (EpochCallback, check_images, check_nonneg_float, check_positive_float, check_positive_int,
+                          iterate_minibatches)
 from methods.blocks import DCGANDecoder, DCGANDiscriminator, DCGANEncoder
 from methods.preprocess import resize, to_minus_one_one
 from methods.torch_base import DivergenceMonitor, TorchDetector, init_dcgan_weights
@@ -177,6 +173,54 @@ class GANomaly(TorchDetector):
     def _score_batch(self, x: torch.Tensor) -> torch.Tensor:
         _, z, z_hat, _ = self._reconstruct(x)
         return self._latent_distance(z, z_hat)
+
+    # ---- inspection (figures) --------------------------------------------------------------------
+    def _outputs(self, X: np.ndarray) -> tuple[torch.Tensor, ...]:
+        """(x_hat, z, z_hat) of a fitted model on [0, 1] images, eval mode, in score batches."""
+        X = check_images(X)
+        if tuple(X.shape[1:]) != getattr(self, "input_shape_", None):
+            raise ValueError(f"images of shape {X.shape[1:]} do not match the training images "
+                             f"{getattr(self, 'input_shape_', None)}; call fit first")
+        self._set_mode(train=False)
+        parts: list[tuple[torch.Tensor, ...]] = []
+        with torch.inference_mode():
+            for start in range(0, len(X), self.score_batch_size):
+                chunk = torch.from_numpy(np.ascontiguousarray(X[start:start + self.score_batch_size])).to(self.device_)
+                x_hat, z, z_hat, _ = self._reconstruct(self._preprocess(chunk))
+                parts.append((x_hat.float().cpu(), z.float().cpu(), z_hat.float().cpu()))
+        return tuple(torch.cat([p[i] for p in parts]) for i in range(3))
+
+    def latents(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The latent codes of eq. 1 and eq. 3 of a fitted model.
+
+        Parameters
+        ----------
+        X : np.ndarray
+            float32 images (N, C, H, W) in [0, 1], of the training images' shape.
+
+        Returns
+        -------
+        (z, z_hat) : tuple of np.ndarray
+            Each (N, nz): z = G_E(x), z_hat = E(G_D(z')) (eval mode).
+        """
+        _, z, z_hat = self._outputs(X)
+        return z.numpy(), z_hat.numpy()
+
+    def reconstruct(self, X: np.ndarray) -> np.ndarray:
+        """The reconstructions x_hat of a fitted model, mapped from [-1, 1] back to [0, 1].
+
+        Parameters
+        ----------
+        X : np.ndarray
+            float32 images (N, C, H, W) in [0, 1], of the training images' shape.
+
+        Returns
+        -------
+        np.ndarray
+            (N, C, 32, 32) float32 in [0, 1] (the network works at 32 x 32).
+        """
+        x_hat, _, _ = self._outputs(X)
+        return ((x_hat.clamp(-1, 1) + 1) / 2).numpy()
 
     def _training_facts(self) -> dict:
         """Extra facts for training_log_ (Mem_GANomaly adds its preset)."""

@@ -43,7 +43,7 @@ from torch import nn
 
 from methods.base import check_choice, check_nonneg_float
 from methods.ganomaly import GANomaly
-from methods.memory import MemoryModule, addressing_entropy, check_memory_params
+from methods.memory import MemoryModule, addressing_entropy, check_memory_params, memory_health
 
 # The eta weights of eq. 31 (and of the -log D(x_hat) term) for each preset.
 PRESETS: dict[str, dict[str, float]] = {
@@ -91,6 +91,7 @@ class MemGANomaly(GANomaly):
     """
 
     _d_loss_scale = 1.0  # eq. 32 sums the two BCE terms (GANomaly halves them)
+    _epoch_facts_sample_size = 512  # the memory's health per epoch, on the first 512 training images
 
     def __init__(self, epochs: int = 60, batch_size: int = 64, lr: float = 2e-3, beta1: float = 0.5,
                  beta2: float = 0.999, nz: int = 100, ngf: int = 64, ndf: int = 64,
@@ -164,6 +165,16 @@ class MemGANomaly(GANomaly):
     def _latent_distance(self, z: torch.Tensor, z_hat: torch.Tensor) -> torch.Tensor:
         """Eq. 33: l1 latent distance (mean over the nz entries)."""
         return (z - z_hat).abs().mean(dim=1)
+
+    @torch.no_grad()
+    def _epoch_facts(self) -> dict[str, float]:
+        """The memory's health (methods.memory.memory_health) on the fixed sample, eval mode."""
+        self._set_mode(train=False)
+        x = self._facts_sample_
+        z = torch.cat([self.netg_["encoder"](x[i:i + self.score_batch_size]).flatten(1)
+                       for i in range(0, len(x), self.score_batch_size)])
+        self._set_mode(train=True)
+        return memory_health(self.netg_["memory"], z)
 
     def _training_facts(self) -> dict:
         return {"preset": self.preset, "loss_weights": self.loss_weights(),

@@ -35,15 +35,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from methods.base import (
-    EpochCallback,
-    check_choice,
-    check_nonneg_float,
-    check_positive_float,
-    check_positive_int,
-    iterate_minibatches,
-)
-from methods.memory import MemoryModule, addressing_entropy, check_memory_params
+from methods.base import (EpochCallback, check_choice, check_nonneg_float, check_positive_float,
+                          check_positive_int, iterate_minibatches)
+from methods.memory import MemoryModule, addressing_entropy, check_memory_params, memory_health
 from methods.preprocess import to_minus_one_one
 from methods.torch_base import DivergenceMonitor, TorchDetector, init_dcgan_weights
 
@@ -196,6 +190,18 @@ class MemAE(TorchDetector):
             check_positive_int("max_steps_per_epoch", self.max_steps_per_epoch)
         check_choice("score", self.score, ("mse", "position_l2"))
         check_choice("memory_layout", self.memory_layout, ("position", "image"))
+
+    _epoch_facts_sample_size = 512  # the memory's health per epoch, on the first 512 training images
+
+    @torch.no_grad()
+    def _epoch_facts(self) -> dict[str, float]:
+        """The memory's health (methods.memory.memory_health) on the fixed sample, eval mode:
+        one query per bottleneck position ("position") or per image ("image")."""
+        self._set_mode(train=False)
+        x = self._facts_sample_
+        z = torch.cat([self.net_.encoder(x[i:i + self.score_batch_size]) for i in range(0, len(x), self.score_batch_size)])
+        self._set_mode(train=True)
+        return memory_health(self.net_.memory, z if self.memory_layout == "position" else z.flatten(1))
 
     def _preprocess(self, x: torch.Tensor) -> torch.Tensor:
         return to_minus_one_one(x)  # native size, no resizing (see the module docstring)

@@ -151,3 +151,35 @@ def addressing_entropy(weights: torch.Tensor, eps: float = 1e-12) -> torch.Tenso
         A scalar.
     """
     return -(weights * torch.log(weights.clamp_min(eps))).sum(dim=1).mean()
+
+
+@torch.no_grad()
+def memory_health(memory: MemoryModule, queries: torch.Tensor) -> dict[str, float]:
+    """How the memory is used by a fixed set of queries: a collapse (an encoder whose queries
+    outgrow the memory rows, a softmax that saturates, the hard shrink leaving a few slots)
+    shows here without reading code.
+
+    Parameters
+    ----------
+    memory : MemoryModule
+        The memory, addressed as in training (eqs. 15-20, shrink and renormalisation included).
+    queries : torch.Tensor
+        (B, C) query vectors (one per image) or (B, C, H, W) maps (one query per position).
+
+    Returns
+    -------
+    dict
+        ``memory_slots_in_use``: slots whose addressing weight w' is > 0 for at least one query
+        (of N); ``memory_slots_per_query``: mean number of slots with w' > 0 per query;
+        ``memory_max_weight``: mean over queries of the largest w'; ``query_norm``: mean l2 norm
+        of the queries (||z||); ``memory_row_norm``: mean l2 norm of the N memory rows.
+    """
+    if queries.dim() == 4:
+        queries = queries.permute(0, 2, 3, 1).reshape(-1, queries.shape[1])
+    weights = memory.address(queries.float())
+    used = weights > 0
+    return {"memory_slots_in_use": float(used.any(dim=0).sum()),
+            "memory_slots_per_query": float(used.sum(dim=1).float().mean()),
+            "memory_max_weight": float(weights.max(dim=1).values.mean()),
+            "query_norm": float(queries.float().norm(dim=1).mean()),
+            "memory_row_norm": float(memory.memory.float().norm(dim=1).mean())}

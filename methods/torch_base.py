@@ -76,6 +76,9 @@ class TorchDetector(Detector, abc.ABC):
     random_state: int
     device: str
     score_batch_size: int
+    # Training images kept (the first ones, preprocessed) for `_epoch_facts`; 0 = none. Detectors
+    # that measure something per epoch on a fixed sample (the memory's health) raise it.
+    _epoch_facts_sample_size: int = 0
 
     # ---- to implement -------------------------------------------------------------------
     @abc.abstractmethod
@@ -115,8 +118,15 @@ class TorchDetector(Detector, abc.ABC):
         self.generator_.manual_seed(int(self.random_state))
         self.input_shape_ = tuple(X.shape[1:])
         self.training_log_ = {}
+        self.per_epoch_facts_: dict[str, list[float]] = {}
         x_train = self._preprocess(torch.from_numpy(np.ascontiguousarray(X)).to(self.device_))
-        self._fit(x_train, epoch_callback)
+        self._facts_sample_ = x_train[:self._epoch_facts_sample_size]  # a view, dropped after training
+        try:
+            self._fit(x_train, epoch_callback)
+        finally:
+            del self._facts_sample_
+        if self.per_epoch_facts_:
+            self.training_log_["per_epoch"] = self.per_epoch_facts_
         self._set_mode(train=False)
         return self
 
@@ -124,9 +134,22 @@ class TorchDetector(Detector, abc.ABC):
         for net in self._networks():
             net.train(train)
 
+    def _epoch_facts(self) -> dict[str, float]:
+        """Measurements of the model at the end of an epoch, appended to
+        `training_log_["per_epoch"][name]` (default: none). An implementation must leave training
+        unchanged: no_grad, no random draws, no parameter or BatchNorm-statistics change, and the
+        networks back in train mode. `self._facts_sample_` holds the first
+        `_epoch_facts_sample_size` preprocessed training images."""
+        return {}
+
     def _end_epoch(self, epoch: int, epoch_callback: Optional[EpochCallback]) -> None:
-        """Call at the end of each epoch: runs the (diagnostic) callback, whose scoring switches
-        the networks to eval mode, then puts them back in train mode."""
+        """Call at the end of each epoch (every training loop does, callback or not): records
+        `_epoch_facts()`, then runs the (diagnostic) callback, whose scoring switches the networks
+        to eval mode, then puts them back in train mode."""
+        for name, value in self._epoch_facts().items():
+            self.per_epoch_facts_.setdefault(name, []).append(float(value))
+        if self.per_epoch_facts_ and isinstance(self.training_log_, dict):
+            self.training_log_["per_epoch"] = self.per_epoch_facts_  # visible to the callback too
         if epoch_callback is not None:
             epoch_callback(epoch, self)
             self._set_mode(train=True)
