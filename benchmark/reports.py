@@ -395,6 +395,7 @@ def write_reports(results_dir: Path, reports_dir: Path, profile: str, protocol: 
                 f"{stem}.png",
                 f"roc_{dataset}{suffix}.png",
                 f"diagnostics_{dataset}{suffix}.md",
+                *(f"{kind}_{dataset}{suffix}.md" for kind in ("seeds", "best_epoch", "memory_health")),
             ):
                 (out_dir / stale).unlink(missing_ok=True)
             continue

@@ -351,7 +351,7 @@ def load_memory_health(results_dir: Path, profile: str, protocol: Optional[str] 
     """The last epoch's memory health (training_log.per_epoch, recorded by MemAE and
     Mem_GANomaly) of every ok record that has it: one row per record. Older records without it
     are simply absent."""
-    from methods import REGISTRY
+    from benchmark.reports import display_label
 
     rows = []
     for _, record, _ in iter_records(Path(results_dir) / profile):
@@ -361,9 +361,8 @@ def load_memory_health(results_dir: Path, profile: str, protocol: Optional[str] 
         if not isinstance(per_epoch, dict) or not per_epoch.get("memory_slots_in_use"):
             continue
         hyper = record.get("hyperparameters") or {}
-        spec = REGISTRY.get(record["method"])
         rows.append({"dataset": record["dataset"], "normal_class": int(record["normal_class"]),
-                     "label": spec.label if spec else record["method"], "seed": record["seed"],
+                     "label": display_label(record), "seed": record["seed"],
                      "epochs": len(per_epoch["memory_slots_in_use"]),
                      "slots": hyper.get("memory_size", hyper.get("num_slots")),
                      **{key: (per_epoch.get(key) or [math.nan])[-1] for key in HEALTH_COLUMNS}})
@@ -446,7 +445,7 @@ def verdict_sections(frame: pd.DataFrame, results_dir: Path, profile: str, proto
                 [(f"AUROC, mean ± sd over seeds: the final model (our result) and the {BEST_EPOCH_TITLE}:", best)],
                 "The best-epoch column is chosen on the TEST labels after every epoch (--track-auroc): optimistic, "
                 "never our result and never used for anything else; it is shown because the paper probably "
-                "reported it (METHOD.md).\n"))
+                "reported it (docs/method.md).\n"))
         health_table = memory_health_table(health, dataset)
         if health_table is not None:
             sections.append(Section(f"memory_health_{dataset}", f"Memory health at the last epoch: {title}",

@@ -31,8 +31,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from methods.base import (EpochCallback, check_images, check_nonneg_float, check_positive_float, check_positive_int,
-                          iterate_minibatches)
+from methods.base import (
+    EpochCallback,
+    check_images,
+    check_nonneg_float,
+    check_positive_float,
+    check_positive_int,
+    iterate_minibatches,
+)
 from methods.blocks import DCGANDecoder, DCGANDiscriminator, DCGANEncoder
 from methods.preprocess import resize, to_minus_one_one
 from methods.torch_base import DivergenceMonitor, TorchDetector, init_dcgan_weights

@@ -35,8 +35,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from methods.base import (EpochCallback, check_choice, check_nonneg_float, check_positive_float,
-                          check_positive_int, iterate_minibatches)
+from methods.base import (
+    EpochCallback,
+    check_choice,
+    check_nonneg_float,
+    check_positive_float,
+    check_positive_int,
+    iterate_minibatches,
+)
 from methods.memory import MemoryModule, addressing_entropy, check_memory_params, memory_health
 from methods.preprocess import to_minus_one_one
 from methods.torch_base import DivergenceMonitor, TorchDetector, init_dcgan_weights

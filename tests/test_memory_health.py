@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from methods.memae import MemAE
 from methods.mem_ganomaly import MemGANomaly
+from methods.memae import MemAE
 from methods.memory import MemoryModule, memory_health
 from methods.torch_base import TorchDetector
 

@@ -41,6 +41,8 @@ def test_report_folder_holds_only_what_was_run(demo):
         "records.csv",
         "roc_cifar10.png",
         "roc_mnist.png",
+        "seeds_cifar10.md",  # the reproduction verdict (benchmark/verdict.py)
+        "seeds_mnist.md",
         "table1_mnist_auroc.md",
         "table1_mnist_auroc.png",
         "table1_mnist_auroc.tex",
@@ -103,7 +105,10 @@ def test_page_in_headless_chromium(demo, tmp_path):
         "ROC curves on MNIST",
     ):
         assert caption in text, caption
-    assert dom.count("<table>") == 5 and dom.count("<img") == 4
+    # Tables 1, 3 (+ its difference table), 4: 5 tables; per dataset the verdict's 4 (cells, verdicts,
+    # mean ranks, Wilcoxon tests).
+    assert dom.count("<table>") == 5 + 2 * 4 and dom.count("<img") == 4
+    assert "Verdict against the paper" in text
     for label in ("iForest", "DAGMM", "f-AnoGAN", "MemAE", "GANomaly", "DSVDD", "Mem_GANomaly", "pyod:knn"):
         assert label in text
 

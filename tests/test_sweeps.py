@@ -55,7 +55,7 @@ def test_cli_usage_errors_exit_2_and_write_nothing(extra, tmp_path, capsys):
     code = main(["--dataset", "mnist", "--profile", "smoke", "--results-dir", str(results), "--reports-dir", str(reports),
                  "--data-root", str(tmp_path / "nodata"), "--no-download", *extra])
     assert code == 2
-    assert "run_all.py: error:" in capsys.readouterr().err
+    assert ": error:" in capsys.readouterr().err
     assert not results.exists() and not reports.exists()
 
 

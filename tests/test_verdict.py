@@ -9,8 +9,21 @@ import pandas as pd
 import pytest
 
 from benchmark.reports import load_records, write_reports
-from benchmark.verdict import (NO_VERDICT, OURS_HIGHER, OURS_LOWER, REPRODUCED, best_epoch_table, format_cell, mean_sd,
-                               rank_table, seeds_tables, verdict, wilcoxon_sentence, wilcoxon_table, wilcoxon_test)
+from benchmark.verdict import (
+    NO_VERDICT,
+    OURS_HIGHER,
+    OURS_LOWER,
+    REPRODUCED,
+    best_epoch_table,
+    format_cell,
+    mean_sd,
+    rank_table,
+    seeds_tables,
+    verdict,
+    wilcoxon_sentence,
+    wilcoxon_table,
+    wilcoxon_test,
+)
 from record_factory import write_fake_record
 
 
