@@ -337,7 +337,8 @@ def run_dask(unit: Callable, items: Sequence[Any], settings: Any, n_parallel: in
     whose worker died more often than the scheduler's `distributed.scheduler.allowed-failures`
     (Dask reruns a task whose worker died on another worker until then).
 
-    Each job is its own Dask task: a lost worker costs only its own jobs, and the others go on.
+    Each job is its own Dask task, handed out when a worker thread is free: a worker that dies
+    loses only the job it was running, and the others go on.
 
     Parameters
     ----------
@@ -370,14 +371,28 @@ def run_dask(unit: Callable, items: Sequence[Any], settings: Any, n_parallel: in
             from dask.distributed import as_completed
 
             if own_cluster:  # idle workers too (a worker restarted later does it before its first job)
+                client.wait_for_workers(n_workers, timeout=300)
                 client.run(prepare_worker, setup)
             unit_in_worker = InWorker(unit, setup)
-            for index, item in enumerate(items):
-                future = client.submit(unit_in_worker, index, item, settings, pure=False,
-                                       key=f"{getattr(unit, '__name__', 'unit')}-{index}-{uuid.uuid4().hex}")
-                futures[future] = item
-            for future in as_completed(list(futures)):
+            pending = list(enumerate(items))
+            done = as_completed()
+
+            def submit_while_free() -> None:
+                # On our own cluster, one job per worker thread at a time: a job is handed out only
+                # when a thread is free, so a worker that dies takes no queued job down with it. A
+                # cluster of unknown (or adaptive) size gets every job at once and queues them.
+                capacity = max(1, sum(client.nthreads().values())) if own_cluster else len(items)
+                while pending and len(futures) < capacity:
+                    index, item = pending.pop(0)
+                    future = client.submit(unit_in_worker, index, item, settings, pure=False,
+                                           key=f"{getattr(unit, '__name__', 'unit')}-{index}-{uuid.uuid4().hex}")
+                    futures[future] = item
+                    done.add(future)
+
+            submit_while_free()
+            for future in done:
                 item = futures.pop(future)
+                submit_while_free()
                 if future.status == "cancelled":
                     yield item, Lost("cancelled by the Dask scheduler")
                     continue
