@@ -14,14 +14,14 @@ import signal
 import subprocess
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import numpy as np
 
-from benchmark.data import load_dataset
+from benchmark.data import load_dataset, resolve_data_root
 from benchmark.metrics import evaluate
 from benchmark.records import (SCHEMA_VERSION, JobKey, JobLock, ResultsWriteError, existing_record,
                                remove_stray_temp_files, write_record)
@@ -185,7 +185,8 @@ def run_job(job: Job, settings: RunSettings, blocking: bool = False) -> JobOutco
             scores = None
         elapsed = time.perf_counter() - started
         record.update({"seconds": elapsed, "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                       "threads": settings.threads_per_job, **settings.provenance})
+                       "threads": settings.threads_per_job, **settings.provenance,
+                       "worker_host": platform.node()})  # optional field: where the job ran ("host" is the runner's)
         record.setdefault("run_info", {"device": str(job.params.get("device", "cpu"))})
         write_record(results_dir, key, record, scores, labels)
         auroc = record["metrics"]["auroc"] if record["status"] == "ok" else None
@@ -246,6 +247,9 @@ def execute(jobs: list[Job], settings: RunSettings, n_parallel: int, progress: b
             bar.write(f"[{outcome.status}] {outcome.key.label()}: {first_line}")
 
     devices = [str(job.params["device"]) for job in jobs if "device" in job.params]
+    if backend == "dask":  # workers elsewhere, started elsewhere: the same absolute paths on every host
+        settings = replace(settings, results_dir=Path(settings.results_dir).resolve(),
+                           data_root=str(resolve_data_root(settings.data_root).resolve()))
     deferred: list[Job] = []
     try:
         if not jobs:
