@@ -283,8 +283,9 @@ def run_local(unit: Callable, items: Sequence[Any], settings: Any, n_parallel: i
     from joblib import Parallel, delayed
 
     n_workers = max(1, min(n_parallel, len(items)))
-    with _gpu_slots(gpus_to_spread(devices, visible_gpus(), n_workers)) as slots:
-        setup = _setup(True, gpus_to_spread(devices, visible_gpus(), n_workers), slots)
+    gpus = gpus_to_spread(devices, visible_gpus(), n_workers)
+    with _gpu_slots(gpus) as slots:
+        setup = _setup(True, gpus, slots)
         parallel = Parallel(n_jobs=n_workers, return_as="generator_unordered", backend="loky",
                             initializer=prepare_worker, initargs=(setup,))
         unit_in_worker = InWorker(unit, setup)

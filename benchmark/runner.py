@@ -253,7 +253,7 @@ def execute(jobs: list[Job], settings: RunSettings, n_parallel: int, progress: b
     deferred: list[Job] = []
     try:
         if not jobs:
-            results: Any = iter(())
+            results: Any = (pair for pair in ())
         elif backend == "dask":
             results = run_dask(run_job, jobs, settings, n_parallel, devices, scheduler)
         elif n_parallel <= 1:

@@ -25,6 +25,7 @@ from fault_methods import (assert_same_outcomes, cli_args, in_process, job_class
                            live_group_members, log_events, output_of, outcomes, select, shared_run_fixtures,
                            temp_files, wait_for)
 
+pytestmark = pytest.mark.usefixtures("in_process")  # imported from fault_methods
 CLASSES = (0, 1, 2, 3)
 STARTUP = 180  # seconds a subprocess may take to import torch & co. (and start Dask workers) on a loaded machine
 EXIT_WAIT = 30  # seconds the workers of a killed runner may take to notice and exit
@@ -124,9 +125,10 @@ def _workers_in_log(log: Path) -> dict[int, str]:
     return {pid: job for event, pid, job in log_events(log) if event == "start"}
 
 
-@pytest.mark.parametrize("backend", ["local", "dask"])
-def test_killed_runner_leaves_no_workers_and_rerun_completes(backend, data, reference, tmp_path, processes,
-                                                             in_process, monkeypatch):
+@pytest.mark.parametrize("backend, sig", [("local", signal.SIGKILL), ("dask", signal.SIGKILL), ("dask", signal.SIGTERM)])
+def test_killed_runner_leaves_no_workers_and_rerun_completes(backend, sig, data, reference, tmp_path, processes,
+                                                             monkeypatch):
+    """SIGKILL: the workers notice and exit. SIGTERM (as Ctrl-C): exit 130, the runner stops them."""
     results, log = tmp_path / "results", tmp_path / "log"
     runner = launch(cli_args(data, results, tmp_path / "reports", "--jobs", "2", "--backend", backend), tmp_path,
                     FAULT_LOG=str(log), FAULT_EPOCH_SECONDS="2")
@@ -136,10 +138,12 @@ def test_killed_runner_leaves_no_workers_and_rerun_completes(backend, data, refe
     assert runner.pid not in workers
 
     killed = time.monotonic()
-    os.kill(runner.pid, signal.SIGKILL)
-    assert runner.wait(timeout=60) == -signal.SIGKILL
+    os.kill(runner.pid, sig)
+    code = runner.wait(timeout=60)
+    assert code == (130 if sig == signal.SIGTERM else -signal.SIGKILL), output_of(runner)
     wait_for(lambda: not any(process_alive(pid) for pid in workers), EXIT_WAIT, f"workers {workers} to exit")
-    print(f"{backend}: runner {runner.pid} killed; workers {workers} gone after {time.monotonic() - killed:.1f} s")
+    print(f"{backend}: runner {runner.pid} got signal {sig}, exit {code}; workers {workers} gone after "
+          f"{time.monotonic() - killed:.1f} s")
     wait_for(lambda: live_group_members(runner.pid) == [], EXIT_WAIT, "every process of the run to exit")
 
     names = job_classes(data, CLASSES)
@@ -163,7 +167,7 @@ def _kill_worker_training(log: Path, names: dict, normal_class: int) -> int:
 
 
 def test_dask_worker_killed_mid_run_is_reported_lost_and_rerun_completes(data, reference, tmp_path, processes,
-                                                                         in_process, monkeypatch):
+                                                                         monkeypatch):
     """A real LocalCluster of 2 worker processes. Dask reruns a task whose worker died until
     `allowed-failures`; at 0, the first death loses the job."""
     results, log = tmp_path / "results", tmp_path / "log"
@@ -204,7 +208,7 @@ def test_dask_reruns_the_job_of_a_killed_worker_by_default(data, reference, tmp_
 
 
 def test_local_worker_killed_mid_run_loses_unfinished_jobs_and_rerun_completes(data, reference, tmp_path, processes,
-                                                                              in_process, monkeypatch):
+                                                                              monkeypatch):
     """loky stops its whole pool when a worker dies: the jobs without a result are lost."""
     results, log = tmp_path / "results", tmp_path / "log"
     names = job_classes(data, CLASSES)
@@ -222,3 +226,11 @@ def test_local_worker_killed_mid_run_loses_unfinished_jobs_and_rerun_completes(d
     assert main(cli_args(data, results, tmp_path / "reports")) == 0
     assert temp_files(results) == []
     assert_same_outcomes(outcomes(results), reference[0])
+
+
+@pytest.mark.parametrize("extra, message", [(["--backend", "spark"], "unknown backend 'spark'; valid choices: local, dask"),
+                                            (["--scheduler", "tcp://head:8786"], "--scheduler needs --backend dask")])
+def test_backend_usage_errors_exit_2_and_write_nothing(extra, message, data, tmp_path, capsys):
+    assert main(cli_args(data, tmp_path / "results", tmp_path / "reports", *extra)) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "results").exists() and not (tmp_path / "reports").exists()
