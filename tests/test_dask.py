@@ -125,7 +125,8 @@ def _workers_in_log(log: Path) -> dict[int, str]:
     return {pid: job for event, pid, job in log_events(log) if event == "start"}
 
 
-@pytest.mark.parametrize("backend, sig", [("local", signal.SIGKILL), ("dask", signal.SIGKILL), ("dask", signal.SIGTERM)])
+@pytest.mark.parametrize("backend, sig", [("local", signal.SIGKILL), ("dask", signal.SIGKILL),
+                                         ("dask", signal.SIGTERM)])
 def test_killed_runner_leaves_no_workers_and_rerun_completes(backend, sig, data, reference, tmp_path, processes,
                                                              monkeypatch):
     """SIGKILL: the workers notice and exit. SIGTERM (as Ctrl-C): exit 130, the runner stops them."""
@@ -220,7 +221,8 @@ def test_local_worker_killed_mid_run_loses_unfinished_jobs_and_rerun_completes(d
     out = output_of(runner)
     assert code == 1, out
     assert "mnist/slow/class1/seed0" in out.split("lost (")[1], out
-    assert_same_outcomes(outcomes(results), select(reference[0], [names[j] for e, _, j in log_events(log) if e == "end"]))
+    ended = [names[job] for event, _, job in log_events(log) if event == "end"]
+    assert_same_outcomes(outcomes(results), select(reference[0], ended))
 
     monkeypatch.setenv("FAULT_LOG", str(log))
     assert main(cli_args(data, results, tmp_path / "reports")) == 0
@@ -228,8 +230,9 @@ def test_local_worker_killed_mid_run_loses_unfinished_jobs_and_rerun_completes(d
     assert_same_outcomes(outcomes(results), reference[0])
 
 
-@pytest.mark.parametrize("extra, message", [(["--backend", "spark"], "unknown backend 'spark'; valid choices: local, dask"),
-                                            (["--scheduler", "tcp://head:8786"], "--scheduler needs --backend dask")])
+@pytest.mark.parametrize("extra, message", [
+    (["--backend", "spark"], "unknown backend 'spark'; valid choices: local, dask"),
+    (["--scheduler", "tcp://head:8786"], "--scheduler needs --backend dask")])
 def test_backend_usage_errors_exit_2_and_write_nothing(extra, message, data, tmp_path, capsys):
     assert main(cli_args(data, tmp_path / "results", tmp_path / "reports", *extra)) == 2
     assert message in capsys.readouterr().err
