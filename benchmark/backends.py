@@ -19,6 +19,7 @@ reports it as `Lost` and the run goes on; a rerun of the same command does it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import logging
 import os
@@ -189,8 +190,10 @@ def claim_slot(directory: str | Path) -> tuple[int, int]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             return slot, fd
-        except OSError:
+        except OSError as exc:
             os.close(fd)
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
             slot += 1
 
 
@@ -209,8 +212,9 @@ def _take_gpu(setup: WorkerSetup) -> None:
 
 
 def prepare_worker(setup: WorkerSetup) -> None:
-    """Run once per worker process (a loky initializer, a Dask worker plugin, and before each
-    job): the watchdog and the GPU, as the module docstring says."""
+    """Run once per worker process (loky's initializer, `client.run` on the workers of the
+    runner's LocalCluster, and before each job): the watchdog and the GPU, as the module
+    docstring says."""
     if setup.runner_pid:
         start_watchdog(setup.runner_pid, setup.runner_start)
     with _worker_lock:

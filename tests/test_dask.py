@@ -77,6 +77,35 @@ def test_worker_slots_are_exclusive_and_freed_when_their_holder_goes(tmp_path):
         os.close(fd)
 
 
+PLACED_WORKER = """
+import os, sys, time
+from benchmark.backends import WorkerSetup, prepare_worker
+prepare_worker(WorkerSetup(gpu_slots_dir=sys.argv[1], gpus=("3", "5")))
+print(os.environ["CUDA_VISIBLE_DEVICES"], flush=True)
+time.sleep(120)
+"""
+
+
+def test_each_worker_process_sees_only_its_gpu(tmp_path):
+    """Three worker processes of a run spread over two (faked) GPUs 3 and 5: 3, 5, 3."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    workers, seen = [], []
+    try:
+        for k in range(3):
+            out = tmp_path / f"out{k}"
+            with open(out, "w") as handle:
+                workers.append(subprocess.Popen([sys.executable, "-c", PLACED_WORKER, str(tmp_path)], stdout=handle,
+                                                env=env))
+            wait_for(lambda: out.read_text().strip() or workers[-1].poll() is not None, 120, f"worker {k}")
+            seen.append(out.read_text().strip())
+    finally:
+        for worker in workers:
+            worker.kill()
+            worker.wait()
+    assert seen == ["3", "5", "3"]
+
+
 # ---- the watchdog ---------------------------------------------------------------------------
 def test_process_alive_tells_running_dead_zombie_and_reused_pids():
     me = os.getpid()
