@@ -1,6 +1,7 @@
 """`memgan-bench ...` or `python run_all.py ...`: run the benchmark and write the reports. Exit
-codes: 0 all jobs ok, 1 some job failed or diverged (or the results folder became unwritable), 2 usage or data errors
-(nothing was trained), 130 interrupted (finished records are kept; rerun to continue)."""
+codes: 0 all jobs ok, 1 some job failed, diverged or was lost with its worker process (or the results folder
+became unwritable), 2 usage or data errors (nothing was trained), 130 interrupted (finished records are kept;
+rerun to continue)."""
 from __future__ import annotations
 
 import argparse
@@ -13,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from benchmark.backends import BackendUnavailable
 from benchmark.data import CLASS_NAMES, DATASETS, DataError, load_dataset, resolve_data_root
 from benchmark.datasets import did_you_mean
 from benchmark.profiles import PROFILE_NAMES
@@ -66,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--protocol", default="paper", help=f"split protocol: {', '.join(PROTOCOLS)} (default: paper)")
     parser.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda or cuda:N")
     parser.add_argument("--jobs", default="1", help="jobs in parallel (default: 1)")
+    parser.add_argument("--backend", default="local", help="where jobs run: local (worker processes of this machine) "
+                        "or dask (a Dask cluster: --scheduler's, else a local one of --jobs workers) (default: local)")
+    parser.add_argument("--scheduler", metavar="ADDRESS",
+                        help="with --backend dask: the scheduler to use (e.g. tcp://host:8786)")
     parser.add_argument("--data-root", help="dataset folder (default: $MEMGAN_DATA, else ./data)")
     parser.add_argument("--no-download", action="store_true", help="never download; fail if files are missing")
     parser.add_argument("--results-dir", default="results", help="where job records go (default: results/)")
@@ -179,6 +185,7 @@ def parse_config(argv: Sequence[str]) -> argparse.Namespace:
         resolve_device(args.device)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    _check_backend(args)
     args.override_map, overrides_flat = _parse_overrides(args.overrides, args.methods)
     args.profile_dir = args.profile
     if args.sweep_spec is not None:
@@ -225,6 +232,17 @@ def sweep_variants(args: argparse.Namespace) -> list[argparse.Namespace]:
         variant.profile_dir = spec.profile_dir(args.profile, text, args.sweep_tag)
         variants.append(variant)
     return variants
+
+
+def _check_backend(args: argparse.Namespace) -> None:
+    from benchmark.backends import BACKENDS, dask_available
+
+    if args.backend not in BACKENDS:
+        raise UsageError(f"unknown backend {args.backend!r}; valid choices: {', '.join(BACKENDS)}")
+    if args.scheduler and args.backend != "dask":
+        raise UsageError("--scheduler needs --backend dask")
+    if args.backend == "dask" and not dask_available():
+        raise UsageError('--backend dask needs dask.distributed; install it with pip install -e ".[dask]"')
 
 
 def _parse_overrides(items: list[str], methods: list[str]) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
@@ -377,7 +395,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def _run_jobs(args: argparse.Namespace, jobs: list[Job], argv: list[str]) -> int:
     """Run the jobs of one configuration that have no ok / diverged record yet. Returns 0, 1 (a
-    job failed or diverged, or the results folder became unwritable) or 130 (interrupted)."""
+    job failed, diverged or was lost, or the results folder became unwritable), 2 (the backend could not
+    start) or 130 (interrupted)."""
     results_dir = Path(args.results_dir)
     pending, already, unreadable = [], [], []
     for job in jobs:
@@ -400,15 +419,21 @@ def _run_jobs(args: argparse.Namespace, jobs: list[Job], argv: list[str]) -> int
                            force=args.force, started_at=time.time(), val_fraction=args.val_fraction)
     started = time.perf_counter()
     try:
-        outcomes = execute(pending, settings, args.n_jobs, progress=not args.no_progress)
+        outcomes = execute(pending, settings, args.n_jobs, progress=not args.no_progress,
+                           backend=args.backend, scheduler=args.scheduler)
+    except BackendUnavailable as exc:
+        print(f"{prog_name()}: error: {exc}; nothing was trained", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("\ninterrupted: finished jobs are recorded; run the same command again to do the rest", file=sys.stderr)
         return 130
     except ResultsWriteError as exc:
         print(f"{prog_name()}: cannot write results: {exc}; records already written are intact", file=sys.stderr)
         return 1
-    bad = [o for o in outcomes if o.status in ("failed", "diverged")] + [s for s in already if s == "diverged"]
+    bad = [o for o in outcomes if o.status in ("failed", "diverged", "lost")] + [s for s in already if s == "diverged"]
+    lost = [o.key.label() for o in outcomes if o.status == "lost"]
     print(f"ran {len(outcomes)} jobs in {time.perf_counter() - started:.1f} s: "
           f"{sum(o.status == 'ok' for o in outcomes)} ok, {sum(o.status == 'failed' for o in outcomes)} failed, "
-          f"{sum(o.status == 'diverged' for o in outcomes)} diverged")
+          f"{sum(o.status == 'diverged' for o in outcomes)} diverged"
+          + (f", {len(lost)} lost (worker died; rerun to do them: {', '.join(lost)})" if lost else ""))
     return 1 if bad else 0

@@ -2,8 +2,8 @@
 
 Every job is trained with a fixed budget, scored once, and written atomically; an existing
 `ok` or `diverged` record is skipped (a `failed` one is retried) unless `force`; a failing job
-is recorded and the rest go on; jobs run in parallel through joblib with per-worker thread
-limits; each dataset is read once per process.
+is recorded and the rest go on; jobs run in parallel through joblib (or on a Dask cluster,
+benchmark/backends.py) with per-worker thread limits; each dataset is read once per process.
 """
 from __future__ import annotations
 
@@ -14,14 +14,14 @@ import signal
 import subprocess
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import numpy as np
 
-from benchmark.data import load_dataset
+from benchmark.data import load_dataset, resolve_data_root
 from benchmark.metrics import VAL_PERCENTILE, evaluate, validation_threshold_metrics
 from benchmark.profiles import PROFILE_SUBSAMPLE
 from benchmark.records import (
@@ -67,7 +67,8 @@ class RunSettings:
 @dataclass
 class JobOutcome:
     key: JobKey
-    status: str                # ok / failed / diverged / claimed (another runner holds it)
+    status: str                # ok / failed / diverged / claimed (another runner holds it) /
+                               # lost (its worker process died: no record, a rerun does it)
     message: str = ""
     auroc: Optional[float] = None
     seconds: float = 0.0
@@ -210,7 +211,8 @@ def run_job(job: Job, settings: RunSettings, blocking: bool = False) -> JobOutco
         elapsed = time.perf_counter() - started
         created_at = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
         record.update({"seconds": elapsed, "created_at": created_at,
-                       "threads": settings.threads_per_job, **settings.provenance})
+                       "threads": settings.threads_per_job, **settings.provenance,
+                       "worker_host": platform.node()})  # optional field: where the job ran ("host" is the runner's)
         record.setdefault("run_info", {"device": str(job.params.get("device", "cpu"))})
         write_record(results_dir, key, record, scores, labels,
                      {"val_scores": val_scores} if scores is not None and val_scores is not None else None)
@@ -263,10 +265,17 @@ def _install_sigterm_handler() -> None:
         signal.signal(signal.SIGTERM, handler)
 
 
-def execute(jobs: list[Job], settings: RunSettings, n_parallel: int, progress: bool = True) -> list[JobOutcome]:
-    """Run the jobs (already filtered for existing records). Jobs another runner holds are
-    retried at the end, waiting for its lock, so they are done exactly once."""
+def execute(jobs: list[Job], settings: RunSettings, n_parallel: int, progress: bool = True,
+            backend: str = "local", scheduler: Optional[str] = None) -> list[JobOutcome]:
+    """Run the jobs (already filtered for existing records): in this process (local, one job at
+    a time), in `n_parallel` local worker processes, or on a Dask cluster (benchmark/backends.py).
+    Jobs another runner holds are retried at the end, waiting for its lock, so they are done
+    exactly once. A job whose worker process died is reported `lost` (a rerun does it)."""
+    from contextlib import closing
+
     from tqdm.auto import tqdm
+
+    from benchmark.backends import Lost, run_dask, run_local
 
     _install_sigterm_handler()
     outcomes: list[JobOutcome] = []
@@ -276,24 +285,30 @@ def execute(jobs: list[Job], settings: RunSettings, n_parallel: int, progress: b
         bar.update(1)
         auroc = f"auroc={outcome.auroc:.4f}" if outcome.auroc is not None else outcome.status
         bar.set_postfix_str(f"{outcome.key.label()} {auroc}")
-        if outcome.status in ("failed", "diverged"):
+        if outcome.status in ("failed", "diverged", "lost"):
             first_line = outcome.message.splitlines()[0] if outcome.message else ""
             bar.write(f"[{outcome.status}] {outcome.key.label()}: {first_line}")
 
+    devices = [str(job.params["device"]) for job in jobs if "device" in job.params]
+    if backend == "dask":  # workers elsewhere, started elsewhere: the same absolute paths on every host
+        settings = replace(settings, results_dir=Path(settings.results_dir).resolve(),
+                           data_root=str(resolve_data_root(settings.data_root).resolve()))
     deferred: list[Job] = []
     try:
-        if n_parallel <= 1:
-            for job in jobs:
-                outcome = run_job(job, settings)
-                (deferred.append(job) if outcome.status == "claimed" else (outcomes.append(outcome), note(outcome)))
+        if not jobs:
+            results: Any = (pair for pair in ())
+        elif backend == "dask":
+            results = run_dask(run_job, jobs, settings, n_parallel, devices, scheduler)
+        elif n_parallel <= 1:
+            results = ((job, run_job(job, settings)) for job in jobs)
         else:
-            from joblib import Parallel, delayed
-
-            parallel = Parallel(n_jobs=n_parallel, return_as="generator_unordered", backend="loky")
-            by_key = {job.key: job for job in jobs}
-            for outcome in parallel(delayed(run_job)(job, settings) for job in jobs):
+            results = run_local(run_job, jobs, settings, n_parallel, devices)
+        with closing(results):
+            for job, result in results:
+                outcome = JobOutcome(job.key, "lost", f"its worker process died: {result.error}") \
+                    if isinstance(result, Lost) else result
                 if outcome.status == "claimed":
-                    deferred.append(by_key[outcome.key])
+                    deferred.append(job)
                 else:
                     outcomes.append(outcome)
                     note(outcome)

@@ -1,0 +1,421 @@
+"""Where the runner's jobs run: local worker processes (joblib's loky backend) or a Dask cluster,
+and what every worker process does first.
+
+A backend only ever calls `unit(item, settings)` (the runner's `run_job`), so another unit
+function can be swapped in. Every worker process of a run starts, once:
+
+- a watchdog thread that ends the process when the runner that started it has died (a SIGKILLed
+  runner otherwise leaves its loky workers alive, adopted by init, finishing the jobs handed to
+  them and then idling with their memory, and GPU memory, held). The job being trained is
+  abandoned: its lock is an flock, dropped by the OS, and its temp files are removed by the next
+  run that takes the job; records are written by atomic renames, so none is ever half-written.
+- with several visible GPUs and `--device cuda` (or `auto`), one GPU: worker slot k (a per-run
+  flock, so a worker that replaces a dead one takes its slot) gets GPU k mod n through
+  CUDA_VISIBLE_DEVICES, so `cuda` in that process is its own GPU.
+
+A job whose worker process died (killed, out of memory, segfault) has no result: the backend
+reports it as `Lost` and the run goes on; a rerun of the same command does it.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
+
+BACKENDS = ("local", "dask")
+RUNNER_GONE_EXIT = 75          # exit status of a worker whose runner died
+WATCHDOG_POLL_SECONDS = 1.0
+
+_worker_lock = threading.Lock()
+_watchdog: Optional[threading.Thread] = None
+_gpu_slot_fd: Optional[int] = None
+
+
+class BackendUnavailable(RuntimeError):
+    """The backend cannot start (Dask not installed, scheduler unreachable): nothing was run."""
+
+
+@dataclass(frozen=True)
+class Lost:
+    """The result of a job whose worker process died before it returned."""
+    error: str
+
+
+@dataclass(frozen=True)
+class WorkerSetup:
+    """What a worker process does once, before its first job (picklable).
+
+    Parameters
+    ----------
+    runner_pid : int
+        The runner whose death ends the worker; 0 = no watchdog (workers the runner did not start).
+    runner_start : str or None
+        The runner's start time as /proc gives it, so a reused pid is not taken for the runner.
+    gpu_slots_dir : str or None
+        Folder of per-run slot lock files when jobs are spread over several GPUs, else None.
+    gpus : tuple of str
+        The GPUs (CUDA_VISIBLE_DEVICES entries) to spread over; empty = leave the device alone.
+    """
+    runner_pid: int = 0
+    runner_start: Optional[str] = None
+    gpu_slots_dir: Optional[str] = None
+    gpus: tuple = ()
+
+
+# ---- watchdog -------------------------------------------------------------------------------
+def process_start_time(pid: int) -> Optional[str]:
+    """The start time of a process (field 22 of /proc/<pid>/stat), or None where there is no /proc."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def process_alive(pid: int, start_time: Optional[str] = None) -> bool:
+    """Whether process `pid` runs (a zombie does not) and, given its start time, is still the
+    same process (pids are reused).
+
+    Parameters
+    ----------
+    pid : int
+        The process id.
+    start_time : str or None
+        What `process_start_time(pid)` returned while the process was known to be alive.
+
+    Returns
+    -------
+    bool
+    """
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc (macOS): ask the kernel
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+    return fields[0] not in ("Z", "X") and (start_time is None or fields[19] == start_time)
+
+
+def start_watchdog(runner_pid: int, runner_start: Optional[str] = None,
+                   poll_seconds: float = WATCHDOG_POLL_SECONDS) -> threading.Thread:
+    """Start (once per process) a daemon thread that ends this process with os._exit as soon as
+    the runner is gone. Returns the thread."""
+    global _watchdog
+    with _worker_lock:
+        if _watchdog is not None:
+            return _watchdog
+        first_parent = os.getppid()
+
+        def watch() -> None:
+            while True:
+                # The parent changing (to init or a subreaper) is the quickest sign when the
+                # runner is our parent; the pid check also covers workers the runner is not the
+                # parent of, and pid reuse.
+                orphaned = first_parent == runner_pid and os.getppid() != runner_pid
+                if orphaned or not process_alive(runner_pid, runner_start):
+                    os._exit(RUNNER_GONE_EXIT)
+                threading.Event().wait(poll_seconds)
+
+        _watchdog = threading.Thread(target=watch, name="memgan-runner-watchdog", daemon=True)
+        _watchdog.start()
+        return _watchdog
+
+
+# ---- GPUs -----------------------------------------------------------------------------------
+def visible_gpus() -> list[str]:
+    """The GPUs this process may use, as CUDA_VISIBLE_DEVICES entries."""
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    try:
+        import torch
+
+        count = torch.cuda.device_count()
+    except Exception:
+        return []
+    if listed is not None:
+        return [entry.strip() for entry in listed.split(",") if entry.strip()][:count]
+    return [str(i) for i in range(count)]
+
+
+def gpus_to_spread(devices: Iterable[str], gpus: Sequence[str], n_workers: int) -> tuple:
+    """The GPUs the workers of a run are spread over: all of `gpus` when every job asks for
+    `cuda` or `auto` (no explicit `cuda:N`), there are at least two GPUs and two workers; else
+    none (the device is left as asked).
+
+    Parameters
+    ----------
+    devices : iterable of str
+        The `device` parameter of every job (jobs without one are left out).
+    gpus : sequence of str
+        The visible GPUs (`visible_gpus()`).
+    n_workers : int
+        Worker processes of the run.
+
+    Returns
+    -------
+    tuple of str
+    """
+    devices = set(devices)
+    if not devices or not devices <= {"cuda", "auto"} or len(gpus) < 2 or n_workers < 2:
+        return ()
+    return tuple(gpus)
+
+
+def gpu_for_slot(slot: int, gpus: Sequence[str]) -> str:
+    """Worker slot k -> GPU k mod n (round robin: one worker per GPU when workers = GPUs)."""
+    if not gpus:
+        raise ValueError("no GPUs to choose from")
+    return gpus[slot % len(gpus)]
+
+
+def claim_slot(directory: str | Path) -> tuple[int, int]:
+    """The lowest free worker slot of a run: an flock on <directory>/slot-<k>.lock held for the
+    life of the process (the OS frees it when the process dies). Returns (slot, fd)."""
+    slot = 0
+    while True:
+        fd = os.open(Path(directory) / f"slot-{slot}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return slot, fd
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+            slot += 1
+
+
+def _take_gpu(setup: WorkerSetup) -> None:
+    global _gpu_slot_fd
+    if not setup.gpus or setup.gpu_slots_dir is None or _gpu_slot_fd is not None:
+        return
+    slot, _gpu_slot_fd = claim_slot(setup.gpu_slots_dir)
+    gpu = gpu_for_slot(slot, setup.gpus)
+    import torch
+
+    if torch.cuda.is_initialized():  # too late to hide the other GPUs: make ours the default
+        torch.cuda.set_device(setup.gpus.index(gpu))
+    else:
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpu
+
+
+def prepare_worker(setup: WorkerSetup) -> None:
+    """Run once per worker process (loky's initializer, `client.run` on the workers of the
+    runner's LocalCluster, and before each job): the watchdog and the GPU, as the module
+    docstring says."""
+    if setup.runner_pid:
+        start_watchdog(setup.runner_pid, setup.runner_start)
+    with _worker_lock:
+        _take_gpu(setup)
+
+
+class InWorker:
+    """`unit(item, settings)` run in a worker after `prepare_worker`; returns (index, result)."""
+
+    def __init__(self, unit: Callable, setup: WorkerSetup) -> None:
+        self.unit = unit
+        self.setup = setup
+        self.__name__ = getattr(unit, "__name__", "unit")
+
+    def __call__(self, index: int, item: Any, settings: Any) -> tuple[int, Any]:
+        prepare_worker(self.setup)
+        return index, self.unit(item, settings)
+
+
+# ---- backends -------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _gpu_slots(gpus: tuple) -> Iterator[Optional[str]]:
+    if not gpus:
+        yield None
+        return
+    directory = tempfile.mkdtemp(prefix="memgan-gpu-slots-")
+    try:
+        yield directory
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def _setup(watch: bool, gpus: tuple, slots: Optional[str]) -> WorkerSetup:
+    pid = os.getpid()
+    return WorkerSetup(runner_pid=pid if watch else 0, runner_start=process_start_time(pid) if watch else None,
+                       gpu_slots_dir=slots, gpus=gpus if slots else ())
+
+
+def _worker_death(exc: BaseException) -> bool:
+    """Whether an exception from a pool means a worker process died (not the job's own error)."""
+    from concurrent.futures.process import BrokenProcessPool
+
+    from joblib.externals.loky.process_executor import TerminatedWorkerError
+
+    return isinstance(exc, (TerminatedWorkerError, BrokenProcessPool))
+
+
+def run_local(unit: Callable, items: Sequence[Any], settings: Any, n_parallel: int,
+              devices: Iterable[str] = ()) -> Iterator[tuple[Any, Any]]:
+    """Run `unit(item, settings)` for every item in `n_parallel` loky worker processes; yields
+    (item, result) in completion order, result a `Lost` for items whose worker died.
+
+    Parameters
+    ----------
+    unit : callable
+        Picklable, called as unit(item, settings) in a worker.
+    items : sequence
+        The work items (jobs).
+    settings : object
+        Passed to every call (picklable).
+    n_parallel : int
+        Worker processes (at most one per item).
+    devices : iterable of str
+        The items' `device` parameters, to decide on spreading over GPUs.
+
+    Yields
+    ------
+    (item, result or Lost)
+    """
+    from joblib import Parallel, delayed
+
+    n_workers = max(1, min(n_parallel, len(items)))
+    gpus = gpus_to_spread(devices, visible_gpus(), n_workers)
+    with _gpu_slots(gpus) as slots:
+        setup = _setup(True, gpus, slots)
+        parallel = Parallel(n_jobs=n_workers, return_as="generator_unordered", backend="loky",
+                            initializer=prepare_worker, initargs=(setup,))
+        unit_in_worker = InWorker(unit, setup)
+        done: set[int] = set()
+        try:
+            for index, result in parallel(delayed(unit_in_worker)(i, item, settings) for i, item in enumerate(items)):
+                done.add(index)
+                yield items[index], result
+        except Exception as exc:
+            if not _worker_death(exc):
+                raise
+            # loky cannot tell which job's worker died and stops the whole pool: every job
+            # without a result is lost (the rerun does them).
+            error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            for index, item in enumerate(items):
+                if index not in done:
+                    yield item, Lost(error)
+
+
+def dask_available() -> bool:
+    try:
+        import dask.distributed  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def open_dask_client(scheduler: Optional[str], n_workers: int) -> tuple[Any, Any]:
+    """A Client of the cluster at `scheduler`, or of a new LocalCluster of `n_workers` worker
+    processes with one thread each. Returns (client, cluster or None)."""
+    if not dask_available():
+        raise BackendUnavailable('--backend dask needs dask.distributed: pip install -e ".[dask]"')
+    from dask.distributed import Client, LocalCluster
+
+    if scheduler:
+        try:
+            return Client(scheduler, timeout="30s"), None
+        except (OSError, TimeoutError) as exc:
+            raise BackendUnavailable(f"cannot reach the Dask scheduler at {scheduler}: {exc}") from exc
+    cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=None,
+                           silence_logs=logging.ERROR)
+    return Client(cluster), cluster
+
+
+def run_dask(unit: Callable, items: Sequence[Any], settings: Any, n_parallel: int, devices: Iterable[str] = (),
+             scheduler: Optional[str] = None, client: Any = None) -> Iterator[tuple[Any, Any]]:
+    """Run `unit(item, settings)` for every item on a Dask cluster: the one at `scheduler` (or the
+    given `client`'s), else a LocalCluster of `n_parallel` worker processes started here and
+    closed at the end. Yields (item, result) in completion order, result a `Lost` for an item
+    whose worker died more often than the scheduler's `distributed.scheduler.allowed-failures`
+    (Dask reruns a task whose worker died on another worker until then).
+
+    Each job is its own Dask task, handed out when a worker thread is free: a worker that dies
+    loses only the job it was running, and the others go on.
+
+    Parameters
+    ----------
+    unit, items, settings, devices
+        As for `run_local`.
+    n_parallel : int
+        Worker processes of the LocalCluster (ignored with `scheduler` or `client`).
+    scheduler : str or None
+        Address of a running scheduler (e.g. tcp://host:8786).
+    client : dask.distributed.Client or None
+        An existing client to use instead (tests).
+
+    Yields
+    ------
+    (item, result or Lost)
+    """
+    own_cluster = scheduler is None and client is None
+    n_workers = max(1, min(n_parallel, len(items)))
+    gpus = gpus_to_spread(devices, visible_gpus(), n_workers) if own_cluster else ()
+    with _gpu_slots(gpus) as slots:
+        cluster = None
+        if client is None:
+            client, cluster = open_dask_client(scheduler, n_workers)
+        close_client = cluster is not None or scheduler is not None
+        # Workers of a cluster the runner did not start are not ended with it; a cluster set up
+        # for several GPUs (dask-cuda) has already given each worker its GPU.
+        setup = _setup(own_cluster, gpus, slots)
+        futures: dict = {}
+        try:
+            from dask.distributed import as_completed
+
+            if own_cluster:  # idle workers too (a worker restarted later does it before its first job)
+                client.wait_for_workers(n_workers, timeout=300)
+                client.run(prepare_worker, setup)
+            unit_in_worker = InWorker(unit, setup)
+            pending = list(enumerate(items))
+            done = as_completed()
+
+            def submit_while_free() -> None:
+                # On our own cluster, one job per worker thread at a time: a job is handed out only
+                # when a thread is free, so a worker that dies takes no queued job down with it. A
+                # cluster of unknown (or adaptive) size gets every job at once and queues them.
+                capacity = max(1, sum(client.nthreads().values())) if own_cluster else len(items)
+                while pending and len(futures) < capacity:
+                    index, item = pending.pop(0)
+                    future = client.submit(unit_in_worker, index, item, settings, pure=False,
+                                           key=f"{getattr(unit, '__name__', 'unit')}-{index}-{uuid.uuid4().hex}")
+                    futures[future] = item
+                    done.add(future)
+
+            submit_while_free()
+            for future in done:
+                item = futures.pop(future)
+                submit_while_free()
+                if future.status == "cancelled":
+                    yield item, Lost("cancelled by the Dask scheduler")
+                    continue
+                if future.status == "error" and _dask_worker_death(future.exception()):
+                    yield item, Lost(f"{type(future.exception()).__name__}: {future.exception()}")
+                    continue
+                _, result = future.result()  # the unit's own exceptions (e.g. ResultsWriteError) propagate
+                yield item, result
+        finally:
+            if futures:
+                client.cancel(list(futures), force=True)
+            if close_client:
+                client.close(timeout=10)
+            if cluster is not None:
+                cluster.close(timeout=10)
+
+
+def _dask_worker_death(exc: Optional[BaseException]) -> bool:
+    from distributed import KilledWorker
+
+    return isinstance(exc, KilledWorker)
