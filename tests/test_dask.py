@@ -18,12 +18,23 @@ import pytest
 
 pytest.importorskip("dask.distributed")
 
-from benchmark.backends import (claim_slot, gpu_for_slot, gpus_to_spread, process_alive,  # noqa: E402
-                                process_start_time)
+from benchmark.backends import claim_slot, gpu_for_slot, gpus_to_spread, process_alive, process_start_time  # noqa: E402
 from benchmark.cli import main  # noqa: E402
-from fault_methods import (assert_same_outcomes, cli_args, in_process, job_classes, launch,  # noqa: E402,F401
-                           live_group_members, log_events, output_of, outcomes, select, shared_run_fixtures,
-                           temp_files, wait_for)
+from fault_methods import (  # noqa: E402,F401
+    assert_same_outcomes,
+    cli_args,
+    in_process,
+    job_classes,
+    launch,
+    live_group_members,
+    log_events,
+    outcomes,
+    output_of,
+    select,
+    shared_run_fixtures,
+    temp_files,
+    wait_for,
+)
 
 pytestmark = pytest.mark.usefixtures("in_process")  # imported from fault_methods
 CLASSES = (0, 1, 2, 3)
