@@ -83,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "<profile>+<tag> so they never mix with the profile's own")
     parser.add_argument("--tag", help="name of the results variant for --set runs (default: derived from --set)")
     parser.add_argument("--sweep", action="append", default=[], metavar="METHOD.PARAM=V1,V2,...",
-                        help="sensitivity sweep: run METHOD once per value (results in <profile>+sweep-METHOD.PARAM=V), "
+                        help="sensitivity sweep: run METHOD once per value "
+                             "(results in <profile>+sweep-METHOD.PARAM=V), "
                              "then write a sensitivity table and figure; one --sweep per run")
     parser.add_argument("--track-auroc", action="store_true",
                         help="diagnostic: record the test AUROC after every epoch (never used to pick a model)")
@@ -208,7 +209,8 @@ def _parse_sweep(args: argparse.Namespace) -> Optional[SweepSpec]:
     if not args.sweep:
         return None
     if len(args.sweep) > 1:
-        raise UsageError(f"one --sweep per run, got {len(args.sweep)}: {', '.join(args.sweep)}; run them one after another")
+        raise UsageError(f"one --sweep per run, got {len(args.sweep)}: {', '.join(args.sweep)}; "
+                         "run them one after another")
     try:
         spec = parse_sweep(args.sweep[0])
     except SweepError as exc:

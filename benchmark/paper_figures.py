@@ -85,7 +85,8 @@ def fig6_curves(results_dir: Path, profile_glob: str, dataset: str = "cifar10", 
             if not per_epoch:
                 continue
             hyper = record.get("hyperparameters") or {}
-            curves.append({"memory_size": hyper.get("memory_size"), "epochs": hyper.get("epochs"), "lr": hyper.get("lr"),
+            curves.append({"memory_size": hyper.get("memory_size"), "epochs": hyper.get("epochs"),
+                           "lr": hyper.get("lr"),
                            "seed": record["seed"], "profile": record["profile"],
                            "base_profile": record.get("base_profile", record["profile"].split("+")[0]),
                            "aurocs": [e.get("auroc") for e in per_epoch], "final": record["metrics"]["auroc"],
@@ -118,7 +119,8 @@ def fig6(results_dir: Path, profile_glob: str, out: Path, dataset: str = "cifar1
         mean = np.nanmean(values, axis=0) if len(members) > 1 else values[0]
         label = f"N = {n}" + (f" ({epochs} ep, lr {lr:g})" if len(budgets) > 1 else "") + \
             (f", {len(members)} seeds" if len(members) > 1 else "")
-        ax.plot(np.arange(1, length + 1), mean, marker="o" if length <= 30 else None, ms=3, color=f"C{i % 10}", label=label)
+        ax.plot(np.arange(1, length + 1), mean, marker="o" if length <= 30 else None, ms=3, color=f"C{i % 10}",
+                label=label)
         finals = [m["final"] for m in members]
         rows.append(f"| {n} | {epochs} | {lr:g} | {base} | {len(members)} | {np.mean(finals):.4f} | "
                     f"{np.nanmax(mean):.4f} (epoch {int(np.nanargmax(mean)) + 1}) |")
@@ -133,16 +135,19 @@ def fig6(results_dir: Path, profile_glob: str, out: Path, dataset: str = "cifar1
     ax.legend(fontsize=8)
     fig.tight_layout()
     caption = (f"Fig. 6 redrawn: {TITLES.get(dataset, dataset)}, normal class {class_name} ({protocol} protocol), test "
-               f"AUROC after every epoch (--track-auroc: a diagnostic of training dynamics, never used to pick a model), "
+               f"AUROC after every epoch (--track-auroc: a diagnostic of training dynamics, "
+               f"never used to pick a model), "
                f"one curve per memory size N (mean over seeds where several). Budget: {budget}. Records: "
                f"`{results_dir}/{profile_glob}`.\n\n| N | epochs | lr | profile | seeds | final AUROC | "
-               f"best epoch on the test set (optimistic) |\n| --- | --- | --- | --- | --- | --- | --- |\n" + "\n".join(rows))
+               f"best epoch on the test set (optimistic) |\n| --- | --- | --- | --- | --- | --- | --- |\n"
+               + "\n".join(rows))
     return _save(fig, Path(out), caption)
 
 
 # ---- Figs. 4 and 5 ------------------------------------------------------------------------------
-def train_mem_ganomaly(x_train: np.ndarray, profile: str = "quick", dataset: str = "mnist", epochs: Optional[int] = None,
-                       lr: Optional[float] = None, seed: int = 0, device: str = "auto", max_steps: Optional[int] = None) -> Any:
+def train_mem_ganomaly(x_train: np.ndarray, profile: str = "quick", dataset: str = "mnist",
+                       epochs: Optional[int] = None, lr: Optional[float] = None, seed: int = 0, device: str = "auto",
+                       max_steps: Optional[int] = None) -> Any:
     """A Mem_GANomaly with the profile's settings for the dataset (and the given overrides),
     fitted on x_train."""
     from methods import get_method
@@ -214,7 +219,8 @@ def figure4(detector: Any, x_test: np.ndarray, digits: np.ndarray, normal_digit:
     fig.tight_layout()
     caption = (f"Fig. 4 redrawn: t-SNE (scikit-learn, 2 components, PCA init, random_state {seed}) of z - z_hat "
                f"({z.shape[1]} dimensions) from a Mem_GANomaly trained on the normal digit {normal_digit}"
-               + (f" ({budget})" if budget else "") + f". (a) a fixed random subsample of {len(idx_a)} MNIST test images "
+               + (f" ({budget})" if budget else "")
+               + f". (a) a fixed random subsample of {len(idx_a)} MNIST test images "
                f"(numpy default_rng({seed + FIG4_SEED_OFFSET})), normal vs anomalous; (b) {len(idx_b)} test images of "
                f"digits {pair[0]} and {pair[1]} only. t-SNE distances between clusters are not meaningful; the "
                "question is only whether the classes separate.")
@@ -259,8 +265,9 @@ def figure5(detector: Any, x_test: np.ndarray, digits: np.ndarray, normal_digit:
     fig.suptitle(f"MNIST test images (odd rows) and Mem_GANomaly reconstructions (even rows); trained on digit "
                  f"{normal_digit}, normal images framed in red" + (f"\n{budget}" if budget else ""), fontsize=9)
     fig.tight_layout()
-    caption = (f"Fig. 5 redrawn: {len(chosen)} MNIST test images ({per_digit} of every digit, a fixed random draw, numpy "
-               f"default_rng({seed + FIG5_SEED_OFFSET})) above their reconstructions x_hat (32 x 32, mapped back to [0, 1]) by "
+    caption = (f"Fig. 5 redrawn: {len(chosen)} MNIST test images ({per_digit} of every digit, a fixed random draw, "
+               f"numpy default_rng({seed + FIG5_SEED_OFFSET})) above their reconstructions x_hat "
+               f"(32 x 32, mapped back to [0, 1]) by "
                f"a Mem_GANomaly trained on digit {normal_digit}" + (f" ({budget})" if budget else "") +
                "; the normal images are framed in red.")
     return _save(fig, Path(path), caption)
@@ -280,7 +287,8 @@ def run_fig45(data_root: Optional[str], out_dir: Path, profile: str = "quick", e
     for normal_digit, draw in ((1, "fig4"), (0, "fig5")):
         detector = train_mem_ganomaly(to_float(data.train_images[data.train_labels == normal_digit]), profile, "mnist",
                                       epochs, lr, seed, device, max_steps)
-        budget = (f"{profile} profile: {detector.epochs} epoch{'s' if detector.epochs != 1 else ''}, lr {detector.lr:g}, "
+        budget = (f"{profile} profile: {detector.epochs} epoch{'s' if detector.epochs != 1 else ''}, "
+                  f"lr {detector.lr:g}, "
                   f"N = {detector.memory_size}, seed {seed}" + (f", at most {max_steps} steps" if max_steps else ""))
         if draw == "fig4":
             written += figure4(detector, x_test, digits, normal_digit, Path(out_dir) / "fig4_tsne.png", tsne_samples,
@@ -321,7 +329,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     try:
         if args.figure == "fig6":
-            name = f"fig6_{args.dataset}_class{args.normal_class}_auroc_per_epoch{'' if args.protocol == 'paper' else '_' + args.protocol}.png"
+            name = (f"fig6_{args.dataset}_class{args.normal_class}_auroc_per_epoch"
+                    f"{'' if args.protocol == 'paper' else '_' + args.protocol}.png")
             files = fig6(Path(args.results_dir), args.profile_glob, Path(args.out_dir) / name, args.dataset,
                          args.normal_class, args.protocol)
         else:
@@ -330,8 +339,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
             if args.lr is not None and not args.lr > 0:
                 raise ValueError(f"--lr must be > 0, got {args.lr}")
-            files = run_fig45(args.data_root, Path(args.out_dir), args.profile, args.epochs, args.lr, args.seed, args.device,
-                              args.tsne_samples, args.max_steps, download=not args.no_download)
+            files = run_fig45(args.data_root, Path(args.out_dir), args.profile, args.epochs, args.lr, args.seed,
+                              args.device, args.tsne_samples, args.max_steps, download=not args.no_download)
     except (ValueError, DataError) as exc:
         print(f"paper_figures: error: {exc}", file=sys.stderr)
         return 2

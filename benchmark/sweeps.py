@@ -118,7 +118,8 @@ def set_tag(overrides_as_written: dict[str, Any], tag: Optional[str]) -> str:
     return _UNSAFE.sub("_", "+".join(f"{k}={v}" for k, v in items))
 
 
-def load_sweep(results_dir: Path, profile: str, spec: SweepSpec, tag: str = "", protocol: str = "paper") -> pd.DataFrame:
+def load_sweep(results_dir: Path, profile: str, spec: SweepSpec, tag: str = "",
+               protocol: str = "paper") -> pd.DataFrame:
     """Every record of the sweep's method, one row each, with the value (as written) it ran with.
 
     Returns
@@ -179,7 +180,8 @@ def sensitivity_table(frame: pd.DataFrame, spec: SweepSpec, dataset: str) -> tup
             mean_text = format_cell(mean, sd, n, expected)
         else:
             class_means = ok.groupby("normal_class")["auroc"].mean()
-            mean_text = DASH if class_means.empty else f"{class_means.mean():.4f} [{len(class_means)}/{len(classes)} classes]"
+            mean_text = (DASH if class_means.empty
+                         else f"{class_means.mean():.4f} [{len(class_means)}/{len(classes)} classes]")
         rows[value] = [*cells, mean_text]
     table = pd.DataFrame.from_dict(rows, orient="index", columns=[*names, "mean over classes"])
     table.index.name = spec.param
@@ -211,7 +213,8 @@ def sensitivity_figure(frame: pd.DataFrame, spec: SweepSpec, dataset: str, path:
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for i, c in enumerate(sorted(ok["normal_class"].unique())):
         runs = ok[ok["normal_class"] == c]
-        y = [runs.loc[runs["value"] == v, "auroc"].mean() if (runs["value"] == v).any() else math.nan for v in spec.values]
+        y = [runs.loc[runs["value"] == v, "auroc"].mean() if (runs["value"] == v).any() else math.nan
+             for v in spec.values]
         ax.plot(x, y, marker="o", lw=1, alpha=0.7, color=f"C{i % 10}", label=f"class {CLASS_NAMES[dataset][int(c)]}")
     classes = ok["normal_class"].nunique()
     means, sds = [], []

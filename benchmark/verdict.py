@@ -232,7 +232,8 @@ def rank_table(frame: pd.DataFrame, dataset: str) -> tuple[Optional[pd.DataFrame
     paper = _paper(dataset)
     shown = [m for m in complete.columns if m in paper.columns]
     paper_rows = paper.loc[[CLASS_NAMES[dataset][c] for c in complete.index], shown]
-    paper_ranks = pd.DataFrame([stats.rankdata(-row.to_numpy(dtype=float), method="average") for _, row in paper_rows.iterrows()],
+    paper_ranks = pd.DataFrame([stats.rankdata(-row.to_numpy(dtype=float), method="average")
+                                for _, row in paper_rows.iterrows()],
                                columns=shown) if shown else pd.DataFrame()
     order = ranks.mean().sort_values(kind="stable").index
     paper_mean = paper_ranks.mean() if shown else pd.Series(dtype=float)
@@ -242,7 +243,8 @@ def rank_table(frame: pd.DataFrame, dataset: str) -> tuple[Optional[pd.DataFrame
     table.index.name = "detector"
     n_classes = len(complete)
     caption = (f"Mean rank over {n_classes} class{'es' if n_classes != 1 else ''} (rank 1 = the highest seed-mean "
-               f"AUROC of the class, ties averaged); only classes where all {complete.shape[1]} detectors have a result.")
+               f"AUROC of the class, ties averaged); only classes where all {complete.shape[1]} detectors "
+               f"have a result.")
     return table, caption
 
 
@@ -308,11 +310,13 @@ def wilcoxon_table(frame: pd.DataFrame, dataset: str, reference: str = REFERENCE
         pairs = means[[reference, other]].dropna()
         test = wilcoxon_test((pairs[reference] - pairs[other]).to_numpy())
         sentences.append(wilcoxon_sentence(reference, other, test))
-        rows.append({"vs": other, "classes": test["n"], f"{reference} higher / lower": f"{test['higher']} / {test['lower']}",
+        rows.append({"vs": other, "classes": test["n"],
+                     f"{reference} higher / lower": f"{test['higher']} / {test['lower']}",
                      "median difference": DASH if pd.isna(test["median"]) else f"{test['median']:+.4f}",
                      "W": DASH if pd.isna(test["statistic"]) else f"{test['statistic']:g}",
                      "p (two-sided)": DASH if pd.isna(test["p"]) else f"{test['p']:.4g}",
-                     "better by median": (reference if test["median"] > 0 else other if test["median"] < 0 else "neither")
+                     "better by median": (reference if test["median"] > 0
+                                          else other if test["median"] < 0 else "neither")
                      if test["n"] else DASH})
     if not rows:
         return None, []
@@ -323,7 +327,8 @@ def best_epoch_table(frame: pd.DataFrame, dataset: str) -> Optional[pd.DataFrame
     """For the runs made with --track-auroc: per class, the final model's AUROC, the best
     per-epoch AUROC on the TEST set (optimistic: chosen on test labels; the paper's probable
     rule, shown only to compare with it) and the paper's value. None without such runs."""
-    subset = frame[(frame["dataset"] == dataset) & (frame["status"] == "ok") & frame["best_epoch_auroc_on_test"].notna()]
+    subset = frame[(frame["dataset"] == dataset) & (frame["status"] == "ok")
+                   & frame["best_epoch_auroc_on_test"].notna()]
     if subset.empty:
         return None
     classes = CLASS_NAMES[dataset]
@@ -343,7 +348,8 @@ def best_epoch_table(frame: pd.DataFrame, dataset: str) -> Optional[pd.DataFrame
                 mean_text += f" [{len(per_class)}/{len(classes)} classes]"
             columns[f"{label}: {kind}"] = [*cells, mean_text]
         if label in paper.columns:
-            columns[f"{label}: paper"] = [f"{v:.4f}" if not pd.isna(v) else DASH for v in paper.loc[[*classes, "mean"], label]]
+            columns[f"{label}: paper"] = [f"{v:.4f}" if not pd.isna(v) else DASH
+                                          for v in paper.loc[[*classes, "mean"], label]]
     table = pd.DataFrame(columns, index=[*classes, "mean"])
     table.index.name = "normal class"
     return table

@@ -205,7 +205,8 @@ class MemAE(TorchDetector):
         one query per bottleneck position ("position") or per image ("image")."""
         self._set_mode(train=False)
         x = self._facts_sample_
-        z = torch.cat([self.net_.encoder(x[i:i + self.score_batch_size]) for i in range(0, len(x), self.score_batch_size)])
+        z = torch.cat([self.net_.encoder(x[i:i + self.score_batch_size])
+                       for i in range(0, len(x), self.score_batch_size)])
         self._set_mode(train=True)
         return memory_health(self.net_.memory, z if self.memory_layout == "position" else z.flatten(1))
 

@@ -9,8 +9,9 @@ import numpy as np
 from benchmark.records import SCHEMA_VERSION, JobKey, write_record
 
 
-def write_fake_record(results: Path, dataset: str, normal_class: int, method: str, auroc: Optional[float], seed: int = 0,
-                      profile: str = "quick", protocol: str = "paper", status: str = "ok", **extra) -> Path:
+def write_fake_record(results: Path, dataset: str, normal_class: int, method: str, auroc: Optional[float],
+                      seed: int = 0, profile: str = "quick", protocol: str = "paper", status: str = "ok",
+                      **extra) -> Path:
     """Write one record (and its scores) under results/<profile>/...; `extra` fields are added
     to the record as they are (diagnostics, training_log, hyperparameters, ...)."""
     metrics = ({"auroc": auroc, "gmean": 0.5, "false_alarm_rate": 0.1, "miss_rate": 0.2, "threshold": 0.5}

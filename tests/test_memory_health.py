@@ -47,7 +47,8 @@ def _fit_scores(cls, params, X, disable_hook: bool, monkeypatch):
 
 @pytest.mark.parametrize("cls, params", [
     (MemGANomaly, dict(epochs=2, batch_size=16, max_steps=6, nz=16, ngf=8, ndf=8, memory_size=20)),
-    (MemAE, dict(epochs=2, batch_size=16, max_steps_per_epoch=3, widths=(4, 8), num_slots=10, memory_layout="position")),
+    (MemAE, dict(epochs=2, batch_size=16, max_steps_per_epoch=3, widths=(4, 8), num_slots=10,
+                 memory_layout="position")),
 ])
 def test_hook_records_health_and_leaves_training_unchanged(cls, params, separable_task, monkeypatch):
     X_train, X_test, _ = separable_task(n_train=48, n_test_normal=8, n_test_anomalous=8)

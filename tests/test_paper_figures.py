@@ -26,7 +26,8 @@ def test_fig6_one_curve_per_memory_size(tmp_path):
                               diagnostics=_per_epoch([v + seed / 100 for v in values]))
     write_fake_record(results, "cifar10", 0, "mem_ganomaly", 0.5, profile="quick+sweep-mem_ganomaly.memory_size=99",
                       hyperparameters={"memory_size": 99})  # no --track-auroc: not a curve
-    write_fake_record(results, "cifar10", 1, "mem_ganomaly", 0.5, profile="quick+sweep-mem_ganomaly.memory_size=50+epochs=3",
+    write_fake_record(results, "cifar10", 1, "mem_ganomaly", 0.5,
+                      profile="quick+sweep-mem_ganomaly.memory_size=50+epochs=3",
                       diagnostics=_per_epoch([0.1]))        # another class
     found = fig6_curves(results, "quick+sweep-mem_ganomaly.memory_size=*")
     assert sorted((c["memory_size"], c["seed"]) for c in found) == [(50, 0), (50, 1), (500, 0), (500, 1)]
@@ -47,7 +48,8 @@ def test_fig6_without_records_is_a_usage_error(tmp_path, capsys):
 def test_fig45_smoke_on_fake_mnist(tmp_path, monkeypatch):
     import methods.mem_ganomaly
 
-    small = {"*": {**methods.mem_ganomaly.PROFILES["smoke"]["*"], "nz": 8, "ngf": 8, "ndf": 8}}  # the same path, cheaper
+    small = {"*": {**methods.mem_ganomaly.PROFILES["smoke"]["*"],
+                   "nz": 8, "ngf": 8, "ndf": 8}}  # the same path, cheaper
     monkeypatch.setitem(methods.mem_ganomaly.PROFILES, "smoke", small)
     data = tmp_path / "data"
     write_fake_mnist(data)

@@ -41,7 +41,8 @@ def test_rerun_force_report_only_and_record_fields(data, tmp_path, monkeypatch, 
         assert record["normal_class"] == int(path.stem[5])
         assert set(record["metrics"]) >= {"auroc", "gmean", "false_alarm_rate", "miss_rate", "threshold"}
         assert record["train_seconds"] >= 0 and record["score_seconds"] >= 0
-        assert record["sizes"] == {"n_train": 27, "n_test": 210, "n_test_normal": 10, "n_test_anomalous": 200, "n_val": 3}
+        assert record["sizes"] == {"n_train": 27, "n_test": 210, "n_test_normal": 10, "n_test_anomalous": 200,
+                                   "n_val": 3}
         assert record["hyperparameters"] == {"epochs": 2, "batch_size": 8, "memory_size": 4, "random_state": 0}
         assert record["run_info"]["device"] == "cpu"
         assert record["versions"]["torch"] and record["versions"]["numpy"] and record["versions"]["python"]

@@ -79,7 +79,8 @@ def test_latex_source_of_table1(demo_reports):
     lines = text.splitlines()
     i = next(i for i, line in enumerate(lines) if "& iForest & DAGMM &" in line)
     # One header row with the index name on it (possibly over two lines of a nested tabular), then the rule.
-    assert re.match(r"^(normal class|\\begin\{tabular\}\[b\]\{@\{\}l@\{\}\}normal\\\\class\\end\{tabular\}) &", lines[i])
+    assert re.match(r"^(normal class|\\begin\{tabular\}\[b\]\{@\{\}l@\{\}\}normal\\\\class\\end\{tabular\}) &",
+                    lines[i])
     assert lines[i].endswith("\\\\") and lines[i - 1] == "\\toprule" and lines[i + 1] == "\\midrule"
     assert "– " not in text and "--" in text  # en dash as --
     assert "\\textbf{" in text

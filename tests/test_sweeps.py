@@ -52,7 +52,8 @@ def test_cli_variants_carry_the_set_tag_and_overrides():
 ])
 def test_cli_usage_errors_exit_2_and_write_nothing(extra, tmp_path, capsys):
     results, reports = tmp_path / "results", tmp_path / "reports"
-    code = main(["--dataset", "mnist", "--profile", "smoke", "--results-dir", str(results), "--reports-dir", str(reports),
+    code = main(["--dataset", "mnist", "--profile", "smoke", "--results-dir", str(results),
+                 "--reports-dir", str(reports),
                  "--data-root", str(tmp_path / "nodata"), "--no-download", *extra])
     assert code == 2
     assert ": error:" in capsys.readouterr().err
@@ -64,7 +65,8 @@ def test_sensitivity_table_numbers(tmp_path):
     aurocs = {("2e-3", 0): (0.4, 0.6), ("2e-3", 2): (0.3, 0.5), ("2e-4", 0): (0.9, 0.9), ("2e-4", 2): (0.8,)}
     for (value, c), values in aurocs.items():
         for seed, auroc in enumerate(values):
-            write_fake_record(tmp_path, "mnist", c, "mem_ganomaly", auroc, seed=seed, profile=spec.profile_dir("quick", value))
+            write_fake_record(tmp_path, "mnist", c, "mem_ganomaly", auroc, seed=seed,
+                              profile=spec.profile_dir("quick", value))
     table, footer = sensitivity_table(load_sweep(tmp_path, "quick", spec), spec, "mnist")
     # 2e-3: class 0 0.5 ± 0.1414; class 2 0.4 ± 0.1414; per seed (0.35, 0.55) -> 0.45 ± 0.1414
     assert table.loc["2e-3"].tolist() == ["0.5000 ± 0.1414", "0.4000 ± 0.1414", "0.4500 ± 0.1414"]
@@ -75,16 +77,18 @@ def test_sensitivity_table_numbers(tmp_path):
 
 def test_end_to_end_sweep_resumes_and_rebuilds_from_records(tmp_path, capsys, monkeypatch):
     tables = []  # the per-value standard reports (tested in test_reports): only their folders here
-    monkeypatch.setattr("benchmark.cli.write_reports", lambda results, reports, profile, protocol: tables.append(profile) or [])
+    monkeypatch.setattr("benchmark.cli.write_reports",
+                        lambda results, reports, profile, protocol: tables.append(profile) or [])
     data = tmp_path / "data"
     write_fake_mnist(data)
     results, reports = tmp_path / "results", tmp_path / "reports"
-    args = ["--dataset", "mnist", "--classes", "0", "1", "--profile", "smoke", "--data-root", str(data), "--no-download",
-            "--no-progress", "--results-dir", str(results), "--reports-dir", str(reports),
+    args = ["--dataset", "mnist", "--classes", "0", "1", "--profile", "smoke", "--data-root", str(data),
+            "--no-download", "--no-progress", "--results-dir", str(results), "--reports-dir", str(reports),
             "--sweep", "iforest.n_estimators=3,10"]
     assert main(args) == 0
     for value in (3, 10):
-        record = results / f"smoke+sweep-iforest.n_estimators={value}" / "paper" / "mnist" / "iforest" / "class1_seed0.json"
+        record = (results / f"smoke+sweep-iforest.n_estimators={value}" / "paper" / "mnist" / "iforest"
+                  / "class1_seed0.json")
         assert f'"n_estimators": {value}' in record.read_text()
     md = reports / "smoke" / "sensitivity_iforest.n_estimators_mnist.md"
     png = md.with_suffix(".png")

@@ -145,7 +145,8 @@ def test_best_epoch_table_beside_final():
 def test_report_files_from_records(tmp_path):
     results, out = tmp_path / "results", tmp_path / "reports"
     health = {"per_epoch": {"memory_slots_in_use": [40.0, 3.0], "memory_slots_per_query": [9.0, 1.2],
-                            "memory_max_weight": [0.3, 0.97], "query_norm": [2.0, 30.5], "memory_row_norm": [0.6, 0.61]}}
+                            "memory_max_weight": [0.3, 0.97], "query_norm": [2.0, 30.5],
+                            "memory_row_norm": [0.6, 0.61]}}
     for seed in (0, 1):
         write_fake_record(results, "mnist", 0, "mem_ganomaly", 0.9 + seed / 50, seed=seed, training_log=health,
                           hyperparameters={"memory_size": 100},
