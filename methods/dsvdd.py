@@ -29,9 +29,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from methods.base import (DivergedError, EpochCallback, check_choice, check_nonneg_float,
-                          check_positive_float, check_positive_int, iterate_minibatches)
+                          check_positive_float, check_positive_int)
 from methods.preprocess import global_contrast_normalization
-from methods.torch_base import DivergenceMonitor, TorchDetector
+from methods.torch_base import Stage, TorchDetector
 
 BN_EPS = 1e-4
 
@@ -59,7 +59,7 @@ PROFILES: dict = {
                     "ae_weight_decay": 5e-7},
     },
     "smoke": {"*": {"epochs": 1, "lr_milestones": (), "ae_epochs": 1, "ae_lr_milestones": (),
-                    "max_steps_per_epoch": 5}},
+                    "max_steps": 5, "ae_max_steps": 5}},
 }
 
 
@@ -202,7 +202,8 @@ class DeepSVDD(TorchDetector):
         warm_up_epochs: soft-boundary epochs before the radius is updated (the authors' 10).
         minmax: fixed (min, max) for the min-max scaling; None = computed in fit from the
             GCN'd training images (the authors' per-class constants are exactly that).
-        max_steps_per_epoch: optional cap on optimiser steps per epoch (smoke runs only).
+        max_steps, ae_max_steps: optional caps on the optimiser steps of the SVDD training and of
+            the AE pretraining, each counted over the whole stage (smoke runs only).
     """
 
     def __init__(self, objective: str = "one-class", nu: float = 0.1, epochs: int = 150,
@@ -211,7 +212,8 @@ class DeepSVDD(TorchDetector):
                  ae_lr: float = 1e-4, ae_batch_size: int = 200, ae_weight_decay: float = 5e-4,
                  ae_lr_milestones: Sequence[int] = (50,), lr_decay_at_epoch_start: bool = True,
                  center_eps: float = 0.1, warm_up_epochs: int = 10,
-                 minmax: Optional[Sequence[float]] = None, max_steps_per_epoch: Optional[int] = None,
+                 minmax: Optional[Sequence[float]] = None, max_steps: Optional[int] = None,
+                 ae_max_steps: Optional[int] = None,
                  random_state: int = 0, device: str = "auto", score_batch_size: int = 1024) -> None:
         self.objective = objective
         self.nu = nu
@@ -230,7 +232,8 @@ class DeepSVDD(TorchDetector):
         self.center_eps = center_eps
         self.warm_up_epochs = warm_up_epochs
         self.minmax = minmax
-        self.max_steps_per_epoch = max_steps_per_epoch
+        self.max_steps = max_steps
+        self.ae_max_steps = ae_max_steps
         self.random_state = random_state
         self.device = device
         self.score_batch_size = score_batch_size
@@ -261,8 +264,9 @@ class DeepSVDD(TorchDetector):
             if len(self.minmax) != 2 or not all(isinstance(v, (int, float)) for v in self.minmax) \
                     or not self.minmax[0] < self.minmax[1]:
                 raise ValueError(f"minmax must be None or (min, max) with min < max, got {self.minmax!r}")
-        if self.max_steps_per_epoch is not None:
-            check_positive_int("max_steps_per_epoch", self.max_steps_per_epoch)
+        for name in ("max_steps", "ae_max_steps"):
+            if getattr(self, name) is not None:
+                check_positive_int(name, getattr(self, name))
 
     # ---- preprocessing ----------------------------------------------------------------------
     def fit(self, X, epoch_callback: Optional[EpochCallback] = None) -> "DeepSVDD":
@@ -280,36 +284,41 @@ class DeepSVDD(TorchDetector):
     def _networks(self) -> Iterable[nn.Module]:
         return [self.net_]
 
-    def _batches(self, n: int, batch_size: int) -> Iterable[torch.Tensor]:
+    def _stages(self, n_train: int) -> list[Stage]:
         # A batch of one breaks BatchNorm1d in train mode (CIFAR AE): then drop that last batch.
-        drop_last = n % batch_size == 1
-        for i, idx in enumerate(iterate_minibatches(n, batch_size, drop_last, self.generator_, self.device_)):
-            if self.max_steps_per_epoch is not None and i >= self.max_steps_per_epoch:
-                return
-            yield idx
+        stages = []
+        if self.pretrain:
+            stages.append(Stage("pretrain", self.ae_batch_size, epochs=self.ae_epochs, max_steps=self.ae_max_steps,
+                                drop_last=n_train % self.ae_batch_size == 1, epoch_callback=False,
+                                max_steps_param="ae_max_steps", epochs_param="ae_epochs"))
+        stages.append(Stage("svdd", self.batch_size, epochs=self.epochs, max_steps=self.max_steps,
+                            drop_last=n_train % self.batch_size == 1))
+        return stages
 
-    def _pretrain(self, ae: nn.Module, x_train: torch.Tensor) -> list[float]:
+    @staticmethod
+    def _scalar_means(sums: torch.Tensor, n_steps: int) -> list[float]:
+        return [float(sums[0]) / n_steps]
+
+    def _pretrain(self, ae: nn.Module, x_train: torch.Tensor, stage: Stage) -> list[float]:
         """AE pretraining: loss = mean over the batch of the per-image sum of squared errors."""
         optimizer = torch.optim.Adam(ae.parameters(), lr=self.ae_lr, weight_decay=self.ae_weight_decay)
-        monitor = DivergenceMonitor(self.device_)
-        losses, step = [], 0
-        ae.train()
-        for epoch in range(1, self.ae_epochs + 1):
+
+        def begin_epoch(epoch: int) -> None:
             for group in optimizer.param_groups:
                 group["lr"] = self.ae_lr * lr_factor(epoch, self.ae_lr_milestones, self.lr_decay_at_epoch_start)
-            total, n_steps = torch.zeros((), device=self.device_), 0
-            for idx in self._batches(len(x_train), self.ae_batch_size):
-                x = x_train[idx]
-                loss = (ae(x) - x).pow(2).flatten(1).sum(dim=1).mean()
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                monitor.update(step, loss)
-                total += loss.detach()
-                step, n_steps = step + 1, n_steps + 1
-            monitor.check(epoch)
-            losses.append(float(total) / n_steps)
-        return losses
+
+        def step(idx: torch.Tensor, step_number: int) -> torch.Tensor:
+            x = x_train[idx]
+            loss = (ae(x) - x).pow(2).flatten(1).sum(dim=1).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            return loss.detach().reshape(1)
+
+        ae.train()
+        result = self._train_stage(stage, len(x_train), step, ("loss",), None, begin_epoch,
+                                   epoch_means=self._scalar_means)
+        return result.history["loss"]
 
     @torch.no_grad()
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
@@ -324,9 +333,10 @@ class DeepSVDD(TorchDetector):
         net_cls, ae_cls = ARCHITECTURES[shape]
         self.net_ = net_cls().to(self.device_)
         self.training_log_ = {"minmax": list(self.minmax_)}
+        stages = self._stages(len(x_train))
         if self.pretrain:
             ae = ae_cls().to(self.device_)
-            self.training_log_["ae_epoch_mean_loss"] = self._pretrain(ae, x_train)
+            self.training_log_["ae_epoch_mean_loss"] = self._pretrain(ae, x_train, stages[0])
             copy_encoder_state(ae, self.net_)
             del ae
 
@@ -336,31 +346,30 @@ class DeepSVDD(TorchDetector):
         self.R_ = torch.zeros((), device=self.device_)  # soft-boundary radius (authors: R = 0 at start)
 
         optimizer = torch.optim.Adam(self.net_.parameters(), lr=self.lr, weight_decay=self.weight_decay)
-        monitor = DivergenceMonitor(self.device_)
-        losses, step = [], 0
-        self.net_.train()
-        for epoch in range(1, self.epochs + 1):
+        epoch_now = [1]
+
+        def begin_epoch(epoch: int) -> None:
+            epoch_now[0] = epoch
             for group in optimizer.param_groups:
                 group["lr"] = self.lr * lr_factor(epoch, self.lr_milestones, self.lr_decay_at_epoch_start)
-            total, n_steps = torch.zeros((), device=self.device_), 0
-            for idx in self._batches(len(x_train), self.batch_size):
-                dist = (self.net_(x_train[idx]) - self.c_).pow(2).sum(dim=1)
-                if self.objective == "soft-boundary":
-                    loss = self.R_ ** 2 + torch.clamp(dist - self.R_ ** 2, min=0).mean() / self.nu
-                else:
-                    loss = dist.mean()
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                monitor.update(step, loss)
-                # The authors update R on every batch once epoch (0-based) >= warm-up epochs.
-                if self.objective == "soft-boundary" and epoch > self.warm_up_epochs:
-                    self.R_ = torch.quantile(dist.detach().sqrt(), 1 - self.nu)
-                total += loss.detach()
-                step, n_steps = step + 1, n_steps + 1
-            monitor.check(epoch)
-            losses.append(float(total) / n_steps)
-            self._end_epoch(epoch, epoch_callback)
+
+        def step(idx: torch.Tensor, step_number: int) -> torch.Tensor:
+            dist = (self.net_(x_train[idx]) - self.c_).pow(2).sum(dim=1)
+            if self.objective == "soft-boundary":
+                loss = self.R_ ** 2 + torch.clamp(dist - self.R_ ** 2, min=0).mean() / self.nu
+            else:
+                loss = dist.mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            # The authors update R on every batch once epoch (0-based) >= warm-up epochs.
+            if self.objective == "soft-boundary" and epoch_now[0] > self.warm_up_epochs:
+                self.R_ = torch.quantile(dist.detach().sqrt(), 1 - self.nu)
+            return loss.detach().reshape(1)
+
+        self.net_.train()
+        losses = self._train_stage(stages[-1], len(x_train), step, ("loss",), epoch_callback, begin_epoch,
+                                   epoch_means=self._scalar_means).history["loss"]
         self.training_log_["epoch_mean_loss"] = losses
         self.training_log_["center_abs_mean"] = float(self.c_.abs().mean())
         if self.objective == "soft-boundary":

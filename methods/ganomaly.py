@@ -30,11 +30,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from methods.base import (EpochCallback, check_nonneg_float, check_positive_float, check_positive_int,
-                          iterate_minibatches)
+from methods.base import EpochCallback, check_nonneg_float, check_positive_float, check_positive_int
 from methods.blocks import DCGANDecoder, DCGANDiscriminator, DCGANEncoder
 from methods.preprocess import resize, to_minus_one_one
-from methods.torch_base import DivergenceMonitor, TorchDetector, init_dcgan_weights
+from methods.torch_base import Stage, StageResult, TorchDetector, init_dcgan_weights
 
 IMAGE_SIZE = 32  # the authors' isize; MNIST and Fashion-MNIST are resized 28 -> 32
 
@@ -187,6 +186,9 @@ class GANomaly(TorchDetector):
         g_loss, parts = self._generator_loss(x, x_hat, z, z_hat, feat_real.detach(), feat_fake, logit_fake, weights)
         return g_loss, self._discriminator_loss(logit_real, logit_fake), parts
 
+    def _stages(self, n_train: int) -> list[Stage]:
+        return [Stage("train", self.batch_size, epochs=self.epochs, max_steps=self.max_steps, drop_last=True)]
+
     def _fit(self, x_train: torch.Tensor, epoch_callback: Optional[EpochCallback]) -> None:
         nc = x_train.shape[1]
         self.netg_ = self._build_generator(nc)
@@ -200,46 +202,41 @@ class GANomaly(TorchDetector):
         g_opt = torch.optim.Adam(g_params, lr=self.lr, betas=betas)
         d_opt = torch.optim.Adam(d_params, lr=self.lr, betas=betas)
 
-        monitor = DivergenceMonitor(self.device_)
         check_every = self._d_check_every.get(self.device_.type, 20)
         d_min = torch.full((), float("inf"), device=self.device_)
         reinit_epochs: list[int] = []
-        history: dict[str, list[float]] = {}
-        total_steps = 0
-        self._set_mode(train=True)
-        for epoch in range(1, self.epochs + 1):
-            sums, steps = None, 0
-            for idx in iterate_minibatches(len(x_train), self.batch_size, True, self.generator_, self.device_):
-                g_loss, d_loss, parts = self._forward_losses(x_train[idx])
-                g_opt.zero_grad()
-                d_opt.zero_grad()
-                g_loss.backward(inputs=g_params, retain_graph=True)  # D's fake pass is shared
-                d_loss.backward(inputs=d_params)
-                g_opt.step()
-                d_opt.step()
+        epoch_now = [1]
+        names: list[str] = []
 
-                steps += 1
-                total_steps += 1
-                monitor.update(steps, g_loss, d_loss)
-                logged = torch.stack([g_loss.detach(), d_loss.detach(), *(p.detach() for p in parts.values())])
-                sums = logged if sums is None else sums + logged
-                d_min = torch.minimum(d_min, d_loss.detach())
-                if self.d_reinit_threshold > 0 and total_steps % check_every == 0:
-                    if float(d_min) < self.d_reinit_threshold:
-                        with torch.no_grad():
-                            self.netd_.apply(init_dcgan_weights)
-                        reinit_epochs.append(epoch)
-                    d_min.fill_(float("inf"))
-                if self.max_steps is not None and total_steps >= self.max_steps:
-                    break
-            monitor.check(epoch)
-            for name, value in zip(["g", "d", *parts], (sums / steps).tolist()):
-                history.setdefault(name, []).append(value)
+        def begin_epoch(epoch: int) -> None:
+            epoch_now[0] = epoch
+
+        def step(idx: torch.Tensor, step_number: int) -> torch.Tensor:
+            g_loss, d_loss, parts = self._forward_losses(x_train[idx])
+            g_opt.zero_grad()
+            d_opt.zero_grad()
+            g_loss.backward(inputs=g_params, retain_graph=True)  # D's fake pass is shared
+            d_loss.backward(inputs=d_params)
+            g_opt.step()
+            d_opt.step()
+            if not names:
+                names.extend(["g", "d", *parts])
+            d_min.copy_(torch.minimum(d_min, d_loss.detach()))
+            if self.d_reinit_threshold > 0 and step_number % check_every == 0:
+                if float(d_min) < self.d_reinit_threshold:
+                    with torch.no_grad():
+                        self.netd_.apply(init_dcgan_weights)
+                    reinit_epochs.append(epoch_now[0])
+                d_min.fill_(float("inf"))
+            return torch.stack([g_loss.detach(), d_loss.detach(), *(p.detach() for p in parts.values())])
+
+        def end_epoch(epoch: int, result: StageResult) -> None:
             self.training_log_ = {
-                "epochs_run": epoch, "steps": total_steps, "epoch_mean_losses": history,
+                "epochs_run": epoch, "steps": result.steps, "epoch_mean_losses": result.history,
                 "d_reinit_count": len(reinit_epochs), "d_reinit_epochs": reinit_epochs,
                 "d_collapse_check_every_steps": check_every, **self._training_facts(),
             }
-            self._end_epoch(epoch, epoch_callback)
-            if self.max_steps is not None and total_steps >= self.max_steps:
-                break
+
+        self._set_mode(train=True)
+        (stage,) = self._stages(len(x_train))
+        self._train_stage(stage, len(x_train), step, names, epoch_callback, begin_epoch, end_epoch)
