@@ -54,6 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--track-auroc", action="store_true",
                         help="diagnostic: record the test AUROC after every epoch (never used to pick a model)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--stack", default="auto", metavar="K",
+                        help="train up to K jobs that differ only in class / seed together as one batched model "
+                             "(default auto: 1 on the CPU, more on a GPU); deep detectors that support it")
+    parser.add_argument("--estimate", action="store_true",
+                        help="print the number of jobs and the expected wall time on this device (from a short, "
+                             "cached calibration per method), then stop without training")
     return parser
 
 
@@ -121,6 +127,7 @@ def parse_config(argv: Sequence[str]) -> argparse.Namespace:
     args.class_ids = _parse_classes(args.classes, args.datasets)
     args.seed_values = sorted({_parse_int(s, "seed", 0, MAX_SEED) for s in args.seeds})
     args.n_jobs = _parse_int(args.jobs, "--jobs", 1, 512)
+    args.stack_size = None if args.stack == "auto" else _parse_int(args.stack, "--stack", 1, 256)
     try:
         resolve_device(args.device)
     except ValueError as exc:
@@ -218,11 +225,45 @@ def _report(args: argparse.Namespace) -> None:
     print(f"reports written to {Path(args.reports_dir) / args.profile_dir} ({len(files)} files)")
 
 
+def _print_estimate(args: argparse.Namespace, pending: list[Job], settings: RunSettings) -> int:
+    """The expected wall time of the pending jobs (`--estimate`, and before every paper / quick
+    run). On a CPU, past an hour, also the quick profile's. Returns the exit code for --estimate."""
+    from benchmark.estimate import describe, estimate_jobs, format_seconds
+    from benchmark.runner import _limit_threads
+    from methods.torch_base import resolve_device
+
+    _limit_threads(settings.threads_per_job)  # calibrate at the thread count the jobs will use
+    n_parallel = min(args.n_jobs, max(1, len(pending)))
+
+    def log(text: str) -> None:
+        print(text, file=sys.stderr, flush=True)
+
+    try:
+        estimate = estimate_jobs(pending, args.data_root, not args.no_download, n_parallel, args.device, log)
+    except Exception as exc:  # noqa: BLE001 - an estimate must never stop a run
+        print(f"no estimate: the calibration failed ({type(exc).__name__}: {exc})", file=sys.stderr)
+        return 1
+    print(describe(estimate), flush=True)
+    if resolve_device(args.device).type == "cpu" and estimate.wall_seconds > 3600 and args.profile != "quick":
+        quick_args = parse_config([*args.argv_for_estimate, "--profile", "quick"])
+        quick_jobs = build_jobs(quick_args)
+        try:
+            quick = estimate_jobs(quick_jobs, args.data_root, not args.no_download, n_parallel, args.device, log)
+            quick_text = f"about {format_seconds(quick.wall_seconds)} for its {len(quick_jobs)} jobs"
+        except Exception as exc:  # noqa: BLE001
+            quick_text = f"no estimate ({type(exc).__name__}: {exc})"
+        print(f"note: on this CPU the {args.profile} profile takes about {format_seconds(estimate.wall_seconds)}; "
+              f"`--profile quick` (CPU budgets, the same jobs) takes {quick_text}. "
+              f"A GPU (--device cuda) is the way to the paper's budgets.", flush=True)
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         try:
             args = parse_config(argv)
+            args.argv_for_estimate = [a for a in argv if a != "--estimate"]
         except SystemExit as exit_:  # argparse: --help (0) or a malformed command line (2)
             return int(exit_.code or 0)
         if args.report_only:
@@ -259,10 +300,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                            threads_per_job=max(1, (os.cpu_count() or 1) // min(args.n_jobs, max(1, len(pending)))),
                            track_auroc=args.track_auroc, overrides=args.override_map, provenance=provenance(["run_all.py", *argv]),
                            force=args.force, started_at=time.time())
+    if args.estimate or (args.profile != "smoke" and pending):
+        code = _print_estimate(args, pending, settings)
+        if args.estimate:
+            return code
     started = time.perf_counter()
     exit_code = 0
     try:
-        outcomes = execute(pending, settings, args.n_jobs, progress=not args.no_progress)
+        from benchmark.stacking import auto_stack
+
+        stack = args.stack_size if args.stack_size is not None else auto_stack(args.device)
+        outcomes = execute(pending, settings, args.n_jobs, progress=not args.no_progress, stack=stack)
     except KeyboardInterrupt:
         print("\ninterrupted: finished jobs are recorded; run the same command again to do the rest", file=sys.stderr)
         return 130

@@ -203,7 +203,8 @@ class FAnoGAN(TorchDetector):
     def _stages(self, n_train: int) -> list[Stage]:
         # Stage 1 counts critic steps (5 per generator step); the callback runs in stage 2 only.
         return [Stage("gan", self.batch_size, epochs=self.gan_epochs, max_steps=self.gan_max_steps,
-                      epoch_callback=False, max_steps_param="gan_max_steps", epochs_param="gan_epochs"),
+                      epoch_callback=False, max_steps_param="gan_max_steps", epochs_param="gan_epochs",
+                      period=self.n_critic),
                 Stage("encoder", self.batch_size, epochs=None, max_steps=self.encoder_max_steps,
                       max_steps_param="encoder_max_steps", epochs_param=None)]
 

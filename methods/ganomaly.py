@@ -24,13 +24,15 @@ scored once, in eval mode, so a score never depends on which images share its ba
 """
 from __future__ import annotations
 
-from typing import Iterable, Optional
+import copy
+from typing import Any, Iterable, Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from methods.base import EpochCallback, check_nonneg_float, check_positive_float, check_positive_int
+from methods.base import DivergedError, EpochCallback, check_nonneg_float, check_positive_float, check_positive_int
 from methods.blocks import DCGANDecoder, DCGANDiscriminator, DCGANEncoder
 from methods.preprocess import resize, to_minus_one_one
 from methods.torch_base import Stage, StageResult, TorchDetector, init_dcgan_weights
@@ -189,13 +191,22 @@ class GANomaly(TorchDetector):
     def _stages(self, n_train: int) -> list[Stage]:
         return [Stage("train", self.batch_size, epochs=self.epochs, max_steps=self.max_steps, drop_last=True)]
 
-    def _fit(self, x_train: torch.Tensor, epoch_callback: Optional[EpochCallback]) -> None:
+    def _build_networks(self, x_train: torch.Tensor) -> None:
+        """G and D, DCGAN-initialised (draws from the global RNG, seeded by fit), on the device."""
         nc = x_train.shape[1]
         self.netg_ = self._build_generator(nc)
         self.netd_ = DCGANDiscriminator(IMAGE_SIZE, nc, self.ndf)
         for net in self._networks():
             net.apply(init_dcgan_weights)  # the memory keeps its own uniform init
             net.to(self.device_, memory_format=self._memory_format(self.device_))
+
+    def _training_log(self, epoch: int, steps: int, history: dict, reinit_epochs: list[int], check_every: int) -> dict:
+        return {"epochs_run": epoch, "steps": steps, "epoch_mean_losses": history,
+                "d_reinit_count": len(reinit_epochs), "d_reinit_epochs": reinit_epochs,
+                "d_collapse_check_every_steps": check_every, **self._training_facts()}
+
+    def _fit(self, x_train: torch.Tensor, epoch_callback: Optional[EpochCallback]) -> None:
+        self._build_networks(x_train)
         g_params = list(self.netg_.parameters())
         d_params = list(self.netd_.parameters())
         betas = (self.beta1, self.beta2)
@@ -231,12 +242,104 @@ class GANomaly(TorchDetector):
             return torch.stack([g_loss.detach(), d_loss.detach(), *(p.detach() for p in parts.values())])
 
         def end_epoch(epoch: int, result: StageResult) -> None:
-            self.training_log_ = {
-                "epochs_run": epoch, "steps": result.steps, "epoch_mean_losses": result.history,
-                "d_reinit_count": len(reinit_epochs), "d_reinit_epochs": reinit_epochs,
-                "d_collapse_check_every_steps": check_every, **self._training_facts(),
-            }
+            self.training_log_ = self._training_log(epoch, result.steps, result.history, reinit_epochs, check_every)
 
         self._set_mode(train=True)
         (stage,) = self._stages(len(x_train))
         self._train_stage(stage, len(x_train), step, names, epoch_callback, begin_epoch, end_epoch)
+
+    # ---- stacked training (methods/stacking.py) ---------------------------------------------
+    @classmethod
+    def _fit_stacked(cls, detectors: list["GANomaly"], xs: list[torch.Tensor],
+                     callbacks: list[Optional[EpochCallback]], rng: Any) -> list[Optional[DivergedError]]:
+        """K jobs as one batched model: the solo loop's step (one shared forward pass, G and D
+        Adam steps, D re-init on a collapsed D loss), per job in its own slice."""
+        from methods.stacking import JobMonitor, LockstepBatches, StackedAdam, StackedModules
+
+        first, k_jobs = detectors[0], len(detectors)
+        device = first.device_
+        for det in detectors:
+            det._set_mode(train=True)
+        stacked = StackedModules([{"g": det.netg_, "d": det.netd_} for det in detectors])
+        template = copy.copy(first)  # runs the detector's own loss code on the template modules
+        template.netg_, template.netd_ = stacked.template["g"], stacked.template["d"]
+        names: list[str] = []
+
+        def losses(modules: nn.ModuleDict, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            g_loss, d_loss, parts = template._forward_losses(x)
+            if not names:
+                names.extend(["g", "d", *parts])
+            return g_loss, d_loss, torch.stack([g_loss, d_loss, *parts.values()])
+
+        g_params, d_params = stacked.group_params("g"), stacked.group_params("d")
+        betas = (first.beta1, first.beta2)
+        g_opt, d_opt = StackedAdam(g_params, first.lr, betas), StackedAdam(d_params, first.lr, betas)
+        check_every = first._d_check_every.get(device.type, 20)
+        d_min = torch.full((k_jobs,), float("inf"), device=device)
+        reinit_epochs: list[list[int]] = [[] for _ in detectors]
+        histories: list[dict] = [{} for _ in detectors]
+        errors: list[Optional[DivergedError]] = [None] * k_jobs
+        alive = np.ones(k_jobs, dtype=bool)
+        steps = np.zeros(k_jobs, dtype=np.int64)
+        monitor = JobMonitor(k_jobs, device)
+        (stage,) = first._stages(min(len(x) for x in xs))
+        cap = stage.max_steps if stage.max_steps is not None else np.iinfo(np.int64).max
+        for epoch in range(1, stage.epochs + 1):
+            if not alive.any():
+                break
+            batches = LockstepBatches([len(x) for x in xs], stage.batch_size, stage.drop_last,
+                                      [det.generator_ for det in detectors], device)
+            in_epoch = alive.copy()
+            sums: Optional[torch.Tensor] = None
+            n_steps = np.zeros(k_jobs, dtype=np.int64)
+            s = 0
+            while True:
+                idx, real = batches.indices(s)
+                active = in_epoch & real & (steps < cap)
+                if not active.any():
+                    break
+                active_t = torch.from_numpy(active).to(device)
+                snapshot = None if active.all() else stacked.buffers_snapshot()
+                x = torch.stack([xs[k][idx[k]] for k in range(k_jobs)])
+                g_loss, d_loss, values = stacked.call(losses, x)
+                g_opt.zero_grad()
+                d_opt.zero_grad()
+                g_loss.sum().backward(inputs=g_params, retain_graph=True)  # D's fake pass is shared
+                d_loss.sum().backward(inputs=d_params)
+                g_opt.step(active)
+                d_opt.step(active)
+                if snapshot is not None:
+                    stacked.restore_buffers(snapshot, active_t)
+                steps += active
+                n_steps += active
+                values = values.detach()
+                monitor.update(torch.from_numpy(steps).to(device), values, active_t)
+                sums = torch.where(active_t[:, None], values, torch.zeros_like(values)) if sums is None else \
+                    torch.where(active_t[:, None], sums + values, sums)
+                d_min = torch.where(active_t, torch.minimum(d_min, d_loss.detach()), d_min)
+                due = active & (steps % check_every == 0)
+                if first.d_reinit_threshold > 0 and due.any():
+                    low = (d_min < first.d_reinit_threshold).cpu().numpy()
+                    for k in np.flatnonzero(due):
+                        if low[k]:
+                            rng.run(k, lambda k=k: detectors[k].netd_.apply(init_dcgan_weights))
+                            stacked.load_params_from(k, "d")
+                            reinit_epochs[k].append(epoch)
+                        d_min[k] = float("inf")
+                s += 1
+            epoch_errors = monitor.errors(epoch)
+            for k in np.flatnonzero(in_epoch):
+                det = detectors[k]
+                if epoch_errors[k] is not None:
+                    errors[k], alive[k] = epoch_errors[k], False
+                    continue
+                for name, value in zip(names, (sums[k] / int(n_steps[k])).tolist()):
+                    histories[k].setdefault(name, []).append(value)
+                stacked.unstack_into(k)
+                det.training_log_ = det._training_log(epoch, int(steps[k]), histories[k], reinit_epochs[k], check_every)
+                if det.progress_callback is not None:
+                    det.progress_callback(stage.name, epoch, stage.epochs)
+                det._end_epoch(epoch, callbacks[k])
+                if steps[k] >= cap:
+                    alive[k] = False
+        return errors

@@ -91,6 +91,8 @@ class Stage:
         max_steps_param, epochs_param: the constructor arguments that set this stage's step cap and
             its epochs (None: none), so calibration and speed runs set budgets without guessing.
         first_epoch: number of the stage's first epoch (stages may number epochs continuously).
+        period: the steps' cost repeats with this period (f-AnoGAN: a generator update every
+            n_critic critic steps), so timing runs cover whole periods.
     """
 
     name: str
@@ -102,6 +104,7 @@ class Stage:
     max_steps_param: str = "max_steps"
     epochs_param: Optional[str] = "epochs"
     first_epoch: int = 1
+    period: int = 1
 
     def steps_per_epoch(self, n: int) -> int:
         """Optimiser steps in one full epoch over n images (as `iterate_minibatches` draws them)."""
@@ -254,6 +257,14 @@ class TorchDetector(Detector, abc.ABC):
         return self
 
     def fit(self, X: np.ndarray, epoch_callback: Optional[EpochCallback] = None) -> "TorchDetector":
+        x_train = self._begin_fit(X)
+        self._fit(x_train, epoch_callback)
+        self._set_mode(train=False)
+        return self
+
+    def _begin_fit(self, X: np.ndarray) -> torch.Tensor:
+        """What every fit does before training (also each job of a stacked fit): checks, device,
+        seeds, the shuffling generator; returns the preprocessed training set on the device."""
         self.check_params()
         X = check_images(X)
         self.device_ = resolve_device(self.device)
@@ -264,10 +275,7 @@ class TorchDetector(Detector, abc.ABC):
         self.input_shape_ = tuple(X.shape[1:])
         self.training_log_ = {}
         self.stage_seconds_: dict[str, float] = {}
-        x_train = self._preprocess(torch.from_numpy(np.ascontiguousarray(X)).to(self.device_))
-        self._fit(x_train, epoch_callback)
-        self._set_mode(train=False)
-        return self
+        return self._preprocess(torch.from_numpy(np.ascontiguousarray(X)).to(self.device_))
 
     def _set_mode(self, train: bool) -> None:
         for net in self._networks():
