@@ -57,6 +57,7 @@ class RunSettings:
     provenance: dict           # versions, git commit, host, command
     force: bool = False        # --force: retrain jobs recorded before this run began ...
     started_at: float = 0.0    # ... (time.time() at its start; newer records are another runner's)
+    precision: str = "fp32"    # --precision: "bf16" trains the deep detectors under bfloat16 autocast
 
 
 @dataclass
@@ -159,6 +160,8 @@ def _prepare(job: Job, settings: RunSettings, record: dict, progress: Optional[C
                           "max_test_normal": subsample.max_test_normal,
                           "max_test_anomalous": subsample.max_test_anomalous}
     detector = build_detector(job)
+    if hasattr(detector, "precision"):
+        detector.precision = settings.precision
     if progress is not None and hasattr(detector, "progress_callback"):
         detector.progress_callback = lambda stage, done, planned: progress(key, stage, done, planned)
     record["hyperparameters"] = detector.get_params()

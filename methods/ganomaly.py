@@ -301,11 +301,12 @@ class GANomaly(TorchDetector):
                 active_t = torch.from_numpy(active).to(device)
                 snapshot = None if active.all() else stacked.buffers_snapshot()
                 x = torch.stack([xs[k][idx[k]] for k in range(k_jobs)])
-                g_loss, d_loss, values = stacked.call(losses, x)
-                g_opt.zero_grad()
-                d_opt.zero_grad()
-                g_loss.sum().backward(inputs=g_params, retain_graph=True)  # D's fake pass is shared
-                d_loss.sum().backward(inputs=d_params)
+                with first._autocast():
+                    g_loss, d_loss, values = stacked.call(losses, x)
+                    g_opt.zero_grad()
+                    d_opt.zero_grad()
+                    g_loss.sum().backward(inputs=g_params, retain_graph=True)  # D's fake pass is shared
+                    d_loss.sum().backward(inputs=d_params)
                 g_opt.step(active)
                 d_opt.step(active)
                 if snapshot is not None:

@@ -6,7 +6,7 @@ import abc
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -150,6 +150,15 @@ class TorchDetector(Detector, abc.ABC):
     done, epochs planned) after every epoch, for progress displays."""
 
     progress_callback: Optional[Callable[[str, int, int], None]] = None
+    # "fp32" (default) or "bf16": training steps under torch.autocast(bfloat16) (the runner's
+    # --precision; not a hyperparameter, recorded in run_info). Scoring stays fp32.
+    precision: str = "fp32"
+
+    def _autocast(self) -> Any:
+        """The training step's precision context (autocast to bfloat16, or nothing)."""
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
+        return torch.autocast(self.device_.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
 
     random_state: int
     device: str
@@ -221,7 +230,8 @@ class TorchDetector(Detector, abc.ABC):
             for idx in iterate_minibatches(n_train, stage.batch_size, stage.drop_last, self.generator_, self.device_):
                 result.steps += 1
                 n_steps += 1
-                values = step(idx, result.steps).detach()
+                with self._autocast():
+                    values = step(idx, result.steps).detach()
                 monitor.update_values(result.steps, values)
                 sums = values if sums is None else sums + values
                 if stage.max_steps is not None and result.steps >= stage.max_steps:
@@ -306,6 +316,7 @@ class TorchDetector(Detector, abc.ABC):
             "device": str(device),
             "torch_num_threads": torch.get_num_threads(),
             "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+            "precision": self.precision,
             "determinism": ("bit-identical on CPU for the same seed, torch version and thread count"
                             if device.type == "cpu" else "GPU kernels (cuDNN autotuning, atomics) may differ run to run"),
         }

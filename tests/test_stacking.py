@@ -149,3 +149,27 @@ def test_every_epoch_ends_through_end_epoch_and_planned_steps_are_run(name, sepa
     assert len(calls) == sum(stage.planned_epochs(len(X)) for stage in stages)
     planned = det.planned_steps(len(X))
     assert all(n > 0 for n in planned.values()) and set(planned) == set(det.stage_seconds_)
+
+
+@pytest.mark.parametrize("name", ["ganomaly", "memae"])
+def test_bf16_precision_trains_under_autocast_and_is_recorded(name, separable_task, monkeypatch):
+    X, X_test, _ = separable_task(n_train=48)
+    fp32 = smoke(name, narrow=True)(0).fit(X)
+    dtypes = []
+    original = torch.nn.functional.conv2d
+
+    def spy(*args, **kwargs):
+        out = original(*args, **kwargs)
+        dtypes.append(out.dtype)
+        return out
+
+    monkeypatch.setattr(torch.nn.functional, "conv2d", spy)
+    det = smoke(name, narrow=True)(0)
+    det.precision = "bf16"
+    det.fit(X)
+    assert torch.bfloat16 in dtypes  # the training convolutions ran in bfloat16
+    dtypes.clear()
+    scores = det.decision_function(X_test)
+    assert torch.bfloat16 not in dtypes  # scoring stays fp32
+    assert np.all(np.isfinite(scores)) and not np.array_equal(scores, fp32.decision_function(X_test))
+    assert det.run_info()["precision"] == "bf16" and fp32.run_info()["precision"] == "fp32"
