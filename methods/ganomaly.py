@@ -254,7 +254,7 @@ class GANomaly(TorchDetector):
                      callbacks: list[Optional[EpochCallback]], rng: Any) -> list[Optional[DivergedError]]:
         """K jobs as one batched model: the solo loop's step (one shared forward pass, G and D
         Adam steps, D re-init on a collapsed D loss), per job in its own slice."""
-        from methods.stacking import JobMonitor, LockstepBatches, StackedAdam, StackedModules
+        from methods.stacking import StackedAdam, StackedModules, train_stacked_stage
 
         first, k_jobs = detectors[0], len(detectors)
         device = first.device_
@@ -265,82 +265,35 @@ class GANomaly(TorchDetector):
         template.netg_, template.netd_ = stacked.template["g"], stacked.template["d"]
         names: list[str] = []
 
-        def losses(modules: nn.ModuleDict, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        def forward(modules: nn.ModuleDict, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
             g_loss, d_loss, parts = template._forward_losses(x)
             if not names:
                 names.extend(["g", "d", *parts])
-            return g_loss, d_loss, torch.stack([g_loss, d_loss, *parts.values()])
+            return [g_loss, d_loss], torch.stack([g_loss, d_loss, *parts.values()])
 
         g_params, d_params = stacked.group_params("g"), stacked.group_params("d")
         betas = (first.beta1, first.beta2)
-        g_opt, d_opt = StackedAdam(g_params, first.lr, betas), StackedAdam(d_params, first.lr, betas)
+        optimisers = [(StackedAdam(g_params, first.lr, betas), g_params), (StackedAdam(d_params, first.lr, betas), d_params)]
         check_every = first._d_check_every.get(device.type, 20)
         d_min = torch.full((k_jobs,), float("inf"), device=device)
         reinit_epochs: list[list[int]] = [[] for _ in detectors]
-        histories: list[dict] = [{} for _ in detectors]
-        errors: list[Optional[DivergedError]] = [None] * k_jobs
-        alive = np.ones(k_jobs, dtype=bool)
-        steps = np.zeros(k_jobs, dtype=np.int64)
-        monitor = JobMonitor(k_jobs, device)
+
+        def after_step(active: np.ndarray, steps: np.ndarray, epoch: int, losses: list[torch.Tensor]) -> None:
+            nonlocal d_min
+            d_min = torch.where(torch.from_numpy(active).to(device), torch.minimum(d_min, losses[1]), d_min)
+            due = active & (steps % check_every == 0)
+            if first.d_reinit_threshold > 0 and due.any():
+                low = (d_min < first.d_reinit_threshold).cpu().numpy()
+                for k in np.flatnonzero(due):
+                    if low[k]:  # job k's D re-initialised from job k's own global RNG stream
+                        rng.run(k, lambda k=k: detectors[k].netd_.apply(init_dcgan_weights))
+                        stacked.load_params_from(k, "d")
+                        reinit_epochs[k].append(epoch)
+                    d_min[k] = float("inf")
+
+        def end_epoch(k: int, epoch: int, steps: int, history: dict) -> None:
+            detectors[k].training_log_ = detectors[k]._training_log(epoch, steps, history, reinit_epochs[k], check_every)
+
         (stage,) = first._stages(min(len(x) for x in xs))
-        cap = stage.max_steps if stage.max_steps is not None else np.iinfo(np.int64).max
-        for epoch in range(1, stage.epochs + 1):
-            if not alive.any():
-                break
-            batches = LockstepBatches([len(x) for x in xs], stage.batch_size, stage.drop_last,
-                                      [det.generator_ for det in detectors], device)
-            in_epoch = alive.copy()
-            sums: Optional[torch.Tensor] = None
-            n_steps = np.zeros(k_jobs, dtype=np.int64)
-            s = 0
-            while True:
-                idx, real = batches.indices(s)
-                active = in_epoch & real & (steps < cap)
-                if not active.any():
-                    break
-                active_t = torch.from_numpy(active).to(device)
-                snapshot = None if active.all() else stacked.buffers_snapshot()
-                x = torch.stack([xs[k][idx[k]] for k in range(k_jobs)])
-                with first._autocast():
-                    g_loss, d_loss, values = stacked.call(losses, x)
-                    g_opt.zero_grad()
-                    d_opt.zero_grad()
-                    g_loss.sum().backward(inputs=g_params, retain_graph=True)  # D's fake pass is shared
-                    d_loss.sum().backward(inputs=d_params)
-                g_opt.step(active)
-                d_opt.step(active)
-                if snapshot is not None:
-                    stacked.restore_buffers(snapshot, active_t)
-                steps += active
-                n_steps += active
-                values = values.detach()
-                monitor.update(torch.from_numpy(steps).to(device), values, active_t)
-                sums = torch.where(active_t[:, None], values, torch.zeros_like(values)) if sums is None else \
-                    torch.where(active_t[:, None], sums + values, sums)
-                d_min = torch.where(active_t, torch.minimum(d_min, d_loss.detach()), d_min)
-                due = active & (steps % check_every == 0)
-                if first.d_reinit_threshold > 0 and due.any():
-                    low = (d_min < first.d_reinit_threshold).cpu().numpy()
-                    for k in np.flatnonzero(due):
-                        if low[k]:
-                            rng.run(k, lambda k=k: detectors[k].netd_.apply(init_dcgan_weights))
-                            stacked.load_params_from(k, "d")
-                            reinit_epochs[k].append(epoch)
-                        d_min[k] = float("inf")
-                s += 1
-            epoch_errors = monitor.errors(epoch)
-            for k in np.flatnonzero(in_epoch):
-                det = detectors[k]
-                if epoch_errors[k] is not None:
-                    errors[k], alive[k] = epoch_errors[k], False
-                    continue
-                for name, value in zip(names, (sums[k] / int(n_steps[k])).tolist()):
-                    histories[k].setdefault(name, []).append(value)
-                stacked.unstack_into(k)
-                det.training_log_ = det._training_log(epoch, int(steps[k]), histories[k], reinit_epochs[k], check_every)
-                if det.progress_callback is not None:
-                    det.progress_callback(stage.name, epoch, stage.epochs)
-                det._end_epoch(epoch, callbacks[k])
-                if steps[k] >= cap:
-                    alive[k] = False
-        return errors
+        return train_stacked_stage(detectors, xs, callbacks, stage, stacked, forward, optimisers, names, end_epoch,
+                                   after_step)

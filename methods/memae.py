@@ -29,13 +29,13 @@ the authors' video code: sqrt(sum over channels of r^2) per pixel, averaged over
 """
 from __future__ import annotations
 
-from typing import Iterable, Optional, Sequence
+from typing import Any, Iterable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from methods.base import EpochCallback, check_choice, check_nonneg_float, check_positive_float, check_positive_int
+from methods.base import DivergedError, EpochCallback, check_choice, check_nonneg_float, check_positive_float, check_positive_int
 from methods.memory import MemoryModule, addressing_entropy
 from methods.preprocess import to_minus_one_one
 from methods.torch_base import Stage, TorchDetector, init_dcgan_weights
@@ -204,11 +204,14 @@ class MemAE(TorchDetector):
         # drop_last=False: every image is used every epoch (BN on an h x w map copes with any batch).
         return [Stage("train", self.batch_size, epochs=self.epochs, max_steps=self.max_steps, drop_last=False)]
 
-    def _fit(self, x_train: torch.Tensor, epoch_callback: Optional[EpochCallback]) -> None:
+    def _build_networks(self, x_train: torch.Tensor) -> None:
         nc, height, width = x_train.shape[1:]
         self.net_ = MemAENet(nc, height, width, tuple(int(w) for w in self.widths), self.num_slots,
                              self.shrink_threshold, self.addressing, self.output_activation,
                              self.memory_layout).to(self.device_)
+
+    def _fit(self, x_train: torch.Tensor, epoch_callback: Optional[EpochCallback]) -> None:
+        self._build_networks(x_train)
         optimizer = torch.optim.Adam(self.net_.parameters(), lr=self.lr)
 
         def step(idx: torch.Tensor, step_number: int) -> torch.Tensor:
@@ -225,6 +228,33 @@ class MemAE(TorchDetector):
         result = self._train_stage(stage, len(x_train), step, ("loss", "mse", "entropy"), epoch_callback)
         self.training_log_ = {"epoch_mean_" + key: values for key, values in result.history.items()}
         self.training_log_["steps"] = result.steps
+
+    @classmethod
+    def _fit_stacked(cls, detectors: list["MemAE"], xs: list[torch.Tensor], callbacks: list[Optional[EpochCallback]],
+                     rng: Any) -> list[Optional[DivergedError]]:
+        """K jobs as one batched model (methods/stacking.py): the solo step, per job in its own slice.
+        The last incomplete batch is kept, so the jobs' training sets must have one size."""
+        from methods.stacking import StackedAdam, StackedModules, train_stacked_stage
+
+        first = detectors[0]
+        for det in detectors:
+            det.net_.train()
+        stacked = StackedModules([{"net": det.net_} for det in detectors])
+        net = stacked.template["net"]
+
+        def forward(modules: nn.ModuleDict, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+            x_hat, weights = net(x)
+            loss, mse, entropy = memae_loss(x, x_hat, weights, first.entropy_weight)
+            return [loss], torch.stack([loss, mse, entropy])
+
+        def end_epoch(k: int, epoch: int, steps: int, history: dict) -> None:
+            detectors[k].training_log_ = {"epoch_mean_" + key: values for key, values in history.items()}
+            detectors[k].training_log_["steps"] = steps
+
+        params = stacked.group_params("net")
+        (stage,) = first._stages(min(len(x) for x in xs))
+        return train_stacked_stage(detectors, xs, callbacks, stage, stacked, forward,
+                                   [(StackedAdam(params, first.lr), params)], ("loss", "mse", "entropy"), end_epoch)
 
     def _score_batch(self, x: torch.Tensor) -> torch.Tensor:
         x_hat, _ = self.net_(x)

@@ -189,8 +189,10 @@ class LockstepBatches:
         self.batch_size = batch_size
         self.perms = [torch.randperm(n, generator=g, device=g.device).to(device) for n, g in zip(sizes, generators)]
         self.steps = [(n // batch_size if (drop_last and n >= batch_size) else -(-n // batch_size)) for n in sizes]
-        if not drop_last and len({n % batch_size for n in sizes}) > 1:
-            raise ValueError("stacked jobs without drop_last need training sets of equal size modulo the batch")
+        if not drop_last and len(set(sizes)) > 1 and any(n % batch_size for n in sizes):
+            # A last, smaller batch would fall on different steps for different jobs.
+            raise ValueError("stacked jobs of a detector that keeps the last incomplete batch need training sets "
+                             "of one size (or sizes divisible by the batch size)")
 
     def indices(self, step: int) -> tuple[list[torch.Tensor], np.ndarray]:
         """(per-job indices, per-job "has a real batch at this step") for 0-based `step`."""
@@ -269,4 +271,89 @@ def fit_stacked(detectors: Sequence[Any], Xs: Sequence[np.ndarray],
     for det, error in zip(detectors, errors):
         if error is None:
             det._set_mode(train=False)
+    return errors
+
+
+def train_stacked_stage(detectors: Sequence[Any], xs: Sequence[torch.Tensor], callbacks: Sequence[Optional[EpochCallback]],
+                        stage: Any, stacked: StackedModules,
+                        forward: Callable[[nn.ModuleDict, torch.Tensor], tuple[list[torch.Tensor], torch.Tensor]],
+                        optimisers: Sequence[tuple[StackedAdam, list[torch.Tensor]]], names: Sequence[str],
+                        end_epoch: Callable[[int, int, int, dict], None],
+                        after_step: Optional[Callable[[np.ndarray, np.ndarray, int, list[torch.Tensor]], None]] = None,
+                        begin_epoch: Optional[Callable[[int], None]] = None) -> list[Optional[DivergedError]]:
+    """The stacked counterpart of `TorchDetector._train_stage`, for K jobs in lockstep.
+
+    Per step: each job's minibatch (its own shuffling), `forward(modules, x_k)` vmapped over the
+    jobs -> (losses, logged values) with losses[i] of shape (K,) the loss of `optimisers[i]`;
+    each loss's gradient into its own parameters; the optimisers step the active jobs only
+    (BatchNorm buffers of idle jobs restored); `after_step(active, steps, epoch, losses)`. After
+    each epoch, per job that trained in it: divergence check, epoch means, its modules brought up
+    to date (`unstack_into`), `end_epoch(k, epoch, steps_k, history_k)`, its `_end_epoch`.
+
+    Returns
+    -------
+    list of Optional[DivergedError], one per job.
+    """
+    k_jobs = len(detectors)
+    device = detectors[0].device_
+    histories: list[dict] = [{} for _ in detectors]
+    errors: list[Optional[DivergedError]] = [None] * k_jobs
+    alive = np.ones(k_jobs, dtype=bool)
+    steps = np.zeros(k_jobs, dtype=np.int64)
+    monitor = JobMonitor(k_jobs, device)
+    cap = stage.max_steps if stage.max_steps is not None else np.iinfo(np.int64).max
+    epoch, epochs_run = stage.first_epoch - 1, 0
+    while (stage.epochs is None or epochs_run < stage.epochs) and alive.any():
+        epoch, epochs_run = epoch + 1, epochs_run + 1
+        if begin_epoch is not None:
+            begin_epoch(epoch)
+        batches = LockstepBatches([len(x) for x in xs], stage.batch_size, stage.drop_last,
+                                  [det.generator_ for det in detectors], device)
+        in_epoch = alive.copy()
+        sums: Optional[torch.Tensor] = None
+        n_steps = np.zeros(k_jobs, dtype=np.int64)
+        s = 0
+        while True:
+            idx, real = batches.indices(s)
+            active = in_epoch & real & (steps < cap)
+            if not active.any():
+                break
+            active_t = torch.from_numpy(active).to(device)
+            snapshot = None if active.all() else stacked.buffers_snapshot()
+            x = torch.stack([xs[k][idx[k]] for k in range(k_jobs)])
+            with detectors[0]._autocast():
+                losses, values = stacked.call(forward, x)
+                for _, params in optimisers:
+                    for p in params:
+                        p.grad = None
+                for i, (loss, (_, params)) in enumerate(zip(losses, optimisers)):
+                    loss.sum().backward(inputs=params, retain_graph=i < len(optimisers) - 1)
+            for optimiser, _ in optimisers:
+                optimiser.step(active)
+            if snapshot is not None:
+                stacked.restore_buffers(snapshot, active_t)
+            steps += active
+            n_steps += active
+            values = values.detach()
+            monitor.update(torch.from_numpy(steps).to(device), values, active_t)
+            sums = torch.where(active_t[:, None], values, torch.zeros_like(values)) if sums is None else \
+                torch.where(active_t[:, None], sums + values, sums)
+            if after_step is not None:
+                after_step(active, steps, epoch, [loss.detach() for loss in losses])
+            s += 1
+        epoch_errors = monitor.errors(epoch)
+        for k in np.flatnonzero(in_epoch):
+            det = detectors[k]
+            if epoch_errors[k] is not None:
+                errors[k], alive[k] = epoch_errors[k], False
+                continue
+            for name, value in zip(names, (sums[k] / int(n_steps[k])).tolist()):
+                histories[k].setdefault(name, []).append(value)
+            stacked.unstack_into(k)
+            end_epoch(k, epoch, int(steps[k]), histories[k])
+            if det.progress_callback is not None:
+                det.progress_callback(stage.name, epochs_run, stage.planned_epochs(len(xs[k])))
+            det._end_epoch(epoch, callbacks[k] if stage.epoch_callback else None)
+            if steps[k] >= cap:
+                alive[k] = False
     return errors
