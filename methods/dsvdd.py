@@ -22,7 +22,7 @@ by default (`lr_decay_at_epoch_start=True`); False decays from epoch milestone +
 """
 from __future__ import annotations
 
-from typing import Iterable, Optional, Sequence
+from typing import Any, Iterable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -70,6 +70,14 @@ def _bn2d(channels: int) -> nn.BatchNorm2d:
 def _block(x: torch.Tensor, conv: nn.Module, bn: nn.Module) -> torch.Tensor:
     """conv -> BN -> LeakyReLU(0.01) -> MaxPool2 (the LeNet encoder stage)."""
     return F.max_pool2d(F.leaky_relu(bn(conv(x))), 2)
+
+
+class _Center(nn.Module):
+    """The centre c as a buffer, so stacked jobs each carry their own."""
+
+    def __init__(self, c: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("c", c.clone())
 
 
 class MNISTLeNet(nn.Module):
@@ -269,9 +277,9 @@ class DeepSVDD(TorchDetector):
                 check_positive_int(name, getattr(self, name))
 
     # ---- preprocessing ----------------------------------------------------------------------
-    def fit(self, X, epoch_callback: Optional[EpochCallback] = None) -> "DeepSVDD":
+    def _begin_fit(self, X) -> torch.Tensor:
         self.minmax_ = None  # recomputed from the training images by the first _preprocess call
-        return super().fit(X, epoch_callback)
+        return super()._begin_fit(X)
 
     def _preprocess(self, x: torch.Tensor) -> torch.Tensor:
         x = global_contrast_normalization(x)
@@ -326,24 +334,31 @@ class DeepSVDD(TorchDetector):
         self.net_.eval()
         return torch.cat([self.net_(x[i:i + self.score_batch_size]) for i in range(0, len(x), self.score_batch_size)])
 
-    def _fit(self, x_train: torch.Tensor, epoch_callback: Optional[EpochCallback]) -> None:
+    def _build_networks(self, x_train: torch.Tensor) -> None:
+        """The SVDD network, then (with pretraining) the autoencoder, initialised in that order."""
         shape = tuple(x_train.shape[1:])
         if shape not in ARCHITECTURES:
             raise ValueError(f"Deep SVDD has networks for 1x28x28 and 3x32x32 images, got {'x'.join(map(str, shape))}")
         net_cls, ae_cls = ARCHITECTURES[shape]
         self.net_ = net_cls().to(self.device_)
+        self.ae_ = ae_cls().to(self.device_) if self.pretrain else None
         self.training_log_ = {"minmax": list(self.minmax_)}
-        stages = self._stages(len(x_train))
-        if self.pretrain:
-            ae = ae_cls().to(self.device_)
-            self.training_log_["ae_epoch_mean_loss"] = self._pretrain(ae, x_train, stages[0])
-            copy_encoder_state(ae, self.net_)
-            del ae
 
+    def _init_center(self, x_train: torch.Tensor) -> None:
+        """c from the (pretrained) network; R = 0."""
         self.c_ = init_center(self._embed(x_train), self.center_eps)
         if not torch.isfinite(self.c_).all():
             raise DivergedError(epoch=0, step=0, detail="non-finite centre c after pretraining")
         self.R_ = torch.zeros((), device=self.device_)  # soft-boundary radius (authors: R = 0 at start)
+
+    def _fit(self, x_train: torch.Tensor, epoch_callback: Optional[EpochCallback]) -> None:
+        self._build_networks(x_train)
+        stages = self._stages(len(x_train))
+        if self.pretrain:
+            self.training_log_["ae_epoch_mean_loss"] = self._pretrain(self.ae_, x_train, stages[0])
+            copy_encoder_state(self.ae_, self.net_)
+            self.ae_ = None
+        self._init_center(x_train)
 
         optimizer = torch.optim.Adam(self.net_.parameters(), lr=self.lr, weight_decay=self.weight_decay)
         epoch_now = [1]
@@ -374,6 +389,81 @@ class DeepSVDD(TorchDetector):
         self.training_log_["center_abs_mean"] = float(self.c_.abs().mean())
         if self.objective == "soft-boundary":
             self.training_log_["radius"] = float(self.R_)
+
+    @classmethod
+    def _fit_stacked(cls, detectors: list["DeepSVDD"], xs: list[torch.Tensor],
+                     callbacks: list[Optional[EpochCallback]], rng: Any) -> list[Optional[DivergedError]]:
+        """K jobs as one batched model (methods/stacking.py), stage by stage: the AE pretraining
+        stacked, then per job the encoder copy and the centre c, then the one-class training
+        stacked (c a per-job buffer). Soft-boundary (a per-batch radius) trains alone; the jobs'
+        training sets must have one size (the last batch's rule depends on it)."""
+        from methods.stacking import StackedAdam, StackedModules, train_stacked_stage
+
+        first = detectors[0]
+        if first.objective != "one-class":
+            raise ValueError("only the one-class objective trains stacked")
+        if len({len(x) for x in xs}) > 1:
+            raise ValueError("stacked Deep SVDD jobs need training sets of one size")
+        stages = first._stages(len(xs[0]))
+        errors: list[Optional[DivergedError]] = [None] * len(detectors)
+
+        def run(stage: Any, jobs: list[int], modules: str, forward: Any, lr: float, weight_decay: float,
+                milestones: Sequence[int], log_key: str) -> None:
+            dets = [detectors[k] for k in jobs]
+            stacked = StackedModules([{"net": getattr(det, modules)} for det in dets])
+            net = stacked.template["net"]
+            params = stacked.group_params("net")
+            optimiser = StackedAdam(params, lr, weight_decay=weight_decay)
+
+            def begin_epoch(epoch: int) -> None:
+                optimiser.lr = lr * lr_factor(epoch, milestones, first.lr_decay_at_epoch_start)
+
+            def end_epoch(k: int, epoch: int, steps: int, history: dict) -> None:
+                dets[k].training_log_[log_key] = history["loss"]
+
+            stage_errors = train_stacked_stage(dets, [xs[k] for k in jobs], [callbacks[k] for k in jobs], stage,
+                                               stacked, lambda modules, x: forward(net, x),
+                                               [(optimiser, params)], ("loss",), end_epoch, begin_epoch=begin_epoch)
+            for k, error in zip(jobs, stage_errors):
+                errors[k] = errors[k] or error
+
+        if first.pretrain:
+            for det in detectors:
+                det.ae_.train()
+
+            def ae_loss(ae: nn.Module, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+                loss = (ae(x) - x).pow(2).flatten(1).sum(dim=1).mean()
+                return [loss], loss.reshape(1)
+
+            run(stages[0], list(range(len(detectors))), "ae_", ae_loss, first.ae_lr, first.ae_weight_decay,
+                first.ae_lr_milestones, "ae_epoch_mean_loss")
+        for k, det in enumerate(detectors):
+            if errors[k] is None:
+                if det.ae_ is not None:
+                    copy_encoder_state(det.ae_, det.net_)
+                det.ae_ = None
+                try:
+                    det._init_center(xs[k])
+                except DivergedError as exc:
+                    errors[k] = exc
+                det.net_.train()
+                det.center_ = _Center(det.c_)
+        alive = [k for k in range(len(detectors)) if errors[k] is None]
+        if alive:
+            def svdd_loss(net: nn.Module, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+                loss = (net.net(x) - net.center.c).pow(2).sum(dim=1).mean()
+                return [loss], loss.reshape(1)
+
+            for k in alive:
+                detectors[k].svdd_ = nn.ModuleDict({"net": detectors[k].net_, "center": detectors[k].center_})
+            run(stages[-1], alive, "svdd_", svdd_loss, first.lr, first.weight_decay, first.lr_milestones,
+                "epoch_mean_loss")
+        for k in alive:
+            det = detectors[k]
+            del det.svdd_, det.center_
+            if errors[k] is None:
+                det.training_log_["center_abs_mean"] = float(det.c_.abs().mean())
+        return errors
 
     def _score_batch(self, x: torch.Tensor) -> torch.Tensor:
         dist = (self.net_(x) - self.c_).pow(2).sum(dim=1)
