@@ -181,3 +181,25 @@ def test_bf16_precision_trains_under_autocast_and_is_recorded(name, separable_ta
     assert torch.bfloat16 not in dtypes  # scoring stays fp32
     assert np.all(np.isfinite(scores)) and not np.array_equal(scores, fp32.decision_function(X_test))
     assert det.run_info()["precision"] == "bf16" and fp32.run_info()["precision"] == "fp32"
+
+
+def test_stacked_run_writes_one_record_per_job_naming_its_group(shared_data, tmp_path):
+    import json
+
+    from benchmark.cli import main
+
+    def run(stack: str) -> dict:
+        results = tmp_path / f"results{stack}"
+        assert main(["--dataset", "mnist", "--methods", "memae", "--classes", "0", "1", "--set", "max_steps=2",
+                     "--profile", "smoke", "--data-root", str(shared_data), "--no-download", "--no-progress",
+                     "--results-dir", str(results), "--reports-dir", str(tmp_path / f"reports{stack}"),
+                     "--stack", stack]) == 0
+        return {path.name + path.parent.name: json.loads(path.read_text())
+                for path in results.rglob("*.json") if path.parent.name == "memae"}
+
+    stacked, solo = run("4"), run("1")
+    assert len(stacked) == len(solo) == 2
+    for name, record in stacked.items():
+        assert record["stack"]["size"] == 2 and len(record["stack"]["jobs"]) == 2
+        assert "stack" not in solo[name]
+        assert abs(record["metrics"]["auroc"] - solo[name]["metrics"]["auroc"]) <= 0.01
