@@ -162,7 +162,7 @@ def calibrate(target: str, params: dict, shape: tuple, steps: int) -> dict:
     cls = getattr(importlib.import_module(module_name), class_name)
     rng = np.random.default_rng(0)
     detector = cls(**params)
-    if not isinstance(detector, TorchDetector):
+    if not isinstance(detector, TorchDetector) or not detector._stages(1):
         x = rng.random((LINEAR_SAMPLE, *shape), dtype=np.float32)
         cls(**params).fit(x[:64]).decision_function(x[:64])  # imports, first-call costs
         t0 = time.perf_counter()
