@@ -94,6 +94,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help="share of the normal training images held out to set a threshold without test labels, "
                              f"in [0, 0.5] (default {DEFAULT_VAL_FRACTION}; 0 = none); another value goes to "
                              "<profile>+val<f>")
+    parser.add_argument("--stack", default="auto", metavar="K",
+                        help="train up to K jobs that differ only in class / seed together as one batched model "
+                             "(default auto: 1 on the CPU, more on a GPU); deep detectors that support it")
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
+                        help="training precision of the deep detectors: fp32 (default) or bf16 autocast; bf16 "
+                             "results go to <profile>+bf16 (not yet shown to leave AUROC unchanged)")
+    parser.add_argument("--estimate", action="store_true",
+                        help="print the number of jobs and the expected wall time on this device (from a short, "
+                             "cached calibration per method), then stop without training")
     return parser
 
 
@@ -182,6 +191,7 @@ def parse_config(argv: Sequence[str]) -> argparse.Namespace:
     args.class_ids = _parse_classes(args.classes, args.datasets)
     args.seed_values = sorted({_parse_int(s, "seed", 0, MAX_SEED) for s in args.seeds})
     args.n_jobs = _parse_int(args.jobs, "--jobs", 1, 512)
+    args.stack_size = None if args.stack == "auto" else _parse_int(args.stack, "--stack", 1, 256)
     try:
         resolve_device(args.device)
     except ValueError as exc:
@@ -194,13 +204,16 @@ def parse_config(argv: Sequence[str]) -> argparse.Namespace:
         if spec.param in args.override_map.get(spec.method, {}):
             raise UsageError(f"--sweep {spec.name} and --set {spec.name}: the swept parameter cannot also be set")
         # A non-default --val-fraction goes into the sweep's directory names too.
-        args.sweep_tag = "+".join(filter(None, [sweep_set_tag(overrides_flat, args.tag), val_tag.lstrip("+")]))
+        args.sweep_tag = "+".join(filter(None, [sweep_set_tag(overrides_flat, args.tag), val_tag.lstrip("+"),
+                                                "" if args.precision == "fp32" else args.precision]))
     elif args.override_map or args.tag:
         tag = args.tag or "+".join(f"{k}={v}" for k, v in sorted(overrides_flat.items()))
         tag = re.sub(r"[^A-Za-z0-9_.=+-]", "_", tag)
         args.profile_dir = f"{args.profile}+{tag}"
     if args.sweep_spec is None:
         args.profile_dir += val_tag
+        if args.precision != "fp32":  # never mixed with fp32 results
+            args.profile_dir = f"{args.profile_dir}+{args.precision}"
     return args
 
 
@@ -352,11 +365,45 @@ def _report(args: argparse.Namespace) -> None:
             print(f"sensitivity: no records of the sweep {args.sweep_spec.name} yet", file=sys.stderr)
 
 
+def _print_estimate(args: argparse.Namespace, pending: list[Job], settings: RunSettings) -> int:
+    """The expected wall time of the pending jobs (`--estimate`, and before every paper / quick
+    run). On a CPU, past an hour, also the quick profile's. Returns the exit code for --estimate."""
+    from benchmark.estimate import describe, estimate_jobs, format_seconds
+    from benchmark.runner import _limit_threads
+    from methods.torch_base import resolve_device
+
+    _limit_threads(settings.threads_per_job)  # calibrate at the thread count the jobs will use
+    n_parallel = min(args.n_jobs, max(1, len(pending)))
+
+    def log(text: str) -> None:
+        print(text, file=sys.stderr, flush=True)
+
+    try:
+        estimate = estimate_jobs(pending, args.data_root, not args.no_download, n_parallel, args.device, log)
+    except Exception as exc:  # noqa: BLE001 - an estimate must never stop a run
+        print(f"no estimate: the calibration failed ({type(exc).__name__}: {exc})", file=sys.stderr)
+        return 1
+    print(describe(estimate), flush=True)
+    if resolve_device(args.device).type == "cpu" and estimate.wall_seconds > 3600 and args.profile != "quick":
+        quick_args = parse_config([*args.argv_for_estimate, "--profile", "quick"])
+        quick_jobs = build_jobs(quick_args)
+        try:
+            quick = estimate_jobs(quick_jobs, args.data_root, not args.no_download, n_parallel, args.device, log)
+            quick_text = f"about {format_seconds(quick.wall_seconds)} for its {len(quick_jobs)} jobs"
+        except Exception as exc:  # noqa: BLE001
+            quick_text = f"no estimate ({type(exc).__name__}: {exc})"
+        print(f"note: on this CPU the {args.profile} profile takes about {format_seconds(estimate.wall_seconds)}; "
+              f"`--profile quick` (CPU budgets, the same jobs) takes {quick_text}. "
+              f"A GPU (--device cuda) is the way to the paper's budgets.", flush=True)
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         try:
             args = parse_config(argv)
+            args.argv_for_estimate = [a for a in argv if a != "--estimate"]
         except SystemExit as exit_:  # argparse: --help (0) or a malformed command line (2)
             return int(exit_.code or 0)
         variants = sweep_variants(args)
@@ -418,11 +465,19 @@ def _run_jobs(args: argparse.Namespace, jobs: list[Job], argv: list[str]) -> int
                            threads_per_job=max(1, (os.cpu_count() or 1) // min(args.n_jobs, max(1, len(pending)))),
                            track_auroc=args.track_auroc, overrides=args.override_map,
                            provenance=provenance([prog_name(), *argv]),
-                           force=args.force, started_at=time.time(), val_fraction=args.val_fraction)
+                           force=args.force, started_at=time.time(), val_fraction=args.val_fraction,
+                           precision=args.precision)
+    if args.estimate or (args.profile != "smoke" and pending):
+        code = _print_estimate(args, pending, settings)
+        if args.estimate:
+            return code
     started = time.perf_counter()
     try:
+        from benchmark.stacking import auto_stack
+
+        stack = args.stack_size if args.stack_size is not None else auto_stack(args.device)
         outcomes = execute(pending, settings, args.n_jobs, progress=not args.no_progress,
-                           backend=args.backend, scheduler=args.scheduler)
+                           backend=args.backend, scheduler=args.scheduler, stack=stack)
     except BackendUnavailable as exc:
         print(f"{prog_name()}: error: {exc}; nothing was trained", file=sys.stderr)
         return 2

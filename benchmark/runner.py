@@ -62,6 +62,7 @@ class RunSettings:
     force: bool = False        # --force: retrain jobs recorded before this run began ...
     started_at: float = 0.0    # ... (time.time() at its start; newer records are another runner's)
     val_fraction: float = DEFAULT_VAL_FRACTION  # held-out normal training images (0: none)
+    precision: str = "fp32"    # --precision: "bf16" trains the deep detectors under bfloat16 autocast
 
 
 @dataclass
@@ -140,85 +141,133 @@ def build_detector(job: Job) -> Any:
     return spec.load()(**job.params)
 
 
-def run_job(job: Job, settings: RunSettings, blocking: bool = False) -> JobOutcome:
-    """Train, score and record one job. Only KeyboardInterrupt and results-folder write errors
-    escape: anything else the detector does is recorded as `failed` or `diverged`."""
-    from methods.base import DivergedError
-
+def _claim(job: Job, settings: RunSettings, blocking: bool) -> tuple[Optional[JobLock], Optional[JobOutcome]]:
+    """Take the job's lock; (lock, None) to go on, or (None, outcome) when another runner holds it
+    or has finished it meanwhile (with --force: recorded since this run began)."""
     key, results_dir = job.key, settings.results_dir
     lock = JobLock(key.lock_path(results_dir))
     if not lock.acquire(blocking=blocking):
-        return JobOutcome(key, "claimed", "another runner is working on this job")
+        return None, JobOutcome(key, "claimed", "another runner is working on this job")
     try:
         remove_stray_temp_files(key, results_dir)
         done, _ = existing_record(results_dir, key)
-        # Finished meanwhile by another runner (with --force: recorded since this run began).
         if done is not None and done["status"] in ("ok", "diverged") and not (
                 settings.force and key.json_path(results_dir).stat().st_mtime < settings.started_at):
-            return JobOutcome(key, done["status"], "already recorded", (done.get("metrics") or {}).get("auroc"))
+            lock.release()
+            return None, JobOutcome(key, done["status"], "already recorded", (done.get("metrics") or {}).get("auroc"))
+    except BaseException:
+        lock.release()
+        raise
+    return lock, None
+
+
+def _new_record(job: Job, settings: RunSettings) -> dict[str, Any]:
+    key = job.key
+    return {
+        "schema_version": SCHEMA_VERSION, "dataset": key.dataset, "normal_class": key.normal_class,
+        "method": key.method, "seed": key.seed, "profile": key.profile, "base_profile": job.base_profile,
+        "protocol": key.protocol, "status": "failed", "metrics": None,
+        "hyperparameter_overrides": settings.overrides, "method_label": _method_label(job),
+    }
+
+
+def _prepare(job: Job, settings: RunSettings, record: dict, progress: Optional[Callable]) -> tuple[Task, Any]:
+    """The job's task and detector, their facts written into the record."""
+    key = job.key
+    task = _task(key.dataset, settings.data_root, settings.download, key.normal_class, key.protocol, job.base_profile,
+                 settings.val_fraction)
+    subsample = PROFILE_SUBSAMPLE[job.base_profile]
+    record["sizes"] = task.sizes
+    record["sampling"] = {"sample_seed": task.sample_seed, "max_train": subsample.max_train,
+                          "max_test_normal": subsample.max_test_normal,
+                          "max_test_anomalous": subsample.max_test_anomalous,
+                          "val_fraction": settings.val_fraction}
+    detector = build_detector(job)
+    if hasattr(detector, "precision"):
+        detector.precision = settings.precision
+    if progress is not None and hasattr(detector, "progress_callback"):
+        detector.progress_callback = lambda stage, done, planned: progress(key, stage, done, planned)
+    record["hyperparameters"] = detector.get_params()
+    record["method_class"] = f"{type(detector).__module__}.{type(detector).__name__}"
+    return task, detector
+
+
+def _score_into(record: dict, detector: Any, task: Task, settings: RunSettings, epoch_aurocs: list) -> tuple:
+    """Score the fitted detector and fill the record's results; returns (scores, labels, the extra
+    arrays for the .npz: the held-out normal images' scores, or None)."""
+    from methods.base import DivergedError
+
+    t0 = time.perf_counter()
+    scores = detector.decision_function(task.x_test)
+    record["score_seconds"] = time.perf_counter() - t0
+    record["run_info"] = detector.run_info()
+    record["training_log"] = getattr(detector, "training_log_", {})
+    if settings.track_auroc:
+        record["diagnostics"] = _auroc_summary(epoch_aurocs)
+    if not np.all(np.isfinite(scores)):
+        raise DivergedError(epoch=-1, step=-1, detail=f"{int((~np.isfinite(scores)).sum())} non-finite test scores")
+    record["metrics"] = evaluate(scores, labels := task.y_test)
+    extra = None
+    if getattr(task, "x_val", None) is not None and len(task.x_val):
+        extra = {"val_scores": _validation_metrics(detector, task, scores, record)}
+    record["status"] = "ok"
+    return scores, labels, extra
+
+
+def _record_error(record: dict, exc: BaseException) -> None:
+    from methods.base import DivergedError
+
+    if isinstance(exc, DivergedError):
+        record["status"] = "diverged"
+        record["divergence"] = {"epoch": exc.epoch, "step": exc.step, "detail": exc.detail}
+        record["error"] = {"type": "DivergedError", "message": str(exc),
+                           "traceback": "".join(traceback.format_exception(exc))}
+    else:
+        record["status"] = "failed"
+        record["error"] = {"type": type(exc).__name__, "message": str(exc),
+                           "traceback": "".join(traceback.format_exception(exc))}
+
+
+def _write(job: Job, settings: RunSettings, record: dict, scores: Any, labels: Any, elapsed: float,
+           extra_arrays: Optional[dict] = None) -> JobOutcome:
+    key = job.key
+    record.update({"seconds": elapsed, "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                   "threads": settings.threads_per_job, **settings.provenance,
+                   "worker_host": platform.node()})  # optional field: where the job ran ("host" is the runner's)
+    record.setdefault("run_info", {"device": str(job.params.get("device", "cpu"))})
+    write_record(settings.results_dir, key, record, scores, labels, extra_arrays if scores is not None else None)
+    auroc = record["metrics"]["auroc"] if record["status"] == "ok" else None
+    message = record.get("error", {}).get("message", "") if record["status"] != "ok" else ""
+    return JobOutcome(key, record["status"], message, auroc, elapsed)
+
+
+def run_job(job: Job, settings: RunSettings, blocking: bool = False,
+            progress: Optional[Callable[[JobKey, str, int, int], None]] = None) -> JobOutcome:
+    """Train, score and record one job. Only KeyboardInterrupt and results-folder write errors
+    escape: anything else the detector does is recorded as `failed` or `diverged`.
+    `progress(key, stage, epochs done, epochs planned)`, if given, is called after every epoch."""
+    lock, outcome = _claim(job, settings, blocking)
+    if lock is None:
+        return outcome
+    try:
         _limit_threads(settings.threads_per_job)
         started = time.perf_counter()
-        record: dict[str, Any] = {
-            "schema_version": SCHEMA_VERSION, "dataset": key.dataset, "normal_class": key.normal_class,
-            "method": key.method, "seed": key.seed, "profile": key.profile, "base_profile": job.base_profile,
-            "protocol": key.protocol, "status": "failed", "metrics": None,
-            "hyperparameter_overrides": settings.overrides, "method_label": _method_label(job),
-        }
-        scores = labels = val_scores = None
+        record = _new_record(job, settings)
+        scores = labels = None
         try:
-            task = _task(key.dataset, settings.data_root, settings.download, key.normal_class, key.protocol,
-                         job.base_profile, settings.val_fraction)
-            subsample = PROFILE_SUBSAMPLE[job.base_profile]
-            record["sizes"] = task.sizes
-            record["sampling"] = {"sample_seed": task.sample_seed, "max_train": subsample.max_train,
-                                  "max_test_normal": subsample.max_test_normal,
-                                  "max_test_anomalous": subsample.max_test_anomalous,
-                                  "val_fraction": settings.val_fraction}
-            detector = build_detector(job)
-            record["hyperparameters"] = detector.get_params()
-            record["method_class"] = f"{type(detector).__module__}.{type(detector).__name__}"
+            task, detector = _prepare(job, settings, record, progress)
             epoch_aurocs: list = []
             callback = _auroc_tracker(task, epoch_aurocs) if settings.track_auroc else None
             t0 = time.perf_counter()
             detector.fit(task.x_train, epoch_callback=callback)
             record["train_seconds"] = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            scores = detector.decision_function(task.x_test)
-            record["score_seconds"] = time.perf_counter() - t0
-            labels = task.y_test
-            record["run_info"] = detector.run_info()
-            record["training_log"] = getattr(detector, "training_log_", {})
-            if settings.track_auroc:
-                record["diagnostics"] = _auroc_summary(epoch_aurocs)
-            if not np.all(np.isfinite(scores)):
-                n_bad = int((~np.isfinite(scores)).sum())
-                raise DivergedError(epoch=-1, step=-1, detail=f"{n_bad} non-finite test scores")
-            record["metrics"] = evaluate(scores, labels)
-            if getattr(task, "x_val", None) is not None and len(task.x_val):
-                val_scores = _validation_metrics(detector, task, scores, record)
-            record["status"] = "ok"
-        except DivergedError as exc:
-            record["status"] = "diverged"
-            record["divergence"] = {"epoch": exc.epoch, "step": exc.step, "detail": exc.detail}
-            record["error"] = {"type": "DivergedError", "message": str(exc), "traceback": traceback.format_exc()}
-            scores = None
+            scores, labels, extra = _score_into(record, detector, task, settings, epoch_aurocs)
         except (KeyboardInterrupt, ResultsWriteError):
             raise
         except BaseException as exc:  # a detector bug, MemoryError, ...: recorded, the run goes on
-            record["status"] = "failed"
-            record["error"] = {"type": type(exc).__name__, "message": str(exc), "traceback": traceback.format_exc()}
-            scores = None
-        elapsed = time.perf_counter() - started
-        created_at = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-        record.update({"seconds": elapsed, "created_at": created_at,
-                       "threads": settings.threads_per_job, **settings.provenance,
-                       "worker_host": platform.node()})  # optional field: where the job ran ("host" is the runner's)
-        record.setdefault("run_info", {"device": str(job.params.get("device", "cpu"))})
-        write_record(results_dir, key, record, scores, labels,
-                     {"val_scores": val_scores} if scores is not None and val_scores is not None else None)
-        auroc = record["metrics"]["auroc"] if record["status"] == "ok" else None
-        message = record.get("error", {}).get("message", "") if record["status"] != "ok" else ""
-        return JobOutcome(key, record["status"], message, auroc, elapsed)
+            _record_error(record, exc)
+            scores = labels = extra = None
+        return _write(job, settings, record, scores, labels, time.perf_counter() - started, extra)
     finally:
         lock.release()
 
@@ -266,20 +315,24 @@ def _install_sigterm_handler() -> None:
 
 
 def execute(jobs: list[Job], settings: RunSettings, n_parallel: int, progress: bool = True,
-            backend: str = "local", scheduler: Optional[str] = None) -> list[JobOutcome]:
-    """Run the jobs (already filtered for existing records): in this process (local, one job at
+            backend: str = "local", scheduler: Optional[str] = None, stack: int = 1) -> list[JobOutcome]:
+    """Run the jobs (already filtered for existing records): in this process (local, one unit at
     a time), in `n_parallel` local worker processes, or on a Dask cluster (benchmark/backends.py).
-    Jobs another runner holds are retried at the end, waiting for its lock, so they are done
-    exactly once. A job whose worker process died is reported `lost` (a rerun does it)."""
+    With stack > 1, jobs that can train together do so in groups of up to `stack`
+    (benchmark/stacking.py). Jobs another runner holds are retried at the end, waiting for its
+    lock, so they are done exactly once. A job whose worker process died is reported `lost` (a
+    rerun does it)."""
     from contextlib import closing
 
     from tqdm.auto import tqdm
 
     from benchmark.backends import Lost, run_dask, run_local
+    from benchmark.stacking import group_jobs, run_unit
 
     _install_sigterm_handler()
     outcomes: list[JobOutcome] = []
     bar = tqdm(total=len(jobs), desc="jobs", unit="job", disable=not progress, dynamic_ncols=True)
+    units = group_jobs(jobs, stack)
 
     def note(outcome: JobOutcome) -> None:
         bar.update(1)
@@ -293,25 +346,34 @@ def execute(jobs: list[Job], settings: RunSettings, n_parallel: int, progress: b
     if backend == "dask":  # workers elsewhere, started elsewhere: the same absolute paths on every host
         settings = replace(settings, results_dir=Path(settings.results_dir).resolve(),
                            data_root=str(resolve_data_root(settings.data_root).resolve()))
+    by_key = {job.key: job for job in jobs}
     deferred: list[Job] = []
+
+    def take(results: list[JobOutcome]) -> None:
+        for outcome in results:
+            if outcome.status == "claimed":
+                deferred.append(by_key[outcome.key])
+            else:
+                outcomes.append(outcome)
+                note(outcome)
+
     try:
-        if not jobs:
+        if not units:
             results: Any = (pair for pair in ())
         elif backend == "dask":
-            results = run_dask(run_job, jobs, settings, n_parallel, devices, scheduler)
+            results = run_dask(run_unit, units, settings, n_parallel, devices, scheduler)
         elif n_parallel <= 1:
-            results = ((job, run_job(job, settings)) for job in jobs)
+            def show(key: JobKey, stage: str, done: int, planned: int) -> None:
+                bar.set_postfix_str(f"{key.label()} {stage} epoch {done}/{planned}")
+
+            results = ((unit, run_unit(unit, settings, progress=show if progress else None)) for unit in units)
         else:
-            results = run_local(run_job, jobs, settings, n_parallel, devices)
+            results = run_local(run_unit, units, settings, n_parallel, devices)
         with closing(results):
-            for job, result in results:
-                outcome = JobOutcome(job.key, "lost", f"its worker process died: {result.error}") \
-                    if isinstance(result, Lost) else result
-                if outcome.status == "claimed":
-                    deferred.append(job)
-                else:
-                    outcomes.append(outcome)
-                    note(outcome)
+            for unit, result in results:
+                if isinstance(result, Lost):  # the worker died: every job of the unit is lost
+                    result = [JobOutcome(job.key, "lost", f"its worker process died: {result.error}") for job in unit]
+                take(result)
         for job in deferred:
             bar.write(f"waiting for another runner to finish {job.key.label()}")
             outcome = run_job(job, settings, blocking=True)

@@ -3,13 +3,18 @@
     python -m benchmark.speed [--methods ganomaly mem_ganomaly] [--device cpu] [--threads 2]
 
 For every method in `methods.REGISTRY` (or --methods) it builds the detector from its `quick`
-settings for CIFAR-10 (32 x 32 x 3 input), with every constructor argument whose name contains
-"epoch" set to --epochs, any `max_steps*` / `max_iter*` cap lifted (None) and `batch_size` set
-to 64, and on synthetic 32 x 32 x 3 images in [0, 1] measures, on the current device:
+settings for CIFAR-10 (32 x 32 x 3 input) with `batch_size` 64 and every training stage run for
+exactly --steps optimiser steps (each stage's own step-cap and epoch arguments, as its `Stage`
+names them: nothing guessed from argument names), and on synthetic 32 x 32 x 3 images in [0, 1]
+measures, on the current device:
 
-* training images/second: (training images x epochs) / the wall time of fit(), after a short
-  warm-up fit (one "training image" is one image of one epoch, of every stage for the methods
-  that train in stages, since all their epoch arguments are set alike);
+* training images/second: (optimiser steps x batch, over all stages) / the wall time of fit(),
+  after a short warm-up fit;
+* stacked training images/second at K = 1, 4, 10 (--stack): K jobs trained as one batched model
+  (methods/stacking.py), for the detectors that support it; K x images / wall time;
+* the extrapolated wall time of the whole paper profile for the method (3 datasets x 10
+  classes, one seed, jobs one after the other) on this device, from benchmark/estimate.py's
+  calibration of the paper settings and the datasets' nominal sizes;
 * scoring images/second: decision_function() on --n-score images with the method's own
   score batch size, and (`@64`) with `score_batch_size=64` where the method has that argument;
 * FLOPs per training image, counted with torch.utils.flop_counter.FlopCounterMode over a
@@ -40,6 +45,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from methods import REGISTRY, get_method
+from benchmark.estimate import format_seconds
 from methods.torch_base import resolve_device
 
 BATCH = 64
@@ -109,52 +115,95 @@ def timed(fn: Callable[[], Any], device: torch.device, repeats: int = 1) -> floa
     return best
 
 
-def build(name: str, device: str, epochs: int, **extra: Any) -> tuple[Any, dict]:
-    """The method's quick CIFAR-10 settings with the benchmark's overrides (returned too)."""
+# Nominal task sizes of one class, paper protocol: (training images, test images, image shape).
+NOMINAL = {"mnist": (6000, 64000, (1, 28, 28)), "fashion_mnist": (6000, 64000, (1, 28, 28)),
+           "cifar10": (5000, 55000, (3, 32, 32))}
+
+
+def build(name: str, device: str, steps: int, n_train: int, random_state: int = 0) -> tuple[Any, dict]:
+    """The method's quick CIFAR-10 settings at batch 64, every stage run for `steps` steps (the
+    overrides are returned too)."""
     spec = get_method(name)
     cls = spec.load()
     settings = spec.settings("quick", "cifar10")
     accepted = inspect.signature(cls).parameters
-    # Epoch counts of every training stage (not milestones, flags or warm-up periods).
-    overrides = {key: epochs for key, p in accepted.items()
-                 if (key == "epochs" or key.endswith("_epochs")) and "warm" not in key
-                 and isinstance(p.default, int) and not isinstance(p.default, bool)}
-    # Caps on iterations (the CPU profiles' budgets) would make an "epoch" shorter: lift them.
-    overrides.update({key: None for key in accepted if key.startswith("max_") and ("step" in key or "iter" in key)})
-    if "batch_size" in accepted:
-        overrides["batch_size"] = BATCH
-    overrides.update({key: value for key, value in extra.items() if key in accepted})
-    for key, value in (("device", device), ("random_state", 0)):
+    overrides: dict = {"batch_size": BATCH} if "batch_size" in accepted else {}
+    probe = cls(**{**settings, **overrides})
+    for stage in getattr(probe, "_stages", lambda n: [])(n_train):
+        overrides[stage.max_steps_param] = steps
+        if stage.epochs_param is not None:
+            overrides[stage.epochs_param] = steps  # >= 1 step per epoch: the cap ends the stage
+    for key, value in (("device", device), ("random_state", random_state)):
         if key in accepted:
             overrides[key] = value
     return cls(**{**settings, **overrides}), overrides
 
 
+def trained_images(detector: Any, n_train: int) -> int:
+    """Images seen by fit's optimiser steps (all stages); n_train for detectors without stages."""
+    if not hasattr(detector, "_stages"):
+        return n_train
+    return sum(stage.planned_steps(n_train) * stage.batch_size for stage in detector._stages(n_train))
+
+
+def paper_profile_seconds(name: str, device: str, steps: int) -> float:
+    """Expected seconds of the method's paper profile (3 datasets x 10 classes, one seed) here."""
+    from benchmark.estimate import calibrate
+
+    spec = get_method(name)
+    total = 0.0
+    for dataset, (n_train, n_test, shape) in NOMINAL.items():
+        params = {**spec.settings("paper", dataset)}
+        accepted = inspect.signature(spec.load()).parameters
+        if "device" in accepted:
+            params["device"] = device
+        cal = calibrate(spec.target, params, shape, steps)
+        if cal["kind"] == "linear":
+            job = cal["fit_seconds_per_image"] * n_train + cal["score_seconds_per_image"] * n_test
+        else:
+            planned = spec.load()(**params).planned_steps(n_train)
+            job = (sum(n * cal["step_seconds"].get(stage, 0.0) for stage, n in planned.items())
+                   + cal["score_seconds_per_image"] * n_test + cal["overhead_seconds"])
+        total += 10 * job
+    return total
+
+
 def bench_method(name: str, args: argparse.Namespace, device: torch.device, rng: np.random.Generator) -> dict:
+    from methods.stacking import fit_stacked, supports_stacking
+
     x_train = rng.random((args.n_train, 3, 32, 32), dtype=np.float32)
     x_score = rng.random((args.n_score, 3, 32, 32), dtype=np.float32)
-    # Warm-up (allocator, oneDNN primitives, lazy CUDA init), also the 1-epoch fit for the FLOPs.
-    warm, _ = build(name, args.device, 1)
+    # Warm-up (allocator, oneDNN primitives, lazy CUDA init), also the short fit for the FLOPs.
+    warm, _ = build(name, args.device, 1, args.n_train)
     flop_images = x_train[:4 * BATCH]
     train_flops = count_flops(lambda: warm.fit(flop_images))
     score_flops = count_flops(lambda: warm.decision_function(x_score[:BATCH]))
 
-    detector, overrides = build(name, args.device, args.epochs)
+    detector, overrides = build(name, args.device, args.steps, args.n_train)
+    images = trained_images(detector, args.n_train)
     fit_s = timed(lambda: detector.fit(x_train), device, args.repeats)
     detector.decision_function(x_score[:BATCH])
     score_s = timed(lambda: detector.decision_function(x_score), device, args.repeats)
     result = {
         "overrides": overrides, "fit_s": fit_s,
-        "train_img_s": args.n_train * args.epochs / fit_s,
+        "train_img_s": images / fit_s,
         "score_img_s": args.n_score / score_s,
-        "train_gflop_per_img": train_flops / len(flop_images) / 1e9,
+        "train_gflop_per_img": train_flops / trained_images(warm, len(flop_images)) / 1e9,
         "score_gflop_per_img": score_flops / BATCH / 1e9,
         "score_batch": getattr(detector, "score_batch_size", None),
+        "stacked_img_s": {},
     }
     if "score_batch_size" in detector.get_params():
         detector.set_params(score_batch_size=BATCH)
         score_seconds = timed(lambda: detector.decision_function(x_score), device, args.repeats)
         result["score64_img_s"] = args.n_score / score_seconds
+    if supports_stacking(detector):
+        for k in args.stack:
+            dets = [build(name, args.device, args.steps, args.n_train, random_state=s)[0] for s in range(k)]
+            seconds = timed(lambda: fit_stacked(dets, [x_train] * k), device, args.repeats)
+            result["stacked_img_s"][k] = k * images / seconds
+    if args.paper:
+        result["paper_s"] = paper_profile_seconds(name, args.device, args.calibration_steps)
     return result
 
 
@@ -185,9 +234,8 @@ def bench_anomalib(args: argparse.Namespace, device: torch.device, rng: np.rando
     train_flops = count_flops(lambda: module.training_step(batches[0], 0))
 
     def train() -> None:
-        for _ in range(args.epochs):
-            for i, batch in enumerate(batches):
-                module.training_step(batch, i)
+        for i in range(args.steps):
+            module.training_step(batches[i % len(batches)], i)
 
     train_s = timed(train, device, args.repeats)
     model = module.model.eval()
@@ -203,7 +251,7 @@ def bench_anomalib(args: argparse.Namespace, device: torch.device, rng: np.rando
 
     with torch.inference_mode():
         score_flops = count_flops(lambda: model(x_score[:BATCH]))
-    return {"train_img_s": len(batches) * BATCH * args.epochs / train_s, "score_img_s": score(BATCH),
+    return {"train_img_s": args.steps * BATCH / train_s, "score_img_s": score(BATCH),
             "score_big_img_s": score(1024), "train_gflop_per_img": train_flops / BATCH / 1e9,
             "score_gflop_per_img": score_flops / BATCH / 1e9}
 
@@ -213,7 +261,11 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--methods", nargs="+", default=list(REGISTRY), help="registry names (default: all)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    parser.add_argument("--epochs", type=int, default=2, help="epochs of the timed fit")
+    parser.add_argument("--steps", type=int, default=20, help="optimiser steps of every training stage in the timed fit")
+    parser.add_argument("--stack", type=int, nargs="*", default=[1, 4, 10], help="stack sizes K to time (default 1 4 10)")
+    parser.add_argument("--no-paper", dest="paper", action="store_false",
+                        help="skip the extrapolated paper-profile time (it calibrates the paper settings)")
+    parser.add_argument("--calibration-steps", type=int, default=3, help="steps per stage of that calibration")
     parser.add_argument("--n-train", type=int, default=1024, help="synthetic training images")
     parser.add_argument("--n-score", type=int, default=4096, help="synthetic images to score")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement; the best counts")
@@ -225,10 +277,12 @@ def main(argv: Optional[list[str]] = None) -> None:
     peak = matmul_peak_gflops(device)
     print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"fp32 matmul peak {peak:.1f} GFLOP/s")
-    print(f"synthetic 32x32x3 data: {args.n_train} training images x {args.epochs} epochs at batch {BATCH}, "
-          f"{args.n_score} images scored")
-    header = (f"{'method':<16}{'train img/s':>12}{'score img/s':>12}{'score@64':>10}"
-              f"{'GFLOP/img':>11}{'GFLOP/s':>9}{'% peak':>8}  notes")
+    print(f"synthetic 32x32x3 data: {args.n_train} training images, {args.steps} steps per stage at batch {BATCH}, "
+          f"{args.n_score} images scored; CUDA graphs: "
+          f"{'not implemented (see README)' if device.type == 'cuda' else 'CUDA only, n/a here'}")
+    stack_cols = "".join(f"{'K=' + str(k) + ' img/s':>12}" for k in args.stack)
+    header = (f"{'method':<16}{'train img/s':>12}{stack_cols}{'score img/s':>12}{'score@64':>10}"
+              f"{'GFLOP/img':>11}{'GFLOP/s':>9}{'% peak':>8}{'paper prof.':>12}  notes")
     rows, results = [], {}
     for name in args.methods:
         rng = np.random.default_rng(0)
@@ -249,17 +303,25 @@ def main(argv: Optional[list[str]] = None) -> None:
             flops = f"{res['train_gflop_per_img']:>11.3f}{achieved:>9.1f}{100 * achieved / peak:>7.0f}%"
         else:  # no torch matmuls or convolutions (e.g. iForest through scikit-learn)
             flops = f"{'n/a':>11}{'n/a':>9}{'n/a':>8}"
-        rows.append(f"{name:<16}{res['train_img_s']:>12.1f}{res['score_img_s']:>12.0f}{score64}{flops}  "
+        stacked = "".join(f"{res['stacked_img_s'][k]:>12.1f}" if k in res["stacked_img_s"] else f"{'-':>12}"
+                          for k in args.stack)
+        paper = f"{format_seconds(res['paper_s']):>12}" if "paper_s" in res else f"{'-':>12}"
+        rows.append(f"{name:<16}{res['train_img_s']:>12.1f}{stacked}{res['score_img_s']:>12.0f}{score64}{flops}{paper}  "
                     f"score batch {res['score_batch']}, fit {res['fit_s']:.1f} s, {res['overrides']}")
     anomalib = (None if args.no_anomalib or "ganomaly" not in results
                 else bench_anomalib(args, device, np.random.default_rng(0)))
     if anomalib is not None:
         achieved = anomalib["train_gflop_per_img"] * anomalib["train_img_s"]
-        rows.append(f"{'anomalib GANomaly':<16}{anomalib['train_img_s']:>12.1f}{anomalib['score_big_img_s']:>12.0f}"
+        rows.append(f"{'anomalib GANomaly':<16}{anomalib['train_img_s']:>12.1f}{'':>{12 * len(args.stack)}}"
+                    f"{anomalib['score_big_img_s']:>12.0f}"
                     f"{anomalib['score_img_s']:>10.0f}{anomalib['train_gflop_per_img']:>11.3f}{achieved:>9.1f}"
                     f"{100 * achieved / peak:>7.0f}%  measured: training_step at batch 64; scoring at batch 1024 / 64")
     print(header)
     print("\n".join(rows))
+    paper = [res["paper_s"] for res in results.values() if "paper_s" in res]
+    if paper:
+        print(f"paper profile of the methods above (3 datasets x 10 classes, one seed, one job at a time) on this "
+              f"device: about {format_seconds(sum(paper))} (benchmark/estimate.py's calibration; nominal sizes)")
 
     gan, mem = results.get("ganomaly"), results.get("mem_ganomaly")
     if gan is not None:

@@ -45,10 +45,9 @@ from methods.base import (
     check_nonneg_float,
     check_positive_float,
     check_positive_int,
-    iterate_minibatches,
 )
 from methods.preprocess import flatten
-from methods.torch_base import DivergenceMonitor, TorchDetector
+from methods.torch_base import Stage, StageResult, TorchDetector
 
 # paper: the budget published for KDDCUP (200 epochs, batch 1024), used for every dataset here
 # (about 5 optimiser steps per epoch at 6000 images, ~1000 steps in all).
@@ -146,7 +145,7 @@ class DAGMM(TorchDetector):
     def __init__(self, hidden_dims: Sequence[int] = (256, 64, 16), latent_dim: int = 2,
                  estimation_hidden: int = 10, dropout: float = 0.5, n_components: int = 4,
                  lambda_energy: float = 0.1, lambda_cov: float = 0.005, lr: float = 1e-4,
-                 batch_size: int = 1024, epochs: int = 200, cov_jitter: float = 1e-6, eps: float = 1e-8,
+                 batch_size: int = 1024, epochs: int = 200, max_steps: Optional[int] = None, cov_jitter: float = 1e-6, eps: float = 1e-8,
                  grad_clip_norm: Optional[float] = None, random_state: int = 0, device: str = "auto",
                  score_batch_size: int = 1024) -> None:
         self.hidden_dims = hidden_dims              # (256, 64, 16): our choice for pixel inputs
@@ -159,6 +158,7 @@ class DAGMM(TorchDetector):
         self.lr = lr                                # Adam 1e-4 (paper)
         self.batch_size = batch_size                # 1024 (paper)
         self.epochs = epochs                        # 200 (paper, KDDCUP)
+        self.max_steps = max_steps                  # optional cap on the optimiser steps (None = no cap)
         self.cov_jitter = cov_jitter                # 1e-6 on Sigma's diagonal (stability choice)
         self.eps = eps                              # in the relative error's denominator
         self.grad_clip_norm = grad_clip_norm        # None = paper; 5 in reproductions
@@ -173,6 +173,8 @@ class DAGMM(TorchDetector):
             check_positive_int("hidden_dims", width)
         for name in ("latent_dim", "estimation_hidden", "n_components", "batch_size", "epochs"):
             check_positive_int(name, getattr(self, name))
+        if self.max_steps is not None:
+            check_positive_int("max_steps", self.max_steps)
         check_nonneg_float("dropout", self.dropout)
         if self.dropout >= 1:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
@@ -205,40 +207,38 @@ class DAGMM(TorchDetector):
                                          self.dropout).to(self.device_)
         params = [p for net in self._networks() for p in net.parameters()]
         opt = torch.optim.Adam(params, lr=self.lr)
-        monitor = DivergenceMonitor(self.device_)
-        log = {"loss": [], "reconstruction": [], "energy": [], "cov_penalty": []}
-        self.training_log_ = log
-        self._set_mode(train=True)
-        step = 0
-        for epoch in range(1, self.epochs + 1):
-            sums = torch.zeros(4, device=self.device_, dtype=torch.float64)
-            n = 0
-            for idx in iterate_minibatches(len(x_train), self.batch_size, True, self.generator_, self.device_):
-                x = x_train[idx]
-                z, gamma, x_rec = self._codes(x)
-                phi, mu, sigma = mixture_parameters(gamma, z, self.cov_jitter)
-                chol, info = torch.linalg.cholesky_ex(sigma)
-                reconstruction = (x - x_rec).pow(2).sum(dim=1).mean()
-                energy = sample_energy(z, phi, mu, chol).mean()
-                cov_penalty = inverse_diagonal_sum(chol)
-                loss = reconstruction + self.lambda_energy * energy + self.lambda_cov * cov_penalty
-                loss = torch.where(info.any(), torch.full_like(loss, float("nan")), loss)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if self.grad_clip_norm is not None:
-                    torch.nn.utils.clip_grad_norm_(params, self.grad_clip_norm)
-                opt.step()
-                step += 1
-                n += 1
-                monitor.update(step, loss)
-                sums += torch.stack([loss, reconstruction.double(), energy, cov_penalty]).detach()
-            monitor.check(epoch)
-            for key, value in zip(log, (sums / n).tolist()):
-                log[key].append(value)
+
+        def step(idx: torch.Tensor, step_number: int) -> torch.Tensor:
+            x = x_train[idx]
+            z, gamma, x_rec = self._codes(x)
+            phi, mu, sigma = mixture_parameters(gamma, z, self.cov_jitter)
+            chol, info = torch.linalg.cholesky_ex(sigma)
+            reconstruction = (x - x_rec).pow(2).sum(dim=1).mean()
+            energy = sample_energy(z, phi, mu, chol).mean()
+            cov_penalty = inverse_diagonal_sum(chol)
+            loss = reconstruction + self.lambda_energy * energy + self.lambda_cov * cov_penalty
+            loss = torch.where(info.any(), torch.full_like(loss, float("nan")), loss)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if self.grad_clip_norm is not None:
+                torch.nn.utils.clip_grad_norm_(params, self.grad_clip_norm)
+            opt.step()
+            return torch.stack([loss, reconstruction.double(), energy, cov_penalty]).detach()
+
+        def end_epoch(epoch: int, result: StageResult) -> None:
             if epoch_callback is not None:
                 self._estimate_mixture(x_train, epoch)  # eval-mode passes only: training is unchanged
-            self._end_epoch(epoch, epoch_callback)
-        self._estimate_mixture(x_train, self.epochs)
+
+        self.training_log_ = {}
+        self._set_mode(train=True)
+        (stage,) = self._stages(len(x_train))
+        result = self._train_stage(stage, len(x_train), step, ("loss", "reconstruction", "energy", "cov_penalty"),
+                                   epoch_callback, end_epoch=end_epoch)
+        self.training_log_ = result.history
+        self._estimate_mixture(x_train, result.last_epoch)
+
+    def _stages(self, n_train: int) -> list[Stage]:
+        return [Stage("train", self.batch_size, epochs=self.epochs, max_steps=self.max_steps, drop_last=True)]
 
     @torch.no_grad()
     def _estimate_mixture(self, x_train: torch.Tensor, epoch: int) -> None:

@@ -22,23 +22,16 @@ by default (`lr_decay_at_epoch_start=True`); False decays from epoch milestone +
 """
 from __future__ import annotations
 
-from typing import Iterable, Optional, Sequence
+from typing import Any, Iterable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from methods.base import (
-    DivergedError,
-    EpochCallback,
-    check_choice,
-    check_nonneg_float,
-    check_positive_float,
-    check_positive_int,
-    iterate_minibatches,
-)
+from methods.base import (DivergedError, EpochCallback, check_choice, check_nonneg_float,
+                          check_positive_float, check_positive_int)
 from methods.preprocess import global_contrast_normalization
-from methods.torch_base import DivergenceMonitor, TorchDetector
+from methods.torch_base import Stage, TorchDetector
 
 BN_EPS = 1e-4
 
@@ -66,7 +59,7 @@ PROFILES: dict = {
                     "ae_weight_decay": 5e-7},
     },
     "smoke": {"*": {"epochs": 1, "lr_milestones": (), "ae_epochs": 1, "ae_lr_milestones": (),
-                    "max_steps_per_epoch": 5}},
+                    "max_steps": 5, "ae_max_steps": 5}},
 }
 
 
@@ -77,6 +70,14 @@ def _bn2d(channels: int) -> nn.BatchNorm2d:
 def _block(x: torch.Tensor, conv: nn.Module, bn: nn.Module) -> torch.Tensor:
     """conv -> BN -> LeakyReLU(0.01) -> MaxPool2 (the LeNet encoder stage)."""
     return F.max_pool2d(F.leaky_relu(bn(conv(x))), 2)
+
+
+class _Center(nn.Module):
+    """The centre c as a buffer, so stacked jobs each carry their own."""
+
+    def __init__(self, c: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("c", c.clone())
 
 
 class MNISTLeNet(nn.Module):
@@ -209,7 +210,8 @@ class DeepSVDD(TorchDetector):
         warm_up_epochs: soft-boundary epochs before the radius is updated (the authors' 10).
         minmax: fixed (min, max) for the min-max scaling; None = computed in fit from the
             GCN'd training images (the authors' per-class constants are exactly that).
-        max_steps_per_epoch: optional cap on optimiser steps per epoch (smoke runs only).
+        max_steps, ae_max_steps: optional caps on the optimiser steps of the SVDD training and of
+            the AE pretraining, each counted over the whole stage (smoke runs only).
     """
 
     def __init__(self, objective: str = "one-class", nu: float = 0.1, epochs: int = 150,
@@ -218,7 +220,8 @@ class DeepSVDD(TorchDetector):
                  ae_lr: float = 1e-4, ae_batch_size: int = 200, ae_weight_decay: float = 5e-4,
                  ae_lr_milestones: Sequence[int] = (50,), lr_decay_at_epoch_start: bool = True,
                  center_eps: float = 0.1, warm_up_epochs: int = 10,
-                 minmax: Optional[Sequence[float]] = None, max_steps_per_epoch: Optional[int] = None,
+                 minmax: Optional[Sequence[float]] = None, max_steps: Optional[int] = None,
+                 ae_max_steps: Optional[int] = None,
                  random_state: int = 0, device: str = "auto", score_batch_size: int = 1024) -> None:
         self.objective = objective
         self.nu = nu
@@ -237,7 +240,8 @@ class DeepSVDD(TorchDetector):
         self.center_eps = center_eps
         self.warm_up_epochs = warm_up_epochs
         self.minmax = minmax
-        self.max_steps_per_epoch = max_steps_per_epoch
+        self.max_steps = max_steps
+        self.ae_max_steps = ae_max_steps
         self.random_state = random_state
         self.device = device
         self.score_batch_size = score_batch_size
@@ -268,13 +272,14 @@ class DeepSVDD(TorchDetector):
             if len(self.minmax) != 2 or not all(isinstance(v, (int, float)) for v in self.minmax) \
                     or not self.minmax[0] < self.minmax[1]:
                 raise ValueError(f"minmax must be None or (min, max) with min < max, got {self.minmax!r}")
-        if self.max_steps_per_epoch is not None:
-            check_positive_int("max_steps_per_epoch", self.max_steps_per_epoch)
+        for name in ("max_steps", "ae_max_steps"):
+            if getattr(self, name) is not None:
+                check_positive_int(name, getattr(self, name))
 
     # ---- preprocessing ----------------------------------------------------------------------
-    def fit(self, X, epoch_callback: Optional[EpochCallback] = None) -> "DeepSVDD":
+    def _begin_fit(self, X) -> torch.Tensor:
         self.minmax_ = None  # recomputed from the training images by the first _preprocess call
-        return super().fit(X, epoch_callback)
+        return super()._begin_fit(X)
 
     def _preprocess(self, x: torch.Tensor) -> torch.Tensor:
         x = global_contrast_normalization(x)
@@ -287,36 +292,41 @@ class DeepSVDD(TorchDetector):
     def _networks(self) -> Iterable[nn.Module]:
         return [self.net_]
 
-    def _batches(self, n: int, batch_size: int) -> Iterable[torch.Tensor]:
+    def _stages(self, n_train: int) -> list[Stage]:
         # A batch of one breaks BatchNorm1d in train mode (CIFAR AE): then drop that last batch.
-        drop_last = n % batch_size == 1
-        for i, idx in enumerate(iterate_minibatches(n, batch_size, drop_last, self.generator_, self.device_)):
-            if self.max_steps_per_epoch is not None and i >= self.max_steps_per_epoch:
-                return
-            yield idx
+        stages = []
+        if self.pretrain:
+            stages.append(Stage("pretrain", self.ae_batch_size, epochs=self.ae_epochs, max_steps=self.ae_max_steps,
+                                drop_last=n_train % self.ae_batch_size == 1, epoch_callback=False,
+                                max_steps_param="ae_max_steps", epochs_param="ae_epochs"))
+        stages.append(Stage("svdd", self.batch_size, epochs=self.epochs, max_steps=self.max_steps,
+                            drop_last=n_train % self.batch_size == 1))
+        return stages
 
-    def _pretrain(self, ae: nn.Module, x_train: torch.Tensor) -> list[float]:
+    @staticmethod
+    def _scalar_means(sums: torch.Tensor, n_steps: int) -> list[float]:
+        return [float(sums[0]) / n_steps]
+
+    def _pretrain(self, ae: nn.Module, x_train: torch.Tensor, stage: Stage) -> list[float]:
         """AE pretraining: loss = mean over the batch of the per-image sum of squared errors."""
         optimizer = torch.optim.Adam(ae.parameters(), lr=self.ae_lr, weight_decay=self.ae_weight_decay)
-        monitor = DivergenceMonitor(self.device_)
-        losses, step = [], 0
-        ae.train()
-        for epoch in range(1, self.ae_epochs + 1):
+
+        def begin_epoch(epoch: int) -> None:
             for group in optimizer.param_groups:
                 group["lr"] = self.ae_lr * lr_factor(epoch, self.ae_lr_milestones, self.lr_decay_at_epoch_start)
-            total, n_steps = torch.zeros((), device=self.device_), 0
-            for idx in self._batches(len(x_train), self.ae_batch_size):
-                x = x_train[idx]
-                loss = (ae(x) - x).pow(2).flatten(1).sum(dim=1).mean()
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                monitor.update(step, loss)
-                total += loss.detach()
-                step, n_steps = step + 1, n_steps + 1
-            monitor.check(epoch)
-            losses.append(float(total) / n_steps)
-        return losses
+
+        def step(idx: torch.Tensor, step_number: int) -> torch.Tensor:
+            x = x_train[idx]
+            loss = (ae(x) - x).pow(2).flatten(1).sum(dim=1).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            return loss.detach().reshape(1)
+
+        ae.train()
+        result = self._train_stage(stage, len(x_train), step, ("loss",), None, begin_epoch,
+                                   epoch_means=self._scalar_means)
+        return result.history["loss"]
 
     @torch.no_grad()
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
@@ -324,54 +334,136 @@ class DeepSVDD(TorchDetector):
         self.net_.eval()
         return torch.cat([self.net_(x[i:i + self.score_batch_size]) for i in range(0, len(x), self.score_batch_size)])
 
-    def _fit(self, x_train: torch.Tensor, epoch_callback: Optional[EpochCallback]) -> None:
+    def _build_networks(self, x_train: torch.Tensor) -> None:
+        """The SVDD network, then (with pretraining) the autoencoder, initialised in that order."""
         shape = tuple(x_train.shape[1:])
         if shape not in ARCHITECTURES:
             raise ValueError(f"Deep SVDD has networks for 1x28x28 and 3x32x32 images, got {'x'.join(map(str, shape))}")
         net_cls, ae_cls = ARCHITECTURES[shape]
         self.net_ = net_cls().to(self.device_)
+        self.ae_ = ae_cls().to(self.device_) if self.pretrain else None
         self.training_log_ = {"minmax": list(self.minmax_)}
-        if self.pretrain:
-            ae = ae_cls().to(self.device_)
-            self.training_log_["ae_epoch_mean_loss"] = self._pretrain(ae, x_train)
-            copy_encoder_state(ae, self.net_)
-            del ae
 
+    def _init_center(self, x_train: torch.Tensor) -> None:
+        """c from the (pretrained) network; R = 0."""
         self.c_ = init_center(self._embed(x_train), self.center_eps)
         if not torch.isfinite(self.c_).all():
             raise DivergedError(epoch=0, step=0, detail="non-finite centre c after pretraining")
         self.R_ = torch.zeros((), device=self.device_)  # soft-boundary radius (authors: R = 0 at start)
 
+    def _fit(self, x_train: torch.Tensor, epoch_callback: Optional[EpochCallback]) -> None:
+        self._build_networks(x_train)
+        stages = self._stages(len(x_train))
+        if self.pretrain:
+            self.training_log_["ae_epoch_mean_loss"] = self._pretrain(self.ae_, x_train, stages[0])
+            copy_encoder_state(self.ae_, self.net_)
+            self.ae_ = None
+        self._init_center(x_train)
+
         optimizer = torch.optim.Adam(self.net_.parameters(), lr=self.lr, weight_decay=self.weight_decay)
-        monitor = DivergenceMonitor(self.device_)
-        losses, step = [], 0
-        self.net_.train()
-        for epoch in range(1, self.epochs + 1):
+        epoch_now = [1]
+
+        def begin_epoch(epoch: int) -> None:
+            epoch_now[0] = epoch
             for group in optimizer.param_groups:
                 group["lr"] = self.lr * lr_factor(epoch, self.lr_milestones, self.lr_decay_at_epoch_start)
-            total, n_steps = torch.zeros((), device=self.device_), 0
-            for idx in self._batches(len(x_train), self.batch_size):
-                dist = (self.net_(x_train[idx]) - self.c_).pow(2).sum(dim=1)
-                if self.objective == "soft-boundary":
-                    loss = self.R_ ** 2 + torch.clamp(dist - self.R_ ** 2, min=0).mean() / self.nu
-                else:
-                    loss = dist.mean()
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                monitor.update(step, loss)
-                # The authors update R on every batch once epoch (0-based) >= warm-up epochs.
-                if self.objective == "soft-boundary" and epoch > self.warm_up_epochs:
-                    self.R_ = torch.quantile(dist.detach().sqrt(), 1 - self.nu)
-                total += loss.detach()
-                step, n_steps = step + 1, n_steps + 1
-            monitor.check(epoch)
-            losses.append(float(total) / n_steps)
-            self._end_epoch(epoch, epoch_callback)
+
+        def step(idx: torch.Tensor, step_number: int) -> torch.Tensor:
+            dist = (self.net_(x_train[idx]) - self.c_).pow(2).sum(dim=1)
+            if self.objective == "soft-boundary":
+                loss = self.R_ ** 2 + torch.clamp(dist - self.R_ ** 2, min=0).mean() / self.nu
+            else:
+                loss = dist.mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            # The authors update R on every batch once epoch (0-based) >= warm-up epochs.
+            if self.objective == "soft-boundary" and epoch_now[0] > self.warm_up_epochs:
+                self.R_ = torch.quantile(dist.detach().sqrt(), 1 - self.nu)
+            return loss.detach().reshape(1)
+
+        self.net_.train()
+        losses = self._train_stage(stages[-1], len(x_train), step, ("loss",), epoch_callback, begin_epoch,
+                                   epoch_means=self._scalar_means).history["loss"]
         self.training_log_["epoch_mean_loss"] = losses
         self.training_log_["center_abs_mean"] = float(self.c_.abs().mean())
         if self.objective == "soft-boundary":
             self.training_log_["radius"] = float(self.R_)
+
+    @classmethod
+    def _fit_stacked(cls, detectors: list["DeepSVDD"], xs: list[torch.Tensor],
+                     callbacks: list[Optional[EpochCallback]], rng: Any) -> list[Optional[DivergedError]]:
+        """K jobs as one batched model (methods/stacking.py), stage by stage: the AE pretraining
+        stacked, then per job the encoder copy and the centre c, then the one-class training
+        stacked (c a per-job buffer). Soft-boundary (a per-batch radius) trains alone; the jobs'
+        training sets must have one size (the last batch's rule depends on it)."""
+        from methods.stacking import StackedAdam, StackedModules, train_stacked_stage
+
+        first = detectors[0]
+        if first.objective != "one-class":
+            raise ValueError("only the one-class objective trains stacked")
+        if len({len(x) for x in xs}) > 1:
+            raise ValueError("stacked Deep SVDD jobs need training sets of one size")
+        stages = first._stages(len(xs[0]))
+        errors: list[Optional[DivergedError]] = [None] * len(detectors)
+
+        def run(stage: Any, jobs: list[int], modules: str, forward: Any, lr: float, weight_decay: float,
+                milestones: Sequence[int], log_key: str) -> None:
+            dets = [detectors[k] for k in jobs]
+            stacked = StackedModules([{"net": getattr(det, modules)} for det in dets])
+            net = stacked.template["net"]
+            params = stacked.group_params("net")
+            optimiser = StackedAdam(params, lr, weight_decay=weight_decay)
+
+            def begin_epoch(epoch: int) -> None:
+                optimiser.lr = lr * lr_factor(epoch, milestones, first.lr_decay_at_epoch_start)
+
+            def end_epoch(k: int, epoch: int, steps: int, history: dict) -> None:
+                dets[k].training_log_[log_key] = history["loss"]
+
+            stage_errors = train_stacked_stage(dets, [xs[k] for k in jobs], [callbacks[k] for k in jobs], stage,
+                                               stacked, lambda modules, x: forward(net, x),
+                                               [(optimiser, params)], ("loss",), end_epoch, begin_epoch=begin_epoch)
+            for k, error in zip(jobs, stage_errors):
+                errors[k] = errors[k] or error
+
+        if first.pretrain:
+            for det in detectors:
+                det.ae_.train()
+
+            def ae_loss(ae: nn.Module, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+                loss = (ae(x) - x).pow(2).flatten(1).sum(dim=1).mean()
+                return [loss], loss.reshape(1)
+
+            run(stages[0], list(range(len(detectors))), "ae_", ae_loss, first.ae_lr, first.ae_weight_decay,
+                first.ae_lr_milestones, "ae_epoch_mean_loss")
+        for k, det in enumerate(detectors):
+            if errors[k] is None:
+                if det.ae_ is not None:
+                    copy_encoder_state(det.ae_, det.net_)
+                det.ae_ = None
+                try:
+                    det._init_center(xs[k])
+                except DivergedError as exc:
+                    errors[k] = exc
+                det.net_.train()
+                det.center_ = _Center(det.c_)
+        alive = [k for k in range(len(detectors)) if errors[k] is None]
+        if alive:
+            def svdd_loss(net: nn.Module, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+                loss = (net.net(x) - net.center.c).pow(2).sum(dim=1).mean()
+                return [loss], loss.reshape(1)
+
+            for k in alive:
+                detectors[k].svdd_ = nn.ModuleDict({"net": detectors[k].net_, "center": detectors[k].center_})
+            run(stages[-1], alive, "svdd_", svdd_loss, first.lr, first.weight_decay, first.lr_milestones,
+                "epoch_mean_loss")
+        for k in alive:
+            det = detectors[k]
+            del det.svdd_, det.center_
+            if errors[k] is None:
+                det.training_log_["center_abs_mean"] = float(det.c_.abs().mean())
+        return errors
 
     def _score_batch(self, x: torch.Tensor) -> torch.Tensor:
         dist = (self.net_(x) - self.c_).pow(2).sum(dim=1)

@@ -26,7 +26,7 @@ Choices written down (the authors' TensorFlow code works at 64 x 64 with 4-block
   and CIFAR-10, whose objects are (roughly) mirror-symmetric classes.
 * RMSProp with PyTorch's defaults (alpha 0.99, eps 1e-8) besides the learning rate.
 * Stage 2's iterations run as consecutive shuffled epochs (last incomplete batch dropped),
-  stopping after exactly `encoder_iterations` steps.
+  stopping after exactly `encoder_max_steps` steps.
 * The per-epoch callback (a diagnostic) runs only in stage 2 (before it the encoder is
   untrained); epochs are numbered continuously over both stages (stage 2's first epoch is
   gan_epochs + 1).
@@ -38,21 +38,15 @@ from typing import Callable, Iterable, Optional
 import torch
 from torch import nn
 
-from methods.base import (
-    EpochCallback,
-    check_choice,
-    check_nonneg_float,
-    check_positive_float,
-    check_positive_int,
-    iterate_minibatches,
-)
+from methods.base import (EpochCallback, check_choice, check_nonneg_float, check_positive_float,
+                          check_positive_int)
 from methods.blocks import DCGANDecoder, DCGANFeatures, batch_norm, layer_norm
 from methods.preprocess import resize, to_minus_one_one
-from methods.torch_base import DivergenceMonitor, TorchDetector, init_dcgan_weights
+from methods.torch_base import Stage, StageResult, TorchDetector, init_dcgan_weights
 
 # paper: the authors' budgets, 7 critic-batch epochs of WGAN-GP and 50,000 encoder iterations,
 # published for their retinal OCT data (far more images than one class here): at N = 6000 images,
-# 7 epochs are only ~130 generator steps. Kept as published; `max_generator_steps` exists to cap,
+# 7 epochs are only ~130 generator steps. Kept as published; `gan_max_steps` exists to cap,
 # nothing to extend. Flips off for digits only (module doc).
 # quick: a CPU budget for one MNIST class (~6000 train + ~6000 test images, 2 threads, target
 # ~45 s): ngf = ndf = 16, 6 critic-batch epochs (~550 critic / ~110 generator steps), 600 encoder
@@ -65,12 +59,12 @@ PROFILES: dict = {
         "cifar10": {"hflip": True},
     },
     "quick": {
-        "mnist": {"hflip": False, "ngf": 16, "ndf": 16, "gan_epochs": 6, "encoder_iterations": 600},
-        "fashion_mnist": {"hflip": True, "ngf": 16, "ndf": 16, "gan_epochs": 6, "encoder_iterations": 600},
-        "cifar10": {"hflip": True, "ngf": 16, "ndf": 16, "gan_epochs": 6, "encoder_iterations": 600},
+        "mnist": {"hflip": False, "ngf": 16, "ndf": 16, "gan_epochs": 6, "encoder_max_steps": 600},
+        "fashion_mnist": {"hflip": True, "ngf": 16, "ndf": 16, "gan_epochs": 6, "encoder_max_steps": 600},
+        "cifar10": {"hflip": True, "ngf": 16, "ndf": 16, "gan_epochs": 6, "encoder_max_steps": 600},
     },
     "smoke": {"*": {"ngf": 8, "ndf": 8, "latent_dim": 16, "batch_size": 16, "gan_epochs": 1,
-                    "max_generator_steps": 2, "encoder_iterations": 4}},
+                    "gan_max_steps": 10, "encoder_max_steps": 4}},
 }
 
 
@@ -128,9 +122,9 @@ class FAnoGAN(TorchDetector):
 
     def __init__(self, latent_dim: int = 128, ngf: int = 64, ndf: int = 64, image_size: int = 32,
                  critic_norm: str = "layer_norm", batch_size: int = 64,
-                 gan_epochs: int = 7, max_generator_steps: Optional[int] = None, n_critic: int = 5,
+                 gan_epochs: int = 7, gan_max_steps: Optional[int] = None, n_critic: int = 5,
                  gp_weight: float = 10.0, gan_lr: float = 1e-4, gan_beta1: float = 0.0, gan_beta2: float = 0.9,
-                 encoder_iterations: int = 50_000, encoder_lr: float = 5e-5, kappa: float = 1.0,
+                 encoder_max_steps: int = 50_000, encoder_lr: float = 5e-5, kappa: float = 1.0,
                  hflip: bool = False, random_state: int = 0, device: str = "auto",
                  score_batch_size: int = 1024) -> None:
         self.latent_dim = latent_dim                    # 128 (authors)
@@ -140,13 +134,13 @@ class FAnoGAN(TorchDetector):
         self.critic_norm = critic_norm                  # "layer_norm" (authors' critic) or "none"
         self.batch_size = batch_size                    # 64 (authors), both stages
         self.gan_epochs = gan_epochs                    # 7 epochs counted in critic batches (authors)
-        self.max_generator_steps = max_generator_steps  # optional cap on stage 1 (None = no cap)
+        self.gan_max_steps = gan_max_steps              # optional cap on stage 1, in critic steps (None = no cap)
         self.n_critic = n_critic                        # 5 critic steps per generator step
         self.gp_weight = gp_weight                      # lambda_GP = 10
         self.gan_lr = gan_lr                            # Adam 1e-4, betas (0, 0.9)
         self.gan_beta1 = gan_beta1
         self.gan_beta2 = gan_beta2
-        self.encoder_iterations = encoder_iterations    # 50,000 at batch 64 (authors)
+        self.encoder_max_steps = encoder_max_steps      # 50,000 iterations at batch 64 (authors)
         self.encoder_lr = encoder_lr                    # RMSProp 5e-5 (authors)
         self.kappa = kappa                              # 1 (authors), weight of the feature term
         self.hflip = hflip                              # authors: True; here off for digits
@@ -155,10 +149,10 @@ class FAnoGAN(TorchDetector):
         self.score_batch_size = score_batch_size
 
     def _check_params(self) -> None:
-        for name in ("latent_dim", "ngf", "ndf", "batch_size", "gan_epochs", "n_critic", "encoder_iterations"):
+        for name in ("latent_dim", "ngf", "ndf", "batch_size", "gan_epochs", "n_critic", "encoder_max_steps"):
             check_positive_int(name, getattr(self, name))
-        if self.max_generator_steps is not None:
-            check_positive_int("max_generator_steps", self.max_generator_steps)
+        if self.gan_max_steps is not None:
+            check_positive_int("gan_max_steps", self.gan_max_steps)
         check_positive_int("image_size", self.image_size)
         if self.image_size < 16 or self.image_size & (self.image_size - 1):
             raise ValueError(f"image_size must be a power of two >= 16, got {self.image_size!r}")
@@ -199,104 +193,95 @@ class FAnoGAN(TorchDetector):
         self.netE_ = Encoder(self.image_size, nc, self.ndf, self.latent_dim).to(self.device_)
         for net in self._networks():
             net.apply(init_dcgan_weights)
-        self.training_log_ = {"stage1": {"critic_loss": [], "wasserstein": [], "gradient_penalty": [],
-                                         "generator_loss": []},
-                              "stage2": {"loss": [], "img_mse": [], "feat_mse": []}}
-        epoch = self._train_gan(x_train)
-        self._train_encoder(x_train, epoch, epoch_callback)
+        self.training_log_ = {"stage1": {}, "stage2": {}}
+        gan_stage, encoder_stage = self._stages(len(x_train))
+        self._stage_name = "gan"
+        result = self._train_gan(x_train, gan_stage)
+        self._stage_name = "encoder"
+        self._train_encoder(x_train, Stage(**{**vars(encoder_stage), "first_epoch": result.last_epoch + 1}),
+                            epoch_callback)
 
-    def _train_gan(self, x: torch.Tensor) -> int:
-        """Stage 1, WGAN-GP. Returns the number of epochs run."""
+    def _stages(self, n_train: int) -> list[Stage]:
+        # Stage 1 counts critic steps (5 per generator step); the callback runs in stage 2 only.
+        return [Stage("gan", self.batch_size, epochs=self.gan_epochs, max_steps=self.gan_max_steps,
+                      epoch_callback=False, max_steps_param="gan_max_steps", epochs_param="gan_epochs",
+                      period=self.n_critic),
+                Stage("encoder", self.batch_size, epochs=None, max_steps=self.encoder_max_steps,
+                      max_steps_param="encoder_max_steps", epochs_param=None)]
+
+    def _set_mode(self, train: bool) -> None:
+        super()._set_mode(train)
+        if train and getattr(self, "_stage_name", None) == "encoder":
+            self.netG_.eval()  # stage 2: G stays in BatchNorm inference mode, D is frozen
+            self.netD_.eval()
+
+    def _train_gan(self, x: torch.Tensor, stage: Stage) -> StageResult:
+        """Stage 1, WGAN-GP."""
         G, D = self.netG_, self.netD_
         G.train()
         D.train()
         opt_g = torch.optim.Adam(G.parameters(), lr=self.gan_lr, betas=(self.gan_beta1, self.gan_beta2))
         opt_d = torch.optim.Adam(D.parameters(), lr=self.gan_lr, betas=(self.gan_beta1, self.gan_beta2))
         critic_fn = lambda v: D(v)[0]  # noqa: E731
-        monitor = DivergenceMonitor(self.device_)
-        log = self.training_log_["stage1"]
-        critic_steps = generator_steps = 0
-        done = False
-        epoch = 0
-        while epoch < self.gan_epochs and not done:
-            epoch += 1
-            sums = torch.zeros(4, device=self.device_)  # critic loss, W estimate, GP, generator loss
-            n_d = n_g = 0
-            for idx in iterate_minibatches(len(x), self.batch_size, True, self.generator_, self.device_):
-                real = self._augment(x[idx])
-                with torch.no_grad():
-                    fake = G(self._noise(len(idx)))
-                alpha = torch.rand(len(idx), 1, 1, 1, generator=self.generator_, device=self.device_)
-                wasserstein = D(real)[0].mean() - D(fake)[0].mean()
-                gp = gradient_penalty(critic_fn, real, fake, alpha, self.gp_weight)
-                loss_d = gp - wasserstein
-                opt_d.zero_grad(set_to_none=True)
-                loss_d.backward()
-                opt_d.step()
-                critic_steps += 1
-                n_d += 1
-                monitor.update(critic_steps, loss_d)
-                sums[:3] += torch.stack([loss_d, wasserstein, gp]).detach()
+        generator_steps = [0, 0]  # in all, in this epoch
+        zero = torch.zeros((), device=self.device_)
 
-                if critic_steps % self.n_critic == 0:
-                    D.requires_grad_(False)
-                    loss_g = -D(G(self._noise(self.batch_size)))[0].mean()
-                    opt_g.zero_grad(set_to_none=True)
-                    loss_g.backward()
-                    opt_g.step()
-                    D.requires_grad_(True)
-                    generator_steps += 1
-                    n_g += 1
-                    monitor.update(critic_steps, loss_g)
-                    sums[3] += loss_g.detach()
-                    if self.max_generator_steps is not None and generator_steps >= self.max_generator_steps:
-                        done = True
-                        break
-            monitor.check(epoch)
-            means = (sums / torch.tensor([n_d, n_d, n_d, max(n_g, 1)], device=self.device_)).tolist()
-            for key, value in zip(("critic_loss", "wasserstein", "gradient_penalty", "generator_loss"), means):
-                log[key].append(value)
-        self.training_log_["stage1"].update(epochs=epoch, critic_steps=critic_steps, generator_steps=generator_steps)
-        return epoch
+        def begin_epoch(epoch: int) -> None:
+            generator_steps[1] = 0
 
-    def _train_encoder(self, x: torch.Tensor, epoch: int, epoch_callback: Optional[EpochCallback]) -> None:
+        def step(idx: torch.Tensor, critic_steps: int) -> torch.Tensor:
+            real = self._augment(x[idx])
+            with torch.no_grad():
+                fake = G(self._noise(len(idx)))
+            alpha = torch.rand(len(idx), 1, 1, 1, generator=self.generator_, device=self.device_)
+            wasserstein = D(real)[0].mean() - D(fake)[0].mean()
+            gp = gradient_penalty(critic_fn, real, fake, alpha, self.gp_weight)
+            loss_d = gp - wasserstein
+            opt_d.zero_grad(set_to_none=True)
+            loss_d.backward()
+            opt_d.step()
+            loss_g = zero
+            if critic_steps % self.n_critic == 0:
+                D.requires_grad_(False)
+                loss_g = -D(G(self._noise(self.batch_size)))[0].mean()
+                opt_g.zero_grad(set_to_none=True)
+                loss_g.backward()
+                opt_g.step()
+                D.requires_grad_(True)
+                generator_steps[0] += 1
+                generator_steps[1] += 1
+            return torch.stack([loss_d, wasserstein, gp, loss_g]).detach()
+
+        def epoch_means(sums: torch.Tensor, n_d: int) -> list[float]:
+            return (sums / torch.tensor([n_d, n_d, n_d, max(generator_steps[1], 1)], device=self.device_)).tolist()
+
+        result = self._train_stage(stage, len(x), step, ("critic_loss", "wasserstein", "gradient_penalty",
+                                                         "generator_loss"), None, begin_epoch, epoch_means=epoch_means)
+        self.training_log_["stage1"] = {**result.history, "epochs": result.epochs, "critic_steps": result.steps,
+                                        "generator_steps": generator_steps[0]}
+        return result
+
+    def _train_encoder(self, x: torch.Tensor, stage: Stage, epoch_callback: Optional[EpochCallback]) -> None:
         """Stage 2, izi_f: only E learns; G stays in BatchNorm inference mode, D is frozen."""
         G, D, E = self.netG_, self.netD_, self.netE_
-        G.eval()
-        D.eval()
         G.requires_grad_(False)
         D.requires_grad_(False)
-        E.train()
+        self._set_mode(train=True)
         opt = torch.optim.RMSprop(E.parameters(), lr=self.encoder_lr)
-        monitor = DivergenceMonitor(self.device_)
-        log = self.training_log_["stage2"]
-        step = 0
-        while step < self.encoder_iterations:
-            epoch += 1
-            sums = torch.zeros(3, device=self.device_)
-            n = 0
-            for idx in iterate_minibatches(len(x), self.batch_size, True, self.generator_, self.device_):
-                real = self._augment(x[idx])
-                rec = G(E(real))
-                img, feat = izif_terms(real, rec, D(real)[1], D(rec)[1])
-                img, feat = img.mean(), feat.mean()
-                loss = img + self.kappa * feat
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                step += 1
-                n += 1
-                monitor.update(step, loss)
-                sums += torch.stack([loss, img, feat]).detach()
-                if step >= self.encoder_iterations:
-                    break
-            monitor.check(epoch)
-            for key, value in zip(("loss", "img_mse", "feat_mse"), (sums / n).tolist()):
-                log[key].append(value)
-            self._end_epoch(epoch, epoch_callback)
-            G.eval()  # _end_epoch puts every network back in train mode; G must stay in inference mode
-            D.eval()
-        log.update(epochs=epoch - self.training_log_["stage1"]["epochs"], iterations=step)
+
+        def step(idx: torch.Tensor, step_number: int) -> torch.Tensor:
+            real = self._augment(x[idx])
+            rec = G(E(real))
+            img, feat = izif_terms(real, rec, D(real)[1], D(rec)[1])
+            img, feat = img.mean(), feat.mean()
+            loss = img + self.kappa * feat
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            return torch.stack([loss, img, feat]).detach()
+
+        result = self._train_stage(stage, len(x), step, ("loss", "img_mse", "feat_mse"), epoch_callback)
+        self.training_log_["stage2"] = {**result.history, "epochs": result.epochs, "iterations": result.steps}
 
     # ---- score ----
     def _score_batch(self, x: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,8 @@ scored once, in eval mode, so a score never depends on which images share its ba
 """
 from __future__ import annotations
 
-from typing import Iterable, Optional
+import copy
+from typing import Any, Iterable, Optional
 
 import numpy as np
 import torch
@@ -32,16 +33,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from methods.base import (
+    DivergedError,
     EpochCallback,
     check_images,
     check_nonneg_float,
     check_positive_float,
     check_positive_int,
-    iterate_minibatches,
 )
 from methods.blocks import DCGANDecoder, DCGANDiscriminator, DCGANEncoder
 from methods.preprocess import resize, to_minus_one_one
-from methods.torch_base import DivergenceMonitor, TorchDetector, init_dcgan_weights
+from methods.torch_base import Stage, StageResult, TorchDetector, init_dcgan_weights
 
 IMAGE_SIZE = 32  # the authors' isize; MNIST and Fashion-MNIST are resized 28 -> 32
 
@@ -242,59 +243,112 @@ class GANomaly(TorchDetector):
         g_loss, parts = self._generator_loss(x, x_hat, z, z_hat, feat_real.detach(), feat_fake, logit_fake, weights)
         return g_loss, self._discriminator_loss(logit_real, logit_fake), parts
 
-    def _fit(self, x_train: torch.Tensor, epoch_callback: Optional[EpochCallback]) -> None:
+    def _stages(self, n_train: int) -> list[Stage]:
+        return [Stage("train", self.batch_size, epochs=self.epochs, max_steps=self.max_steps, drop_last=True)]
+
+    def _build_networks(self, x_train: torch.Tensor) -> None:
+        """G and D, DCGAN-initialised (draws from the global RNG, seeded by fit), on the device."""
         nc = x_train.shape[1]
         self.netg_ = self._build_generator(nc)
         self.netd_ = DCGANDiscriminator(IMAGE_SIZE, nc, self.ndf)
         for net in self._networks():
             net.apply(init_dcgan_weights)  # the memory keeps its own uniform init
             net.to(self.device_, memory_format=self._memory_format(self.device_))
+
+    def _training_log(self, epoch: int, steps: int, history: dict, reinit_epochs: list[int], check_every: int) -> dict:
+        return {"epochs_run": epoch, "steps": steps, "epoch_mean_losses": history,
+                "d_reinit_count": len(reinit_epochs), "d_reinit_epochs": reinit_epochs,
+                "d_collapse_check_every_steps": check_every, **self._training_facts()}
+
+    def _fit(self, x_train: torch.Tensor, epoch_callback: Optional[EpochCallback]) -> None:
+        self._build_networks(x_train)
         g_params = list(self.netg_.parameters())
         d_params = list(self.netd_.parameters())
         betas = (self.beta1, self.beta2)
         g_opt = torch.optim.Adam(g_params, lr=self.lr, betas=betas)
         d_opt = torch.optim.Adam(d_params, lr=self.lr, betas=betas)
 
-        monitor = DivergenceMonitor(self.device_)
         check_every = self._d_check_every.get(self.device_.type, 20)
         d_min = torch.full((), float("inf"), device=self.device_)
         reinit_epochs: list[int] = []
-        history: dict[str, list[float]] = {}
-        total_steps = 0
-        self._set_mode(train=True)
-        for epoch in range(1, self.epochs + 1):
-            sums, steps = None, 0
-            for idx in iterate_minibatches(len(x_train), self.batch_size, True, self.generator_, self.device_):
-                g_loss, d_loss, parts = self._forward_losses(x_train[idx])
-                g_opt.zero_grad()
-                d_opt.zero_grad()
-                g_loss.backward(inputs=g_params, retain_graph=True)  # D's fake pass is shared
-                d_loss.backward(inputs=d_params)
-                g_opt.step()
-                d_opt.step()
+        epoch_now = [1]
+        names: list[str] = []
 
-                steps += 1
-                total_steps += 1
-                monitor.update(steps, g_loss, d_loss)
-                logged = torch.stack([g_loss.detach(), d_loss.detach(), *(p.detach() for p in parts.values())])
-                sums = logged if sums is None else sums + logged
-                d_min = torch.minimum(d_min, d_loss.detach())
-                if self.d_reinit_threshold > 0 and total_steps % check_every == 0:
-                    if float(d_min) < self.d_reinit_threshold:
-                        with torch.no_grad():
-                            self.netd_.apply(init_dcgan_weights)
-                        reinit_epochs.append(epoch)
-                    d_min.fill_(float("inf"))
-                if self.max_steps is not None and total_steps >= self.max_steps:
-                    break
-            monitor.check(epoch)
-            for name, value in zip(["g", "d", *parts], (sums / steps).tolist()):
-                history.setdefault(name, []).append(value)
-            self.training_log_ = {
-                "epochs_run": epoch, "steps": total_steps, "epoch_mean_losses": history,
-                "d_reinit_count": len(reinit_epochs), "d_reinit_epochs": reinit_epochs,
-                "d_collapse_check_every_steps": check_every, **self._training_facts(),
-            }
-            self._end_epoch(epoch, epoch_callback)
-            if self.max_steps is not None and total_steps >= self.max_steps:
-                break
+        def begin_epoch(epoch: int) -> None:
+            epoch_now[0] = epoch
+
+        def step(idx: torch.Tensor, step_number: int) -> torch.Tensor:
+            g_loss, d_loss, parts = self._forward_losses(x_train[idx])
+            g_opt.zero_grad()
+            d_opt.zero_grad()
+            g_loss.backward(inputs=g_params, retain_graph=True)  # D's fake pass is shared
+            d_loss.backward(inputs=d_params)
+            g_opt.step()
+            d_opt.step()
+            if not names:
+                names.extend(["g", "d", *parts])
+            d_min.copy_(torch.minimum(d_min, d_loss.detach()))
+            if self.d_reinit_threshold > 0 and step_number % check_every == 0:
+                if float(d_min) < self.d_reinit_threshold:
+                    with torch.no_grad():
+                        self.netd_.apply(init_dcgan_weights)
+                    reinit_epochs.append(epoch_now[0])
+                d_min.fill_(float("inf"))
+            return torch.stack([g_loss.detach(), d_loss.detach(), *(p.detach() for p in parts.values())])
+
+        def end_epoch(epoch: int, result: StageResult) -> None:
+            self.training_log_ = self._training_log(epoch, result.steps, result.history, reinit_epochs, check_every)
+
+        self._set_mode(train=True)
+        (stage,) = self._stages(len(x_train))
+        self._train_stage(stage, len(x_train), step, names, epoch_callback, begin_epoch, end_epoch)
+
+    # ---- stacked training (methods/stacking.py) ---------------------------------------------
+    @classmethod
+    def _fit_stacked(cls, detectors: list["GANomaly"], xs: list[torch.Tensor],
+                     callbacks: list[Optional[EpochCallback]], rng: Any) -> list[Optional[DivergedError]]:
+        """K jobs as one batched model: the solo loop's step (one shared forward pass, G and D
+        Adam steps, D re-init on a collapsed D loss), per job in its own slice."""
+        from methods.stacking import StackedAdam, StackedModules, train_stacked_stage
+
+        first, k_jobs = detectors[0], len(detectors)
+        device = first.device_
+        for det in detectors:
+            det._set_mode(train=True)
+        stacked = StackedModules([{"g": det.netg_, "d": det.netd_} for det in detectors])
+        template = copy.copy(first)  # runs the detector's own loss code on the template modules
+        template.netg_, template.netd_ = stacked.template["g"], stacked.template["d"]
+        names: list[str] = []
+
+        def forward(modules: nn.ModuleDict, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+            g_loss, d_loss, parts = template._forward_losses(x)
+            if not names:
+                names.extend(["g", "d", *parts])
+            return [g_loss, d_loss], torch.stack([g_loss, d_loss, *parts.values()])
+
+        g_params, d_params = stacked.group_params("g"), stacked.group_params("d")
+        betas = (first.beta1, first.beta2)
+        optimisers = [(StackedAdam(g_params, first.lr, betas), g_params), (StackedAdam(d_params, first.lr, betas), d_params)]
+        check_every = first._d_check_every.get(device.type, 20)
+        d_min = torch.full((k_jobs,), float("inf"), device=device)
+        reinit_epochs: list[list[int]] = [[] for _ in detectors]
+
+        def after_step(active: np.ndarray, steps: np.ndarray, epoch: int, losses: list[torch.Tensor]) -> None:
+            nonlocal d_min
+            d_min = torch.where(torch.from_numpy(active).to(device), torch.minimum(d_min, losses[1]), d_min)
+            due = active & (steps % check_every == 0)
+            if first.d_reinit_threshold > 0 and due.any():
+                low = (d_min < first.d_reinit_threshold).cpu().numpy()
+                for k in np.flatnonzero(due):
+                    if low[k]:  # job k's D re-initialised from job k's own global RNG stream
+                        rng.run(k, lambda k=k: detectors[k].netd_.apply(init_dcgan_weights))
+                        stacked.load_params_from(k, "d")
+                        reinit_epochs[k].append(epoch)
+                    d_min[k] = float("inf")
+
+        def end_epoch(k: int, epoch: int, steps: int, history: dict) -> None:
+            detectors[k].training_log_ = detectors[k]._training_log(epoch, steps, history, reinit_epochs[k], check_every)
+
+        (stage,) = first._stages(min(len(x) for x in xs))
+        return train_stacked_stage(detectors, xs, callbacks, stage, stacked, forward, optimisers, names, end_epoch,
+                                   after_step)

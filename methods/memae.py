@@ -29,23 +29,23 @@ the authors' video code: sqrt(sum over channels of r^2) per pixel, averaged over
 """
 from __future__ import annotations
 
-from typing import Iterable, Optional, Sequence
+from typing import Any, Iterable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from methods.base import (
+    DivergedError,
     EpochCallback,
     check_choice,
     check_nonneg_float,
     check_positive_float,
     check_positive_int,
-    iterate_minibatches,
 )
 from methods.memory import MemoryModule, addressing_entropy, check_memory_params, memory_health
 from methods.preprocess import to_minus_one_one
-from methods.torch_base import DivergenceMonitor, TorchDetector, init_dcgan_weights
+from methods.torch_base import Stage, TorchDetector, init_dcgan_weights
 
 MNIST_LIKE = {"num_slots": 100, "widths": (16, 32, 64), "memory_layout": "position"}
 CIFAR = {"num_slots": 500, "widths": (64, 128, 256), "memory_layout": "position"}
@@ -67,7 +67,7 @@ PROFILES: dict = {
         "cifar10": {**CIFAR, "epochs": 2},
     },
     "smoke": {"*": {"num_slots": 100, "widths": (8, 16, 32), "epochs": 1, "batch_size": 64,
-                    "max_steps_per_epoch": 10}},
+                    "max_steps": 10}},
 }
 
 
@@ -152,7 +152,7 @@ class MemAE(TorchDetector):
         widths: encoder channel widths, one stride-2 conv each (our choice, see above).
         output_activation: "tanh" (default, input in [-1, 1]) or "none" (the video code).
         epochs, batch_size, lr: Adam lr 1e-4 and 100 epochs are the paper's; batch 64 is ours.
-        max_steps_per_epoch: optional cap on optimiser steps per epoch (None = whole epoch).
+        max_steps: optional cap on the total number of optimiser steps (None = every epoch whole).
         score: "mse" (default) or "position_l2" (see `reconstruction_error`).
         memory_layout: "position" (default: one address per bottleneck position) or "image"
             (one address per image, the flattened encoding as the query).
@@ -162,7 +162,7 @@ class MemAE(TorchDetector):
                  addressing: str = "dot", entropy_weight: float = 0.0002,
                  widths: Sequence[int] = (16, 32, 64), output_activation: str = "tanh",
                  epochs: int = 100, batch_size: int = 64, lr: float = 1e-4,
-                 max_steps_per_epoch: Optional[int] = None, score: str = "mse",
+                 max_steps: Optional[int] = None, score: str = "mse",
                  memory_layout: str = "position", random_state: int = 0, device: str = "auto",
                  score_batch_size: int = 1024) -> None:
         self.num_slots = num_slots
@@ -174,7 +174,7 @@ class MemAE(TorchDetector):
         self.epochs = epochs
         self.batch_size = batch_size
         self.lr = lr
-        self.max_steps_per_epoch = max_steps_per_epoch
+        self.max_steps = max_steps
         self.score = score
         self.memory_layout = memory_layout
         self.random_state = random_state
@@ -192,8 +192,8 @@ class MemAE(TorchDetector):
         check_positive_int("epochs", self.epochs)
         check_positive_int("batch_size", self.batch_size)
         check_positive_float("lr", self.lr)
-        if self.max_steps_per_epoch is not None:
-            check_positive_int("max_steps_per_epoch", self.max_steps_per_epoch)
+        if self.max_steps is not None:
+            check_positive_int("max_steps", self.max_steps)
         check_choice("score", self.score, ("mse", "position_l2"))
         check_choice("memory_layout", self.memory_layout, ("position", "image"))
 
@@ -216,39 +216,61 @@ class MemAE(TorchDetector):
     def _networks(self) -> Iterable[nn.Module]:
         return [self.net_]
 
-    def _fit(self, x_train: torch.Tensor, epoch_callback: Optional[EpochCallback]) -> None:
+    def _stages(self, n_train: int) -> list[Stage]:
+        # drop_last=False: every image is used every epoch (BN on an h x w map copes with any batch).
+        return [Stage("train", self.batch_size, epochs=self.epochs, max_steps=self.max_steps, drop_last=False)]
+
+    def _build_networks(self, x_train: torch.Tensor) -> None:
         nc, height, width = x_train.shape[1:]
         self.net_ = MemAENet(nc, height, width, tuple(int(w) for w in self.widths), self.num_slots,
                              self.shrink_threshold, self.addressing, self.output_activation,
                              self.memory_layout).to(self.device_)
+
+    def _fit(self, x_train: torch.Tensor, epoch_callback: Optional[EpochCallback]) -> None:
+        self._build_networks(x_train)
         optimizer = torch.optim.Adam(self.net_.parameters(), lr=self.lr)
-        monitor = DivergenceMonitor(self.device_)
-        log = {"loss": [], "mse": [], "entropy": []}
+
+        def step(idx: torch.Tensor, step_number: int) -> torch.Tensor:
+            x = x_train[idx]
+            x_hat, weights = self.net_(x)
+            loss, mse, entropy = memae_loss(x, x_hat, weights, self.entropy_weight)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            return torch.stack([loss.detach(), mse.detach(), entropy.detach()])
+
         self.net_.train()
-        step = 0
-        for epoch in range(1, self.epochs + 1):
-            sums = torch.zeros(3, device=self.device_)
-            n_steps = 0
-            # drop_last=False: every image is used every epoch (BN on an h x w map copes with any batch).
-            for idx in iterate_minibatches(len(x_train), self.batch_size, False, self.generator_, self.device_):
-                if self.max_steps_per_epoch is not None and n_steps >= self.max_steps_per_epoch:
-                    break
-                x = x_train[idx]
-                x_hat, weights = self.net_(x)
-                loss, mse, entropy = memae_loss(x, x_hat, weights, self.entropy_weight)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                monitor.update(step, loss)
-                sums += torch.stack([loss.detach(), mse.detach(), entropy.detach()])
-                step += 1
-                n_steps += 1
-            monitor.check(epoch)
-            for key, value in zip(("loss", "mse", "entropy"), (sums / n_steps).tolist()):
-                log[key].append(value)
-            self._end_epoch(epoch, epoch_callback)
-        self.training_log_ = {"epoch_mean_" + key: values for key, values in log.items()}
-        self.training_log_["steps"] = step
+        (stage,) = self._stages(len(x_train))
+        result = self._train_stage(stage, len(x_train), step, ("loss", "mse", "entropy"), epoch_callback)
+        self.training_log_ = {"epoch_mean_" + key: values for key, values in result.history.items()}
+        self.training_log_["steps"] = result.steps
+
+    @classmethod
+    def _fit_stacked(cls, detectors: list["MemAE"], xs: list[torch.Tensor], callbacks: list[Optional[EpochCallback]],
+                     rng: Any) -> list[Optional[DivergedError]]:
+        """K jobs as one batched model (methods/stacking.py): the solo step, per job in its own slice.
+        The last incomplete batch is kept, so the jobs' training sets must have one size."""
+        from methods.stacking import StackedAdam, StackedModules, train_stacked_stage
+
+        first = detectors[0]
+        for det in detectors:
+            det.net_.train()
+        stacked = StackedModules([{"net": det.net_} for det in detectors])
+        net = stacked.template["net"]
+
+        def forward(modules: nn.ModuleDict, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+            x_hat, weights = net(x)
+            loss, mse, entropy = memae_loss(x, x_hat, weights, first.entropy_weight)
+            return [loss], torch.stack([loss, mse, entropy])
+
+        def end_epoch(k: int, epoch: int, steps: int, history: dict) -> None:
+            detectors[k].training_log_ = {"epoch_mean_" + key: values for key, values in history.items()}
+            detectors[k].training_log_["steps"] = steps
+
+        params = stacked.group_params("net")
+        (stage,) = first._stages(min(len(x) for x in xs))
+        return train_stacked_stage(detectors, xs, callbacks, stage, stacked, forward,
+                                   [(StackedAdam(params, first.lr), params)], ("loss", "mse", "entropy"), end_epoch)
 
     def _score_batch(self, x: torch.Tensor) -> torch.Tensor:
         x_hat, _ = self.net_(x)

@@ -3,13 +3,24 @@ divergence detection without per-step host syncs, and batched scoring under infe
 from __future__ import annotations
 
 import abc
-from typing import Iterable, Optional
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from methods.base import Detector, DivergedError, EpochCallback, check_images, check_positive_int, check_random_state
+from methods.base import (
+    Detector,
+    DivergedError,
+    EpochCallback,
+    check_images,
+    check_positive_int,
+    check_random_state,
+    iterate_minibatches,
+)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -63,15 +74,98 @@ class DivergenceMonitor:
         newly_bad = (~finite) & (self.first_bad_step < 0)
         self.first_bad_step = torch.where(newly_bad, torch.full_like(self.first_bad_step, step), self.first_bad_step)
 
+    def update_values(self, step: int, values: torch.Tensor) -> None:
+        """As `update`, for the 1-D tensor of one step's logged values."""
+        newly_bad = (~values.detach().isfinite().all()) & (self.first_bad_step < 0)
+        self.first_bad_step = torch.where(newly_bad, torch.full_like(self.first_bad_step, step), self.first_bad_step)
+
     def check(self, epoch: int) -> None:
         step = int(self.first_bad_step)
         if step >= 0:
             raise DivergedError(epoch=epoch, step=step)
 
 
+@dataclass(frozen=True)
+class Stage:
+    """The budget of one training stage: shuffled minibatches of `batch_size` for `epochs` epochs
+    (None: until `max_steps`), at most `max_steps` optimiser steps in all (None: no cap).
+
+    Attributes:
+        name: the stage's name ("train", or e.g. "pretrain" / "svdd", "gan" / "encoder").
+        drop_last: drop the last incomplete batch of every epoch.
+        epoch_callback: run the fit's epoch callback after this stage's epochs (a diagnostic;
+            off for stages whose model cannot score yet).
+        max_steps_param, epochs_param: the constructor arguments that set this stage's step cap and
+            its epochs (None: none), so calibration and speed runs set budgets without guessing.
+        first_epoch: number of the stage's first epoch (stages may number epochs continuously).
+        period: the steps' cost repeats with this period (f-AnoGAN: a generator update every
+            n_critic critic steps), so timing runs cover whole periods.
+    """
+
+    name: str
+    batch_size: int
+    epochs: Optional[int] = None
+    max_steps: Optional[int] = None
+    drop_last: bool = True
+    epoch_callback: bool = True
+    max_steps_param: str = "max_steps"
+    epochs_param: Optional[str] = "epochs"
+    first_epoch: int = 1
+    period: int = 1
+
+    def steps_per_epoch(self, n: int) -> int:
+        """Optimiser steps in one full epoch over n images (as `iterate_minibatches` draws them)."""
+        if self.drop_last and n >= self.batch_size:
+            return n // self.batch_size
+        return math.ceil(n / self.batch_size)
+
+    def planned_steps(self, n: int) -> int:
+        """Optimiser steps this stage runs on n training images."""
+        per_epoch = self.steps_per_epoch(n)
+        total = per_epoch * self.epochs if self.epochs is not None else None
+        if self.max_steps is not None:
+            total = self.max_steps if total is None else min(total, self.max_steps)
+        if total is None:
+            raise ValueError(f"stage {self.name!r} has neither epochs nor max_steps")
+        return total
+
+    def planned_epochs(self, n: int) -> int:
+        return math.ceil(self.planned_steps(n) / self.steps_per_epoch(n))
+
+
+@dataclass
+class StageResult:
+    """What `TorchDetector._train_stage` ran: per-epoch means of the logged values, epochs, steps."""
+    history: dict[str, list[float]] = field(default_factory=dict)
+    epochs: int = 0
+    steps: int = 0
+    last_epoch: int = 0
+    seconds: float = 0.0
+
+
+# step(indices of the minibatch on the device, 1-based step number of the stage) -> the 1-D
+# tensor of values to log (losses first); it does the forward pass, backward and optimiser update.
+StepFn = Callable[[torch.Tensor, int], torch.Tensor]
+
+
 class TorchDetector(Detector, abc.ABC):
     """Subclasses store `random_state`, `device` and `score_batch_size` (constructor arguments)
-    and implement `_preprocess`, `_fit`, `_score_batch` and `_networks`."""
+    and implement `_preprocess`, `_fit`, `_score_batch`, `_networks` and `_stages`; `_fit`
+    trains each stage through `_train_stage` with the detector's own step function.
+
+    `progress_callback` (not a hyperparameter; None by default): called as (stage name, epochs
+    done, epochs planned) after every epoch, for progress displays."""
+
+    progress_callback: Optional[Callable[[str, int, int], None]] = None
+    # "fp32" (default) or "bf16": training steps under torch.autocast(bfloat16) (the runner's
+    # --precision; not a hyperparameter, recorded in run_info). Scoring stays fp32.
+    precision: str = "fp32"
+
+    def _autocast(self) -> Any:
+        """The training step's precision context (autocast to bfloat16, or nothing)."""
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
+        return torch.autocast(self.device_.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
 
     random_state: int
     device: str
@@ -97,6 +191,83 @@ class TorchDetector(Detector, abc.ABC):
     def _networks(self) -> Iterable[nn.Module]:
         """The modules to switch between train and eval mode."""
 
+    def _stages(self, n_train: int) -> list[Stage]:
+        """The training stages' budgets on n_train images, in order (no training needed). Every
+        detector of this suite trains through `_train_stage` and lists its stages; the default
+        (none) is for a detector with a loop of its own, which the estimate then times as a
+        whole (`benchmark/estimate.py`)."""
+        return []
+
+    # ---- the training engine ----------------------------------------------------------------
+    def planned_steps(self, n_train: int) -> dict[str, int]:
+        """Optimiser steps per stage that fit() runs on n_train images, computed without training."""
+        return {stage.name: stage.planned_steps(n_train) for stage in self._stages(n_train)}
+
+    def _train_stage(self, stage: Stage, n_train: int, step: StepFn, names: Sequence[str],
+                     epoch_callback: Optional[EpochCallback],
+                     begin_epoch: Optional[Callable[[int], None]] = None,
+                     end_epoch: Optional[Callable[[int, StageResult], None]] = None,
+                     epoch_means: Optional[Callable[[torch.Tensor, int], list[float]]] = None) -> StageResult:
+        """The one training loop of every deep detector.
+
+        Per epoch: `begin_epoch(epoch)`; shuffled minibatch indices drawn on the device from
+        `self.generator_`; `step(idx, step_number)` per batch, its logged values summed on the
+        device and watched by a DivergenceMonitor (one host sync per epoch); the stage stops at
+        `stage.max_steps`. After the epoch: DivergedError if a value was non-finite, the means
+        (`epoch_means(sums, steps)`, default sums / steps) appended to the history under `names`,
+        `end_epoch(epoch, result)`, then `self._end_epoch` (callback only if the stage has one).
+
+        Parameters
+        ----------
+        stage : the budget.
+        n_train : number of training images (the step indexes them).
+        step : does one optimiser step and returns the 1-D tensor of values to log.
+        names : names of the logged values, in order.
+        epoch_callback : the fit's callback.
+        begin_epoch, end_epoch, epoch_means : optional hooks (lr schedules, logs, custom means).
+
+        Returns
+        -------
+        StageResult
+        """
+        monitor = DivergenceMonitor(self.device_)
+        result = StageResult()
+        started = time.perf_counter()
+        epoch = stage.first_epoch - 1
+        while stage.epochs is None or result.epochs < stage.epochs:
+            epoch += 1
+            if begin_epoch is not None:
+                begin_epoch(epoch)
+            sums, n_steps = None, 0
+            capped = False
+            for idx in iterate_minibatches(n_train, stage.batch_size, stage.drop_last, self.generator_, self.device_):
+                result.steps += 1
+                n_steps += 1
+                with self._autocast():
+                    values = step(idx, result.steps).detach()
+                monitor.update_values(result.steps, values)
+                sums = values if sums is None else sums + values
+                if stage.max_steps is not None and result.steps >= stage.max_steps:
+                    capped = True
+                    break
+            monitor.check(epoch)
+            result.epochs += 1
+            result.last_epoch = epoch
+            means = epoch_means(sums, n_steps) if epoch_means is not None else (sums / n_steps).tolist()
+            for name, value in zip(names, means):  # `names` may be filled by the first step
+                result.history.setdefault(name, []).append(value)
+            if end_epoch is not None:
+                end_epoch(epoch, result)
+            progress = getattr(self, "progress_callback", None)
+            if progress is not None:  # the runner's progress display; never changes training
+                progress(stage.name, result.epochs, stage.planned_epochs(n_train))
+            self._end_epoch(epoch, epoch_callback if stage.epoch_callback else None)
+            if capped:
+                break
+        result.seconds = time.perf_counter() - started
+        self.stage_seconds_[stage.name] = result.seconds
+        return result
+
     # ---- shared ---------------------------------------------------------------------------
     def _check_torch_params(self) -> None:
         check_positive_int("score_batch_size", self.score_batch_size)
@@ -109,6 +280,17 @@ class TorchDetector(Detector, abc.ABC):
         return self
 
     def fit(self, X: np.ndarray, epoch_callback: Optional[EpochCallback] = None) -> "TorchDetector":
+        x_train = self._begin_fit(X)
+        try:
+            self._fit(x_train, epoch_callback)
+        finally:
+            self._facts_sample_ = None
+        self._finish_fit()
+        return self
+
+    def _begin_fit(self, X: np.ndarray) -> torch.Tensor:
+        """What every fit does before training (also each job of a stacked fit): checks, device,
+        seeds, the shuffling generator; returns the preprocessed training set on the device."""
         self.check_params()
         X = check_images(X)
         self.device_ = resolve_device(self.device)
@@ -118,17 +300,18 @@ class TorchDetector(Detector, abc.ABC):
         self.generator_.manual_seed(int(self.random_state))
         self.input_shape_ = tuple(X.shape[1:])
         self.training_log_ = {}
+        self.stage_seconds_: dict[str, float] = {}
         self.per_epoch_facts_: dict[str, list[float]] = {}
         x_train = self._preprocess(torch.from_numpy(np.ascontiguousarray(X)).to(self.device_))
         self._facts_sample_ = x_train[:self._epoch_facts_sample_size]  # a view, dropped after training
-        try:
-            self._fit(x_train, epoch_callback)
-        finally:
-            del self._facts_sample_
+        return x_train
+
+    def _finish_fit(self) -> None:
+        """What every fit does after training: the per-epoch facts into the log, eval mode."""
+        self._facts_sample_ = None
         if self.per_epoch_facts_:
             self.training_log_["per_epoch"] = self.per_epoch_facts_
         self._set_mode(train=False)
-        return self
 
     def _set_mode(self, train: bool) -> None:
         for net in self._networks():
@@ -173,6 +356,7 @@ class TorchDetector(Detector, abc.ABC):
             "device": str(device),
             "torch_num_threads": torch.get_num_threads(),
             "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+            "precision": self.precision,
             "determinism": ("bit-identical on CPU for the same seed, torch version and thread count"
                             if device.type == "cpu"
                             else "GPU kernels (cuDNN autotuning, atomics) may differ run to run"),

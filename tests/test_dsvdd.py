@@ -131,7 +131,7 @@ def test_unsupported_image_shape_is_a_value_error(separable_task):
     {"batch_size": 0}, {"ae_batch_size": 1.5}, {"lr": 0.0}, {"ae_lr": -1.0}, {"weight_decay": -1e-6},
     {"ae_weight_decay": float("inf")}, {"lr_milestones": (0,)}, {"ae_lr_milestones": 50},
     {"center_eps": 0.0}, {"warm_up_epochs": -1}, {"minmax": (1.0, 0.0)}, {"minmax": (1.0,)},
-    {"pretrain": "yes"}, {"lr_decay_at_epoch_start": None}, {"max_steps_per_epoch": 0},
+    {"pretrain": "yes"}, {"lr_decay_at_epoch_start": None}, {"max_steps": 0}, {"ae_max_steps": 0},
 ])
 def test_bad_hyperparameters_raise_value_error(bad, separable_task):
     det = DeepSVDD(**{**TINY, **bad})

@@ -12,8 +12,8 @@ from methods.f_anogan import Critic, FAnoGAN, gradient_penalty, izif_terms
 
 # Tiny networks and steps; the larger learning rates only make the tiny runs learn in seconds.
 TINY = dict(ngf=8, ndf=8, latent_dim=8, batch_size=16, device="cpu")
-SEPARABLE = dict(TINY, gan_epochs=16, n_critic=1, gan_lr=2e-3, gan_beta1=0.5, encoder_lr=1e-3, encoder_iterations=30)
-SMOKE = dict(TINY, gan_epochs=1, encoder_iterations=3)
+SEPARABLE = dict(TINY, gan_epochs=16, n_critic=1, gan_lr=2e-3, gan_beta1=0.5, encoder_lr=1e-3, encoder_max_steps=30)
+SMOKE = dict(TINY, gan_epochs=1, encoder_max_steps=3)
 
 
 def test_gradient_penalty_linear_critic() -> None:
@@ -129,10 +129,10 @@ def test_divergence_in_either_stage(separable_task, monkeypatch) -> None:
 
 
 @pytest.mark.parametrize("name, value", [
-    ("gan_epochs", 0), ("batch_size", -1), ("encoder_iterations", 0), ("n_critic", 0), ("latent_dim", 2.5),
+    ("gan_epochs", 0), ("batch_size", -1), ("encoder_max_steps", 0), ("n_critic", 0), ("latent_dim", 2.5),
     ("gan_lr", 0.0), ("encoder_lr", -1e-4), ("gp_weight", -1.0), ("kappa", float("nan")),
     ("gan_beta1", 1.0), ("gan_beta2", -0.1), ("critic_norm", "batch_norm"), ("image_size", 28),
-    ("hflip", "yes"), ("max_generator_steps", 0),
+    ("hflip", "yes"), ("gan_max_steps", 0),
 ])
 def test_bad_hyperparameters(name: str, value) -> None:
     with pytest.raises(ValueError, match=name):

@@ -79,7 +79,7 @@ def test_scores_are_the_per_image_mse_in_minus_one_one_space(separable_task):
     {"lr": 0.0}, {"lr": -1e-4}, {"lr": float("nan")}, {"entropy_weight": -1.0},
     {"shrink_threshold": -0.01}, {"shrink_threshold": 1.0}, {"addressing": "l2"},
     {"widths": ()}, {"widths": (8, 0)}, {"widths": "16"}, {"output_activation": "relu"},
-    {"score": "mae"}, {"memory_layout": "global"}, {"max_steps_per_epoch": 0},
+    {"score": "mae"}, {"memory_layout": "global"}, {"max_steps": 0},
     {"random_state": -1}, {"score_batch_size": 0},
 ])
 def test_bad_hyperparameters_raise_value_error(bad, separable_task):
@@ -101,7 +101,7 @@ def test_non_finite_loss_raises_diverged_error(separable_task, monkeypatch):
     X_train, _, _ = separable_task(n_train=32)
     with pytest.raises(DivergedError) as info:
         MemAE(**TINY).fit(X_train)
-    assert info.value.epoch == 1 and info.value.step == 0
+    assert info.value.epoch == 1 and info.value.step == 1  # steps count from 1 (the first step)
 
 
 def test_huge_learning_rate_diverges_cleanly(separable_task):

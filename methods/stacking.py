@@ -1,0 +1,361 @@
+"""Stacked training: K jobs of one detector (same class, same hyperparameters, different seeds
+and/or training sets) trained together in one process as ONE batched model.
+
+The K networks' parameters and buffers are stacked along a new leading axis
+(`torch.func.stack_module_state`) and one forward pass runs all K through `torch.func.vmap` +
+`functional_call`, so a GPU sees K times the work per kernel launch. Per job stay separate:
+
+* data and shuffling: job k draws its own permutation from its own `torch.Generator`, exactly as
+  its solo fit would, and its minibatch is indexed from its own training set;
+* initialisation and seeds: each job's networks are built by its own `_begin_fit` (which seeds
+  the global RNG with the job's seed) and `_build_networks`, as in the solo fit, then stacked;
+* BatchNorm statistics: the running buffers are stacked too, and vmap updates each job's slice;
+* optimiser state: `StackedAdam`, Adam elementwise with per-job step counts, so job k's slice
+  sees exactly the updates of its own Adam;
+* divergence: a per-job monitor; a job with a non-finite value stops (recorded as diverged at the
+  end of that epoch, as a solo fit raises there) and the others go on;
+* jobs with fewer steps in an epoch (smaller training sets) sit out the last steps of the epoch:
+  their parameters, optimiser state and BatchNorm buffers are left unchanged (masked).
+
+What is not bit-identical to a solo fit: the batched kernels sum in another order (float
+reassociation), and StackedAdam evaluates Adam's formula with per-job tensors where torch's
+Adam uses Python scalars; both are rounding-level differences, which an unstable GAN can grow
+over many steps (as it grows any rounding difference, e.g. another thread count).
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.func import functional_call, stack_module_state, vmap
+
+from methods.base import DivergedError, EpochCallback
+
+
+class StackedAdam:
+    """Adam (torch.optim.Adam's update, without amsgrad) over stacked parameters whose leading
+    axis is the job; `step(active)` updates only the jobs where `active` (shape (K,)) is True and
+    keeps a step count per job for the bias corrections.
+
+    Parameters
+    ----------
+    params : stacked parameters, each of shape (K, ...).
+    lr, betas, eps, weight_decay : as torch.optim.Adam.
+    """
+
+    def __init__(self, params: Sequence[torch.Tensor], lr: float, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.0) -> None:
+        self.params = list(params)
+        self.lr, self.betas, self.eps, self.weight_decay = lr, betas, eps, weight_decay
+        k = self.params[0].shape[0]
+        self.steps = np.zeros(k, dtype=np.int64)
+        self.exp_avg = [torch.zeros_like(p) for p in self.params]
+        self.exp_avg_sq = [torch.zeros_like(p) for p in self.params]
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self, active: np.ndarray) -> None:
+        beta1, beta2 = self.betas
+        self.steps = self.steps + active.astype(np.int64)
+        steps = np.maximum(self.steps, 1).astype(np.float64)
+        step_size = self.lr / (1 - beta1 ** steps)
+        bc2_sqrt = np.sqrt(1 - beta2 ** steps)
+        device = self.params[0].device
+        mask = torch.from_numpy(active).to(device)
+        step_size_t = torch.from_numpy(step_size).to(device=device, dtype=self.params[0].dtype)
+        bc2_t = torch.from_numpy(bc2_sqrt).to(device=device, dtype=self.params[0].dtype)
+        for p, m, v in zip(self.params, self.exp_avg, self.exp_avg_sq):
+            if p.grad is None:
+                continue
+            shape = (-1,) + (1,) * (p.dim() - 1)
+            grad = p.grad if self.weight_decay == 0 else p.grad.add(p, alpha=self.weight_decay)
+            m_new = m.lerp(grad, 1 - beta1)
+            v_new = v.mul(beta2).addcmul_(grad, grad, value=1 - beta2)
+            denom = (v_new.sqrt() / bc2_t.view(shape)).add_(self.eps)
+            p_new = p - step_size_t.view(shape) * m_new / denom
+            keep = mask.view(shape)
+            m.copy_(torch.where(keep, m_new, m))
+            v.copy_(torch.where(keep, v_new, v))
+            p.copy_(torch.where(keep, p_new, p))
+
+
+class StackedModules:
+    """K copies of a dict of modules (same architecture) as stacked parameters and buffers, with
+    a vmapped functional forward and a way back to each job's own modules."""
+
+    def __init__(self, per_job: list[dict[str, nn.Module]]) -> None:
+        self.names = list(per_job[0])
+        joints = [nn.ModuleDict(modules) for modules in per_job]
+        self.template = copy.deepcopy(joints[0])  # holds the structure; its own tensors are not used
+        self.params, self.buffers = stack_module_state(joints)
+        self.joints = joints
+
+    def group_params(self, name: str) -> list[torch.Tensor]:
+        """The stacked parameters of module `name`."""
+        return [p for key, p in self.params.items() if key.split(".", 1)[0] == name]
+
+    def call(self, fn: Callable[[nn.ModuleDict, torch.Tensor], Any], x: torch.Tensor) -> Any:
+        """vmap over jobs of fn(modules, x[k]), the modules carrying job k's parameters and buffers
+        (BatchNorm in train mode updates job k's slice of the stacked running statistics)."""
+        wrapper = _Apply(self.template, fn)
+        params = {f"inner.{k}": v for k, v in self.params.items()}
+        buffers = {f"inner.{k}": v for k, v in self.buffers.items()}
+
+        def one(p: dict, b: dict, xk: torch.Tensor) -> Any:
+            return functional_call(wrapper, {**p, **b}, (xk,))
+
+        return vmap(one, randomness="error")(params, buffers, x)
+
+    @torch.no_grad()
+    def buffers_snapshot(self) -> dict[str, torch.Tensor]:
+        return {key: b.clone() for key, b in self.buffers.items()}
+
+    @torch.no_grad()
+    def restore_buffers(self, snapshot: dict[str, torch.Tensor], keep: torch.Tensor) -> None:
+        """Job k's buffers back to `snapshot` where keep[k] is False (jobs sitting a step out)."""
+        for key, b in self.buffers.items():
+            view = keep.view((-1,) + (1,) * (b.dim() - 1))
+            b.copy_(torch.where(view, b, snapshot[key]))
+
+    @torch.no_grad()
+    def unstack_into(self, k: int) -> None:
+        """Copy job k's slice into its own modules (for its callback, scoring and record)."""
+        joint = self.joints[k]
+        for key, p in joint.named_parameters():
+            p.copy_(self.params[key][k])
+        for key, b in joint.named_buffers():
+            b.copy_(self.buffers[key][k])
+
+    @torch.no_grad()
+    def load_params_from(self, k: int, name: str) -> None:
+        """Job k's slice of module `name`'s parameters from its own module (after a re-init)."""
+        for key, p in self.joints[k][name].named_parameters():
+            self.params[f"{name}.{key}"][k].copy_(p)
+
+
+class _Apply(nn.Module):
+    """fn(template, x) as a module, so functional_call can swap the template's tensors."""
+
+    def __init__(self, template: nn.Module, fn: Callable) -> None:
+        super().__init__()
+        self.inner = template
+        self.fn = fn
+
+    def forward(self, x: torch.Tensor) -> Any:
+        return self.fn(self.inner, x)
+
+
+class JobRNG:
+    """Job k's global RNG streams (CPU, and the device's when it is a GPU) kept apart, for the
+    random draws a solo fit makes from the global RNG after building its networks."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.states: list[tuple] = []
+
+    def save(self) -> None:
+        cuda = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+        self.states.append((torch.get_rng_state(), cuda))
+
+    def run(self, k: int, fn: Callable[[], None]) -> None:
+        """fn() with the global RNG in job k's state; job k's state advances, the others' do not."""
+        outer = (torch.get_rng_state(), torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None)
+        cpu, cuda = self.states[k]
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda, self.device)
+        try:
+            fn()
+            self.states[k] = (torch.get_rng_state(),
+                              torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None)
+        finally:
+            torch.set_rng_state(outer[0])
+            if outer[1] is not None:
+                torch.cuda.set_rng_state(outer[1], self.device)
+
+
+class LockstepBatches:
+    """Per-job shuffled minibatch indices for one epoch, drawn as `iterate_minibatches` draws them
+    (one randperm per job from its own generator), served step by step for all jobs at once."""
+
+    def __init__(self, sizes: Sequence[int], batch_size: int, drop_last: bool, generators: Sequence[torch.Generator],
+                 device: torch.device) -> None:
+        self.batch_size = batch_size
+        self.perms = [torch.randperm(n, generator=g, device=g.device).to(device) for n, g in zip(sizes, generators)]
+        self.steps = [(n // batch_size if (drop_last and n >= batch_size) else -(-n // batch_size)) for n in sizes]
+        if not drop_last and len(set(sizes)) > 1 and any(n % batch_size for n in sizes):
+            # A last, smaller batch would fall on different steps for different jobs.
+            raise ValueError("stacked jobs of a detector that keeps the last incomplete batch need training sets "
+                             "of one size (or sizes divisible by the batch size)")
+
+    def indices(self, step: int) -> tuple[list[torch.Tensor], np.ndarray]:
+        """(per-job indices, per-job "has a real batch at this step") for 0-based `step`."""
+        out, real = [], np.zeros(len(self.perms), dtype=bool)
+        for k, (perm, n_steps) in enumerate(zip(self.perms, self.steps)):
+            s = step if step < n_steps else 0  # a job past its epoch end gets a placeholder batch
+            real[k] = step < n_steps
+            out.append(perm[s * self.batch_size:(s + 1) * self.batch_size])
+        return out, real
+
+
+class JobMonitor:
+    """A DivergenceMonitor per job: the first step with a non-finite logged value, on the device."""
+
+    def __init__(self, k: int, device: torch.device) -> None:
+        self.first_bad = torch.full((k,), -1, dtype=torch.long, device=device)
+
+    def update(self, steps: torch.Tensor, values: torch.Tensor, active: torch.Tensor) -> None:
+        bad = ~values.detach().isfinite().all(dim=1) & active & (self.first_bad < 0)
+        self.first_bad = torch.where(bad, steps, self.first_bad)
+
+    def errors(self, epoch: int) -> list[Optional[DivergedError]]:
+        return [DivergedError(epoch=epoch, step=int(s)) if s >= 0 else None for s in self.first_bad.tolist()]
+
+
+def check_stackable(detectors: Sequence[Any]) -> None:
+    """Same class and hyperparameters except random_state; else ValueError."""
+    first = detectors[0]
+    ref = {k: v for k, v in first.get_params().items() if k != "random_state"}
+    for det in detectors[1:]:
+        if type(det) is not type(first):
+            raise ValueError(f"stacked jobs must share a detector class, got {type(first).__name__} and {type(det).__name__}")
+        params = {k: v for k, v in det.get_params().items() if k != "random_state"}
+        if params != ref:
+            raise ValueError("stacked jobs must share every hyperparameter but random_state")
+
+
+def supports_stacking(detector: Any) -> bool:
+    """Whether the detector's class can train stacked (implements `_fit_stacked`)."""
+    return callable(getattr(type(detector), "_fit_stacked", None))
+
+
+def fit_stacked(detectors: Sequence[Any], Xs: Sequence[np.ndarray],
+                callbacks: Optional[Sequence[Optional[EpochCallback]]] = None) -> list[Optional[DivergedError]]:
+    """Train K detectors of one class together (see the module docstring). Each detector ends up
+    fitted as after its own `fit` (unless it diverged); returns per job None or its DivergedError.
+
+    Parameters
+    ----------
+    detectors : K unfitted detectors of one class with the same hyperparameters but random_state.
+    Xs : their training images, (N_k, C, H, W) floats in [0, 1] of one shape.
+    callbacks : optional per-job epoch callbacks (as fit's epoch_callback).
+
+    Returns
+    -------
+    list of Optional[DivergedError]
+    """
+    detectors = list(detectors)
+    if len(detectors) != len(Xs) or not detectors:
+        raise ValueError("fit_stacked needs one training set per detector, and at least one detector")
+    check_stackable(detectors)
+    if not supports_stacking(detectors[0]):
+        raise ValueError(f"{type(detectors[0]).__name__} cannot be trained stacked")
+    callbacks = list(callbacks) if callbacks is not None else [None] * len(detectors)
+    xs = []
+    rng: Optional[JobRNG] = None
+    for det, X in zip(detectors, Xs):
+        x = det._begin_fit(X)  # seeds the global RNG with the job's seed, as its solo fit
+        det._build_networks(x)
+        xs.append(x)
+        rng = rng or JobRNG(det.device_)
+        rng.save()  # the job's global RNG from here on (e.g. GANomaly's D re-inits)
+    if len({tuple(x.shape[1:]) for x in xs}) != 1:
+        raise ValueError("stacked jobs need training images of one shape")
+    errors = type(detectors[0])._fit_stacked(detectors, xs, callbacks, rng)
+    for det, error in zip(detectors, errors):
+        if error is None:
+            det._finish_fit()  # per-epoch facts into the log, eval mode, as a solo fit
+        else:
+            det._facts_sample_ = None
+    return errors
+
+
+def train_stacked_stage(detectors: Sequence[Any], xs: Sequence[torch.Tensor], callbacks: Sequence[Optional[EpochCallback]],
+                        stage: Any, stacked: StackedModules,
+                        forward: Callable[[nn.ModuleDict, torch.Tensor], tuple[list[torch.Tensor], torch.Tensor]],
+                        optimisers: Sequence[tuple[StackedAdam, list[torch.Tensor]]], names: Sequence[str],
+                        end_epoch: Callable[[int, int, int, dict], None],
+                        after_step: Optional[Callable[[np.ndarray, np.ndarray, int, list[torch.Tensor]], None]] = None,
+                        begin_epoch: Optional[Callable[[int], None]] = None) -> list[Optional[DivergedError]]:
+    """The stacked counterpart of `TorchDetector._train_stage`, for K jobs in lockstep.
+
+    Per step: each job's minibatch (its own shuffling), `forward(modules, x_k)` vmapped over the
+    jobs -> (losses, logged values) with losses[i] of shape (K,) the loss of `optimisers[i]`;
+    each loss's gradient into its own parameters; the optimisers step the active jobs only
+    (BatchNorm buffers of idle jobs restored); `after_step(active, steps, epoch, losses)`. After
+    each epoch, per job that trained in it: divergence check, epoch means, its modules brought up
+    to date (`unstack_into`), `end_epoch(k, epoch, steps_k, history_k)`, its `_end_epoch`.
+
+    Returns
+    -------
+    list of Optional[DivergedError], one per job.
+    """
+    k_jobs = len(detectors)
+    device = detectors[0].device_
+    histories: list[dict] = [{} for _ in detectors]
+    errors: list[Optional[DivergedError]] = [None] * k_jobs
+    alive = np.ones(k_jobs, dtype=bool)
+    steps = np.zeros(k_jobs, dtype=np.int64)
+    monitor = JobMonitor(k_jobs, device)
+    cap = stage.max_steps if stage.max_steps is not None else np.iinfo(np.int64).max
+    epoch, epochs_run = stage.first_epoch - 1, 0
+    while (stage.epochs is None or epochs_run < stage.epochs) and alive.any():
+        epoch, epochs_run = epoch + 1, epochs_run + 1
+        if begin_epoch is not None:
+            begin_epoch(epoch)
+        batches = LockstepBatches([len(x) for x in xs], stage.batch_size, stage.drop_last,
+                                  [det.generator_ for det in detectors], device)
+        in_epoch = alive.copy()
+        sums: Optional[torch.Tensor] = None
+        n_steps = np.zeros(k_jobs, dtype=np.int64)
+        s = 0
+        while True:
+            idx, real = batches.indices(s)
+            active = in_epoch & real & (steps < cap)
+            if not active.any():
+                break
+            active_t = torch.from_numpy(active).to(device)
+            snapshot = None if active.all() else stacked.buffers_snapshot()
+            x = torch.stack([xs[k][idx[k]] for k in range(k_jobs)])
+            with detectors[0]._autocast():
+                losses, values = stacked.call(forward, x)
+                for _, params in optimisers:
+                    for p in params:
+                        p.grad = None
+                for i, (loss, (_, params)) in enumerate(zip(losses, optimisers)):
+                    loss.sum().backward(inputs=params, retain_graph=i < len(optimisers) - 1)
+            for optimiser, _ in optimisers:
+                optimiser.step(active)
+            if snapshot is not None:
+                stacked.restore_buffers(snapshot, active_t)
+            steps += active
+            n_steps += active
+            values = values.detach()
+            monitor.update(torch.from_numpy(steps).to(device), values, active_t)
+            sums = torch.where(active_t[:, None], values, torch.zeros_like(values)) if sums is None else \
+                torch.where(active_t[:, None], sums + values, sums)
+            if after_step is not None:
+                after_step(active, steps, epoch, [loss.detach() for loss in losses])
+            s += 1
+        epoch_errors = monitor.errors(epoch)
+        for k in np.flatnonzero(in_epoch):
+            det = detectors[k]
+            if epoch_errors[k] is not None:
+                errors[k], alive[k] = epoch_errors[k], False
+                continue
+            for name, value in zip(names, (sums[k] / int(n_steps[k])).tolist()):
+                histories[k].setdefault(name, []).append(value)
+            stacked.unstack_into(k)
+            end_epoch(k, epoch, int(steps[k]), histories[k])
+            if det.progress_callback is not None:
+                det.progress_callback(stage.name, epochs_run, stage.planned_epochs(len(xs[k])))
+            det._end_epoch(epoch, callbacks[k] if stage.epoch_callback else None)
+            if steps[k] >= cap:
+                alive[k] = False
+    return errors
