@@ -44,8 +44,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from methods import REGISTRY, get_method
 from benchmark.estimate import format_seconds
+from methods import REGISTRY, get_method
 from methods.torch_base import resolve_device
 
 BATCH = 64
@@ -261,8 +261,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--methods", nargs="+", default=list(REGISTRY), help="registry names (default: all)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    parser.add_argument("--steps", type=int, default=20, help="optimiser steps of every training stage in the timed fit")
-    parser.add_argument("--stack", type=int, nargs="*", default=[1, 4, 10], help="stack sizes K to time (default 1 4 10)")
+    parser.add_argument("--steps", type=int, default=20,
+                        help="optimiser steps of every training stage in the timed fit")
+    parser.add_argument("--stack", type=int, nargs="*", default=[1, 4, 10],
+                        help="stack sizes K to time (default 1 4 10)")
     parser.add_argument("--no-paper", dest="paper", action="store_false",
                         help="skip the extrapolated paper-profile time (it calibrates the paper settings)")
     parser.add_argument("--calibration-steps", type=int, default=3, help="steps per stage of that calibration")
@@ -306,7 +308,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         stacked = "".join(f"{res['stacked_img_s'][k]:>12.1f}" if k in res["stacked_img_s"] else f"{'-':>12}"
                           for k in args.stack)
         paper = f"{format_seconds(res['paper_s']):>12}" if "paper_s" in res else f"{'-':>12}"
-        rows.append(f"{name:<16}{res['train_img_s']:>12.1f}{stacked}{res['score_img_s']:>12.0f}{score64}{flops}{paper}  "
+        rows.append(f"{name:<16}{res['train_img_s']:>12.1f}{stacked}{res['score_img_s']:>12.0f}"
+                    f"{score64}{flops}{paper}  "
                     f"score batch {res['score_batch']}, fit {res['fit_s']:.1f} s, {res['overrides']}")
     anomalib = (None if args.no_anomalib or "ganomaly" not in results
                 else bench_anomalib(args, device, np.random.default_rng(0)))

@@ -12,9 +12,22 @@ import time
 from collections import OrderedDict
 from typing import Any, Callable, Optional
 
-from benchmark.runner import (Job, JobOutcome, RunSettings, _auroc_tracker, _claim, _limit_threads, _new_record,
-                              _prepare, _record_error, _score_into, _write, build_detector, run_job)
 from benchmark.records import ResultsWriteError
+from benchmark.runner import (
+    Job,
+    JobOutcome,
+    RunSettings,
+    _auroc_tracker,
+    _claim,
+    _limit_threads,
+    _new_record,
+    _prepare,
+    _record_error,
+    _score_into,
+    _write,
+    build_detector,
+    run_job,
+)
 
 
 def auto_stack(device: str) -> int:

@@ -145,7 +145,8 @@ class DAGMM(TorchDetector):
     def __init__(self, hidden_dims: Sequence[int] = (256, 64, 16), latent_dim: int = 2,
                  estimation_hidden: int = 10, dropout: float = 0.5, n_components: int = 4,
                  lambda_energy: float = 0.1, lambda_cov: float = 0.005, lr: float = 1e-4,
-                 batch_size: int = 1024, epochs: int = 200, max_steps: Optional[int] = None, cov_jitter: float = 1e-6, eps: float = 1e-8,
+                 batch_size: int = 1024, epochs: int = 200, max_steps: Optional[int] = None,
+                 cov_jitter: float = 1e-6, eps: float = 1e-8,
                  grad_clip_norm: Optional[float] = None, random_state: int = 0, device: str = "auto",
                  score_batch_size: int = 1024) -> None:
         self.hidden_dims = hidden_dims              # (256, 64, 16): our choice for pixel inputs

@@ -28,8 +28,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from methods.base import (DivergedError, EpochCallback, check_choice, check_nonneg_float,
-                          check_positive_float, check_positive_int)
+from methods.base import (
+    DivergedError,
+    EpochCallback,
+    check_choice,
+    check_nonneg_float,
+    check_positive_float,
+    check_positive_int,
+)
 from methods.preprocess import global_contrast_normalization
 from methods.torch_base import Stage, TorchDetector
 

@@ -38,8 +38,7 @@ from typing import Callable, Iterable, Optional
 import torch
 from torch import nn
 
-from methods.base import (EpochCallback, check_choice, check_nonneg_float, check_positive_float,
-                          check_positive_int)
+from methods.base import EpochCallback, check_choice, check_nonneg_float, check_positive_float, check_positive_int
 from methods.blocks import DCGANDecoder, DCGANFeatures, batch_norm, layer_norm
 from methods.preprocess import resize, to_minus_one_one
 from methods.torch_base import Stage, StageResult, TorchDetector, init_dcgan_weights

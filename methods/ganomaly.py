@@ -328,7 +328,8 @@ class GANomaly(TorchDetector):
 
         g_params, d_params = stacked.group_params("g"), stacked.group_params("d")
         betas = (first.beta1, first.beta2)
-        optimisers = [(StackedAdam(g_params, first.lr, betas), g_params), (StackedAdam(d_params, first.lr, betas), d_params)]
+        optimisers = [(StackedAdam(g_params, first.lr, betas), g_params),
+                      (StackedAdam(d_params, first.lr, betas), d_params)]
         check_every = first._d_check_every.get(device.type, 20)
         d_min = torch.full((k_jobs,), float("inf"), device=device)
         reinit_epochs: list[list[int]] = [[] for _ in detectors]
@@ -347,7 +348,8 @@ class GANomaly(TorchDetector):
                     d_min[k] = float("inf")
 
         def end_epoch(k: int, epoch: int, steps: int, history: dict) -> None:
-            detectors[k].training_log_ = detectors[k]._training_log(epoch, steps, history, reinit_epochs[k], check_every)
+            detectors[k].training_log_ = detectors[k]._training_log(epoch, steps, history, reinit_epochs[k],
+                                                                    check_every)
 
         (stage,) = first._stages(min(len(x) for x in xs))
         return train_stacked_stage(detectors, xs, callbacks, stage, stacked, forward, optimisers, names, end_epoch,

@@ -224,7 +224,8 @@ def check_stackable(detectors: Sequence[Any]) -> None:
     ref = {k: v for k, v in first.get_params().items() if k != "random_state"}
     for det in detectors[1:]:
         if type(det) is not type(first):
-            raise ValueError(f"stacked jobs must share a detector class, got {type(first).__name__} and {type(det).__name__}")
+            raise ValueError(f"stacked jobs must share a detector class, got {type(first).__name__} "
+                             f"and {type(det).__name__}")
         params = {k: v for k, v in det.get_params().items() if k != "random_state"}
         if params != ref:
             raise ValueError("stacked jobs must share every hyperparameter but random_state")
@@ -276,8 +277,8 @@ def fit_stacked(detectors: Sequence[Any], Xs: Sequence[np.ndarray],
     return errors
 
 
-def train_stacked_stage(detectors: Sequence[Any], xs: Sequence[torch.Tensor], callbacks: Sequence[Optional[EpochCallback]],
-                        stage: Any, stacked: StackedModules,
+def train_stacked_stage(detectors: Sequence[Any], xs: Sequence[torch.Tensor],
+                        callbacks: Sequence[Optional[EpochCallback]], stage: Any, stacked: StackedModules,
                         forward: Callable[[nn.ModuleDict, torch.Tensor], tuple[list[torch.Tensor], torch.Tensor]],
                         optimisers: Sequence[tuple[StackedAdam, list[torch.Tensor]]], names: Sequence[str],
                         end_epoch: Callable[[int, int, int, dict], None],

@@ -27,8 +27,8 @@ def total_seconds(line: str) -> float:
 
 def run_estimate(capsys, shared_data, tmp_path, *extra: str) -> tuple[int, str, str]:
     code = main(["--dataset", "all", "--profile", "paper", "--methods", *METHODS, "--data-root", str(shared_data),
-                 "--no-download", "--results-dir", str(tmp_path / "results"), "--reports-dir", str(tmp_path / "reports"),
-                 "--estimate", *extra])
+                 "--no-download", "--results-dir", str(tmp_path / "results"),
+                 "--reports-dir", str(tmp_path / "reports"), "--estimate", *extra])
     out, err = capsys.readouterr()
     return code, out, err
 

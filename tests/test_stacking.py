@@ -82,7 +82,8 @@ def test_stacked_jobs_of_different_sizes_score_as_solo_jobs(name, separable_task
         assert rel_diff(got, expected) <= RTOL, (k, rel_diff(got, expected))
         if name != "dsvdd":
             assert stacked[k].training_log_["steps"] == solo[k].training_log_["steps"] == 7
-        epochs = (lambda log: len(log["epoch_mean_loss"])) if name in ("memae", "dsvdd") else (lambda log: log["epochs_run"])
+        epochs = ((lambda log: len(log["epoch_mean_loss"])) if name in ("memae", "dsvdd")
+                  else (lambda log: log["epochs_run"]))
         assert epochs(stacked[k].training_log_) == epochs(solo[k].training_log_) == 2
     # Negative control: another job's solo model is much further off than the job's own.
     own = rel_diff(stacked[0].decision_function(tasks[0][1]), solo[0].decision_function(tasks[0][1]))
