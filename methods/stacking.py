@@ -273,7 +273,7 @@ def fit_stacked(detectors: Sequence[Any], Xs: Sequence[np.ndarray],
         if error is None:
             det._finish_fit()  # per-epoch facts into the log, eval mode, as a solo fit
         else:
-            det._facts_sample_ = None
+            det.__dict__.pop("_facts_sample_", None)
     return errors
 
 

@@ -284,7 +284,7 @@ class TorchDetector(Detector, abc.ABC):
         try:
             self._fit(x_train, epoch_callback)
         finally:
-            self._facts_sample_ = None
+            self.__dict__.pop("_facts_sample_", None)
         self._finish_fit()
         return self
 
@@ -308,7 +308,7 @@ class TorchDetector(Detector, abc.ABC):
 
     def _finish_fit(self) -> None:
         """What every fit does after training: the per-epoch facts into the log, eval mode."""
-        self._facts_sample_ = None
+        self.__dict__.pop("_facts_sample_", None)  # the training images are not kept after fit
         if self.per_epoch_facts_:
             self.training_log_["per_epoch"] = self.per_epoch_facts_
         self._set_mode(train=False)

@@ -32,8 +32,8 @@ NARROW = {"ganomaly": dict(ngf=8, ndf=8, nz=8), "mem_ganomaly": dict(ngf=8, ndf=
 # learning rate and ~100 steps, found in each method's own tests to separate for every seed tried.
 SEPARABLE = {
     "f_anogan": (dict(ngf=8, ndf=8, latent_dim=8, batch_size=16, gan_epochs=16, n_critic=1, gan_lr=2e-3,
-                      gan_beta1=0.5, encoder_lr=1e-3, encoder_iterations=30, max_generator_steps=None), 48),
-    "memae": (dict(num_slots=10, widths=(4, 8), epochs=3, batch_size=16, lr=1e-3, max_steps_per_epoch=None), 64),
+                      gan_beta1=0.5, encoder_lr=1e-3, encoder_max_steps=30, gan_max_steps=None), 48),
+    "memae": (dict(num_slots=10, widths=(4, 8), epochs=3, batch_size=16, lr=1e-3, max_steps=None), 64),
     # With a few dozen steps GANomaly's latent distance is not yet fitted and its direction is
     # arbitrary (AUROC 0 or 1 by seed); from ~100 steps anomalies score higher with a wide margin.
     "ganomaly": (dict(ngf=8, ndf=8, nz=16, batch_size=16, epochs=12, lr=1e-3, max_steps=None), 128),

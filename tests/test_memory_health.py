@@ -47,7 +47,7 @@ def _fit_scores(cls, params, X, disable_hook: bool, monkeypatch):
 
 @pytest.mark.parametrize("cls, params", [
     (MemGANomaly, dict(epochs=2, batch_size=16, max_steps=6, nz=16, ngf=8, ndf=8, memory_size=20)),
-    (MemAE, dict(epochs=2, batch_size=16, max_steps_per_epoch=3, widths=(4, 8), num_slots=10,
+    (MemAE, dict(epochs=2, batch_size=16, max_steps=6, widths=(4, 8), num_slots=10,
                  memory_layout="position")),
 ])
 def test_hook_records_health_and_leaves_training_unchanged(cls, params, separable_task, monkeypatch):
@@ -69,7 +69,7 @@ def test_hook_records_health_and_leaves_training_unchanged(cls, params, separabl
 
 def test_image_layout_queries_one_per_image(separable_task):
     X_train, _, _ = separable_task(n_train=40)
-    detector = MemAE(epochs=1, batch_size=16, max_steps_per_epoch=2, widths=(4, 8), num_slots=10,
+    detector = MemAE(epochs=1, batch_size=16, max_steps=2, widths=(4, 8), num_slots=10,
                      memory_layout="image", random_state=0, device="cpu").fit(X_train)
     facts = detector.training_log_["per_epoch"]
     assert len(facts["memory_slots_in_use"]) == 1
