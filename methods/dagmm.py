@@ -73,7 +73,17 @@ def _mlp(dims: Sequence[int]) -> nn.Sequential:
 
 
 class CompressionNet(nn.Module):
-    """MLP autoencoder: x (B, D) -> (z_c (B, latent_dim), x' (B, D))."""
+    """DAGMM's compression network, an MLP autoencoder with tanh hidden layers.
+
+    Parameters
+    ----------
+    input_dim : int
+        D, the flattened input size.
+    hidden_dims : sequence of int
+        Encoder hidden widths (the decoder mirrors them).
+    latent_dim : int
+        Size of z_c.
+    """
 
     def __init__(self, input_dim: int, hidden_dims: Sequence[int], latent_dim: int) -> None:
         super().__init__()
@@ -82,12 +92,25 @@ class CompressionNet(nn.Module):
         self.decoder = _mlp(dims[::-1])
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, D) -> (z_c (B, latent_dim), x' (B, D))."""
         z_c = self.encoder(x)
         return z_c, self.decoder(z_c)
 
 
 class EstimationNet(nn.Module):
-    """z -> hidden (tanh) -> Dropout -> K logits; softmax gives the memberships gamma."""
+    """DAGMM's estimation network: z -> hidden (tanh) -> Dropout -> K logits; softmax gives gamma.
+
+    Parameters
+    ----------
+    input_dim : int
+        Size of z.
+    hidden : int
+        Hidden width.
+    n_components : int
+        K, the mixture components.
+    dropout : float
+        Dropout probability.
+    """
 
     def __init__(self, input_dim: int, hidden: int, n_components: int, dropout: float) -> None:
         super().__init__()
@@ -95,11 +118,25 @@ class EstimationNet(nn.Module):
                                   nn.Linear(hidden, n_components))
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """z (B, input_dim) -> memberships gamma (B, K), rows summing to 1."""
         return torch.softmax(self.body(z), dim=1)
 
 
 def reconstruction_features(x: torch.Tensor, x_rec: torch.Tensor, eps: float) -> torch.Tensor:
-    """(B, 2): relative Euclidean error ||x - x'|| / (||x|| + eps) and cosine similarity."""
+    """The reconstruction features of the code z.
+
+    Parameters
+    ----------
+    x, x_rec : torch.Tensor
+        (B, D) input and reconstruction.
+    eps : float
+        Added to the relative error's denominator (and the cosine's).
+
+    Returns
+    -------
+    torch.Tensor
+        (B, 2): relative Euclidean error ||x - x'|| / (||x|| + eps) and cosine similarity.
+    """
     relative = (x - x_rec).norm(dim=1) / (x.norm(dim=1) + eps)
     cosine = F.cosine_similarity(x, x_rec, dim=1, eps=eps)
     return torch.stack([relative, cosine], dim=1)
@@ -108,8 +145,22 @@ def reconstruction_features(x: torch.Tensor, x_rec: torch.Tensor, eps: float) ->
 # ---- GMM -----------------------------------------------------------------------------------------
 def mixture_parameters(gamma: torch.Tensor, z: torch.Tensor,
                        jitter: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Paper eq. 5 from memberships gamma (N, K) and codes z (N, d): phi (K,), mu (K, d) and
-    Sigma (K, d, d), plus `jitter` on each diagonal (a stability choice, see module doc)."""
+    """The GMM parameters of paper eq. 5 from memberships and codes.
+
+    Parameters
+    ----------
+    gamma : torch.Tensor
+        (N, K) memberships.
+    z : torch.Tensor
+        (N, d) codes.
+    jitter : float
+        Added to each covariance diagonal (a stability choice, see the module docstring; default 0).
+
+    Returns
+    -------
+    (phi, mu, sigma) : tuple of torch.Tensor
+        phi (K,), mu (K, d) and Sigma (K, d, d).
+    """
     weight = gamma.sum(dim=0)                                      # (K,)
     phi = weight / gamma.shape[0]
     mu = gamma.T @ z / weight[:, None]
@@ -120,8 +171,24 @@ def mixture_parameters(gamma: torch.Tensor, z: torch.Tensor,
 
 
 def sample_energy(z: torch.Tensor, phi: torch.Tensor, mu: torch.Tensor, chol: torch.Tensor) -> torch.Tensor:
-    """Paper eq. 6, E(z) = -log sum_k phi_k N(z; mu_k, Sigma_k) per sample (N,), with
-    chol = the Cholesky factors of Sigma (K, d, d). Equals -log p(z) of the mixture."""
+    """Paper eq. 6, the sample energy E(z) = -log sum_k phi_k N(z; mu_k, Sigma_k).
+
+    Equals -log p(z) of the mixture.
+
+    Parameters
+    ----------
+    z : torch.Tensor
+        (N, d) codes.
+    phi, mu : torch.Tensor
+        (K,) weights and (K, d) means.
+    chol : torch.Tensor
+        (K, d, d) the Cholesky factors of Sigma.
+
+    Returns
+    -------
+    torch.Tensor
+        (N,) energies.
+    """
     d = z.shape[1]
     diff = (z[:, None, :] - mu[None]).permute(1, 2, 0)             # (K, d, N)
     solved = torch.linalg.solve_triangular(chol, diff, upper=False)
@@ -132,15 +199,66 @@ def sample_energy(z: torch.Tensor, phi: torch.Tensor, mu: torch.Tensor, chol: to
 
 
 def inverse_diagonal_sum(chol: torch.Tensor) -> torch.Tensor:
-    """P(Sigma) = sum_k sum_j (Sigma_k^-1)_jj, via cholesky_solve (no explicit inverse)."""
+    """P(Sigma) = sum_k sum_j (Sigma_k^-1)_jj, via cholesky_solve (no explicit inverse).
+
+    Parameters
+    ----------
+    chol : torch.Tensor
+        (K, d, d) the Cholesky factors of Sigma.
+
+    Returns
+    -------
+    torch.Tensor
+        The scalar penalty of eq. 7.
+    """
     eye = torch.eye(chol.shape[-1], dtype=chol.dtype, device=chol.device).expand_as(chol)
     return torch.diagonal(torch.cholesky_solve(eye, chol), dim1=-2, dim2=-1).sum()
 
 
 # ---- detector -------------------------------------------------------------------------------------
 class DAGMM(TorchDetector):
-    """DAGMM on flattened pixels. Defaults: the paper's settings (docs/baselines.md) and, where there is
-    no published value for pixels, the choices written beside each argument."""
+    """DAGMM on flattened pixels.
+
+    Defaults: the paper's settings (docs/baselines.md) and, where there is no published value for
+    pixels, the choices written beside each argument.
+
+    Parameters
+    ----------
+    hidden_dims : sequence of int
+        (256, 64, 16): our choice for pixel inputs.
+    latent_dim : int
+        2: our choice (KDDCUP network: 1).
+    estimation_hidden : int
+        10 (paper).
+    dropout : float
+        0.5 (paper).
+    n_components : int
+        K = 4 (paper).
+    lambda_energy : float
+        0.1 (paper).
+    lambda_cov : float
+        0.005 (paper).
+    lr : float
+        Adam 1e-4 (paper).
+    batch_size : int
+        1024 (paper).
+    epochs : int
+        200 (paper, KDDCUP).
+    max_steps : int or None
+        Optional cap on the optimiser steps (None = no cap).
+    cov_jitter : float
+        1e-6 on Sigma's diagonal (stability choice).
+    eps : float
+        In the relative error's denominator.
+    grad_clip_norm : float or None
+        None = paper; 5 in reproductions.
+    random_state : int
+        Seed of the initialisation and the shuffling (default 0).
+    device : str
+        'auto', 'cpu', 'cuda' or 'cuda:N' (default 'auto'; see `resolve_device`).
+    score_batch_size : int
+        Images per scoring batch (default 1024).
+    """
 
     def __init__(self, hidden_dims: Sequence[int] = (256, 64, 16), latent_dim: int = 2,
                  estimation_hidden: int = 10, dropout: float = 0.5, n_components: int = 4,

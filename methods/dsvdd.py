@@ -87,8 +87,10 @@ class _Center(nn.Module):
 
 
 class MNISTLeNet(nn.Module):
-    """phi for 1 x 28 x 28: Conv(1->8, k5 p2) BN LReLU Pool | Conv(8->4, k5 p2) BN LReLU Pool |
-    FC(196 -> 32), all bias-free."""
+    """phi for 1 x 28 x 28, the authors' MNIST LeNet.
+
+    Conv(1->8, k5 p2) BN LReLU Pool | Conv(8->4, k5 p2) BN LReLU Pool | FC(196 -> 32), all bias-free.
+    """
 
     rep_dim = 32
 
@@ -99,13 +101,28 @@ class MNISTLeNet(nn.Module):
         self.fc1 = nn.Linear(4 * 7 * 7, self.rep_dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Embed a batch.
+
+        Parameters
+        ----------
+        x : torch.Tensor
+            (B, 1, 28, 28) preprocessed images.
+
+        Returns
+        -------
+        torch.Tensor
+            (B, rep_dim) phi(x).
+        """
         x = _block(_block(x, self.conv1, self.bn1), self.conv2, self.bn2)
         return self.fc1(x.flatten(1))
 
 
 class MNISTLeNetAE(MNISTLeNet):
-    """MNISTLeNet's encoder + the authors' decoder: (2, 4, 4) -> up -> ConvT(2->4, k5 p2) BN ->
-    up -> ConvT(4->8, k5 p3) BN -> up -> ConvT(8->1, k5 p2) -> sigmoid (sizes 8, 14, 28)."""
+    """The MNIST autoencoder: MNISTLeNet's encoder + the authors' decoder.
+
+    Decoder: (2, 4, 4) -> up -> ConvT(2->4, k5 p2) BN -> up -> ConvT(4->8, k5 p3) BN -> up ->
+    ConvT(8->1, k5 p2) -> sigmoid (sizes 8, 14, 28).
+    """
 
     def __init__(self) -> None:
         super().__init__()
@@ -114,6 +131,18 @@ class MNISTLeNetAE(MNISTLeNet):
         self.deconv3 = nn.ConvTranspose2d(8, 1, 5, padding=2, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Reconstruct a batch.
+
+        Parameters
+        ----------
+        x : torch.Tensor
+            (B, 1, 28, 28) preprocessed images.
+
+        Returns
+        -------
+        torch.Tensor
+            (B, 1, 28, 28) reconstruction in (0, 1).
+        """
         z = super().forward(x).reshape(-1, self.rep_dim // 16, 4, 4)
         x = self.deconv1(F.interpolate(F.leaky_relu(z), scale_factor=2))
         x = self.deconv2(F.interpolate(F.leaky_relu(self.bn3(x)), scale_factor=2))
@@ -122,7 +151,10 @@ class MNISTLeNetAE(MNISTLeNet):
 
 
 class CIFARLeNet(nn.Module):
-    """phi for 3 x 32 x 32: Conv 3->32->64->128 (k5 p2, BN, LReLU, Pool each) | FC(2048 -> 128)."""
+    """phi for 3 x 32 x 32, the authors' CIFAR-10 LeNet.
+
+    Conv 3->32->64->128 (k5 p2, BN, LReLU, Pool each) | FC(2048 -> 128), all bias-free.
+    """
 
     rep_dim = 128
 
@@ -134,18 +166,34 @@ class CIFARLeNet(nn.Module):
         self.fc1 = nn.Linear(128 * 4 * 4, self.rep_dim, bias=False)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Embed a batch.
+
+        Parameters
+        ----------
+        x : torch.Tensor
+            (B, 3, 32, 32) preprocessed images.
+
+        Returns
+        -------
+        torch.Tensor
+            (B, rep_dim) phi(x).
+        """
         x = _block(x, self.conv1, self.bn2d1)
         x = _block(x, self.conv2, self.bn2d2)
         return self.fc1(_block(x, self.conv3, self.bn2d3).flatten(1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """phi(x), as `features`."""
         return self.features(x)
 
 
 class CIFARLeNetAE(CIFARLeNet):
-    """CIFARLeNet's encoder + BatchNorm1d(128) after FC + the authors' decoder: (8, 4, 4) ->
-    ConvT(8->128) BN up | ConvT(128->64) BN up | ConvT(64->32) BN up | ConvT(32->3) sigmoid (all
-    k5 p2); conv and transposed-conv weights Xavier-uniform with LeakyReLU gain."""
+    """The CIFAR-10 autoencoder: CIFARLeNet's encoder + BatchNorm1d(128) after FC + the authors' decoder.
+
+    Decoder: (8, 4, 4) -> ConvT(8->128) BN up | ConvT(128->64) BN up | ConvT(64->32) BN up |
+    ConvT(32->3) sigmoid (all k5 p2); conv and transposed-conv weights Xavier-uniform with
+    LeakyReLU gain.
+    """
 
     def __init__(self) -> None:
         super().__init__()
@@ -160,6 +208,18 @@ class CIFARLeNetAE(CIFARLeNet):
                 nn.init.xavier_uniform_(module.weight, gain=gain)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Reconstruct a batch.
+
+        Parameters
+        ----------
+        x : torch.Tensor
+            (B, 3, 32, 32) preprocessed images.
+
+        Returns
+        -------
+        torch.Tensor
+            (B, 3, 32, 32) reconstruction in (0, 1).
+        """
         z = self.bn1d(self.features(x)).reshape(-1, self.rep_dim // 16, 4, 4)
         x = self.deconv1(F.leaky_relu(z))
         x = self.deconv2(F.interpolate(F.leaky_relu(self.bn2d4(x)), scale_factor=2))
@@ -172,14 +232,40 @@ ARCHITECTURES = {(1, 28, 28): (MNISTLeNet, MNISTLeNetAE), (3, 32, 32): (CIFARLeN
 
 
 def min_max_constants(x_gcn: torch.Tensor) -> tuple[float, float]:
-    """The per-class (min, max) of the authors' min-max scaling: the smallest and largest value
-    over all GCN'd training images of the normal class (docs/baselines.md lists them for MNIST)."""
+    """The per-class (min, max) of the authors' min-max scaling.
+
+    The smallest and largest value over all GCN'd training images of the normal class
+    (docs/baselines.md lists them for MNIST).
+
+    Parameters
+    ----------
+    x_gcn : torch.Tensor
+        The GCN'd training images.
+
+    Returns
+    -------
+    (min, max) : tuple of float
+    """
     return float(x_gcn.min()), float(x_gcn.max())
 
 
 def init_center(phi: torch.Tensor, eps: float) -> torch.Tensor:
-    """Mean of phi(x) over the training set, entries with |c_i| < eps pushed to +-eps. As the
-    authors' code, an entry exactly 0 has no sign and stays 0."""
+    """The centre c: mean of phi(x) over the training set, entries with |c_i| < eps pushed to +-eps.
+
+    As the authors' code, an entry exactly 0 has no sign and stays 0.
+
+    Parameters
+    ----------
+    phi : torch.Tensor
+        (N, rep_dim) embeddings of the training set.
+    eps : float
+        The threshold (center_eps).
+
+    Returns
+    -------
+    torch.Tensor
+        (rep_dim,) the centre.
+    """
     c = phi.mean(dim=0)
     small = c.abs() < eps
     c = torch.where(small & (c < 0), torch.full_like(c, -eps), c)
@@ -187,15 +273,38 @@ def init_center(phi: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def copy_encoder_state(ae: nn.Module, net: nn.Module) -> None:
-    """Copy the AE encoder's weights AND BatchNorm running statistics into the SVDD net (the
-    state dict holds both; the AE's extra decoder / BatchNorm1d entries are left out)."""
+    """Copy the AE encoder's weights AND BatchNorm running statistics into the SVDD net, in place.
+
+    The state dict holds both; the AE's extra decoder / BatchNorm1d entries are left out.
+
+    Parameters
+    ----------
+    ae : nn.Module
+        The pretrained autoencoder.
+    net : nn.Module
+        The SVDD network (its encoder's architecture).
+    """
     net_keys = net.state_dict().keys()
     net.load_state_dict({k: v for k, v in ae.state_dict().items() if k in net_keys})
 
 
 def lr_factor(epoch: int, milestones: Sequence[int], at_epoch_start: bool) -> float:
-    """x0.1 per milestone reached by 1-based `epoch`. at_epoch_start=True is the authors' quirk
-    (decay already during epoch `milestone`); False decays from epoch milestone + 1."""
+    """The learning-rate factor of an epoch: x0.1 per milestone reached by 1-based `epoch`.
+
+    Parameters
+    ----------
+    epoch : int
+        1-based epoch.
+    milestones : sequence of int
+        The milestones.
+    at_epoch_start : bool
+        True is the authors' quirk (decay already during epoch `milestone`); False decays from
+        epoch milestone + 1.
+
+    Returns
+    -------
+    float
+    """
     passed = sum(1 for m in milestones if (epoch >= m if at_epoch_start else epoch > m))
     return 0.1 ** passed
 
@@ -203,21 +312,36 @@ def lr_factor(epoch: int, milestones: Sequence[int], at_epoch_start: bool) -> fl
 class DeepSVDD(TorchDetector):
     """Deep SVDD; see the module docstring.
 
-    Args:
-        objective: "one-class" (default, the authors' published runs) or "soft-boundary".
-        nu: soft-boundary's nu in (0, 1] (the authors' default 0.1).
-        epochs, lr, batch_size, weight_decay, lr_milestones: SVDD training (150, 1e-4, 200,
-            5e-7, (50,) published).
-        pretrain: autoencoder pretraining (True published).
-        ae_epochs, ae_lr, ae_batch_size, ae_weight_decay, ae_lr_milestones: AE pretraining
-            (MNIST: 150, 1e-4, 200, 5e-4, (50,); CIFAR-10: 350, 1e-4, 200, 5e-7, (250,)).
-        lr_decay_at_epoch_start: reproduce the authors' scheduler quirk (see the module doc).
-        center_eps: the centre's eps rule threshold (0.1).
-        warm_up_epochs: soft-boundary epochs before the radius is updated (the authors' 10).
-        minmax: fixed (min, max) for the min-max scaling; None = computed in fit from the
-            GCN'd training images (the authors' per-class constants are exactly that).
-        max_steps, ae_max_steps: optional caps on the optimiser steps of the SVDD training and of
-            the AE pretraining, each counted over the whole stage (smoke runs only).
+    Parameters
+    ----------
+    objective : str
+        "one-class" (default, the authors' published runs) or "soft-boundary".
+    nu : float
+        Soft-boundary's nu in (0, 1] (the authors' default 0.1).
+    epochs, lr, batch_size, weight_decay, lr_milestones :
+        SVDD training (150, 1e-4, 200, 5e-7, (50,) published).
+    pretrain : bool
+        Autoencoder pretraining (True published).
+    ae_epochs, ae_lr, ae_batch_size, ae_weight_decay, ae_lr_milestones :
+        AE pretraining (MNIST: 150, 1e-4, 200, 5e-4, (50,); CIFAR-10: 350, 1e-4, 200, 5e-7, (250,)).
+    lr_decay_at_epoch_start : bool
+        Reproduce the authors' scheduler quirk (see the module docstring).
+    center_eps : float
+        The centre's eps rule threshold (0.1).
+    warm_up_epochs : int
+        Soft-boundary epochs before the radius is updated (the authors' 10).
+    minmax : (float, float) or None
+        Fixed (min, max) for the min-max scaling; None = computed in fit from the GCN'd training
+        images (the authors' per-class constants are exactly that).
+    max_steps, ae_max_steps : int or None
+        Optional caps on the optimiser steps of the SVDD training and of the AE pretraining, each
+        counted over the whole stage (smoke runs only).
+    random_state : int
+        Seed of the initialisation and the shuffling (default 0).
+    device : str
+        'auto', 'cpu', 'cuda' or 'cuda:N' (default 'auto'; see `resolve_device`).
+    score_batch_size : int
+        Images per scoring batch (default 1024).
     """
 
     def __init__(self, objective: str = "one-class", nu: float = 0.1, epochs: int = 150,

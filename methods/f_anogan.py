@@ -69,8 +69,19 @@ PROFILES: dict = {
 
 # ---- networks ------------------------------------------------------------------------------
 class Critic(nn.Module):
-    """WGAN critic: DCGAN feature pyramid (no BatchNorm) -> flatten -> linear. `forward` returns
-    (critic value (B,), features f(x) (B, C*4*4) before the last linear layer)."""
+    """WGAN critic: DCGAN feature pyramid (no BatchNorm) -> flatten -> linear.
+
+    Parameters
+    ----------
+    isize : int
+        Image size (a power of two).
+    nc : int
+        Input channels.
+    ndf : int
+        Base width of the pyramid.
+    norm : str
+        "layer_norm" or "none" (then the convs have their own bias).
+    """
 
     def __init__(self, isize: int, nc: int, ndf: int, norm: str) -> None:
         super().__init__()
@@ -80,12 +91,36 @@ class Critic(nn.Module):
         self.linear = nn.Linear(self.features.out_channels * 16, 1)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Critic value and features of a batch.
+
+        Parameters
+        ----------
+        x : torch.Tensor
+            (B, nc, isize, isize) images in [-1, 1].
+
+        Returns
+        -------
+        (value, features) : tuple of torch.Tensor
+            Critic value (B,) and features f(x) (B, C*4*4) before the last linear layer.
+        """
         features = self.features(x).flatten(1)
         return self.linear(features).reshape(-1), features
 
 
 class Encoder(nn.Module):
-    """izi_f encoder: the critic's pyramid with BatchNorm -> flatten -> linear -> tanh."""
+    """izi_f encoder: the critic's pyramid with BatchNorm -> flatten -> linear -> tanh.
+
+    Parameters
+    ----------
+    isize : int
+        Image size (a power of two).
+    nc : int
+        Input channels.
+    ndf : int
+        Base width of the pyramid.
+    latent_dim : int
+        Size of the code z.
+    """
 
     def __init__(self, isize: int, nc: int, ndf: int, latent_dim: int) -> None:
         super().__init__()
@@ -93,15 +128,33 @@ class Encoder(nn.Module):
         self.linear = nn.Linear(self.features.out_channels * 16, latent_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Encode a batch: (B, nc, isize, isize) images -> (B, latent_dim) codes in (-1, 1)."""
         return torch.tanh(self.linear(self.features(x).flatten(1)))
 
 
 # ---- losses ----------------------------------------------------------------------------------
 def gradient_penalty(critic: Callable[[torch.Tensor], torch.Tensor], real: torch.Tensor, fake: torch.Tensor,
                      alpha: torch.Tensor, weight: float = 10.0) -> torch.Tensor:
-    """WGAN-GP penalty weight * mean_i (||grad_x D(x_i)||_2 - 1)^2 at x_i = alpha_i real_i +
-    (1 - alpha_i) fake_i (Gulrajani et al. 2017, eq. 3). `critic` maps (B, ...) -> (B,);
-    `alpha` broadcasts against the images (e.g. (B, 1, 1, 1), drawn U[0, 1])."""
+    """WGAN-GP penalty weight * mean_i (||grad_x D(x_i)||_2 - 1)^2 (Gulrajani et al. 2017, eq. 3).
+
+    Taken at x_i = alpha_i real_i + (1 - alpha_i) fake_i.
+
+    Parameters
+    ----------
+    critic : callable
+        Maps (B, ...) -> (B,).
+    real, fake : torch.Tensor
+        (B, ...) real and generated images (detached here).
+    alpha : torch.Tensor
+        Broadcasts against the images (e.g. (B, 1, 1, 1), drawn U[0, 1]).
+    weight : float
+        lambda_GP (default 10).
+
+    Returns
+    -------
+    torch.Tensor
+        The scalar penalty (differentiable w.r.t. the critic's parameters).
+    """
     interp = (alpha * real.detach() + (1.0 - alpha) * fake.detach()).requires_grad_(True)
     (grad,) = torch.autograd.grad(critic(interp).sum(), interp, create_graph=True)
     return weight * ((grad.flatten(1).norm(dim=1) - 1.0) ** 2).mean()
@@ -109,15 +162,69 @@ def gradient_penalty(critic: Callable[[torch.Tensor], torch.Tensor], real: torch
 
 def izif_terms(x: torch.Tensor, rec: torch.Tensor, f_x: torch.Tensor,
                f_rec: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample izi_f terms: (mean over pixels of (x - G(E(x)))^2, mean over features of
-    (f(x) - f(G(E(x))))^2), each (B,). Loss = batch mean of img + kappa * feat; score = per sample."""
+    """Per-sample izi_f terms. Loss = batch mean of img + kappa * feat; score = per sample.
+
+    Parameters
+    ----------
+    x, rec : torch.Tensor
+        (B, C, H, W) images and their reconstructions G(E(x)).
+    f_x, f_rec : torch.Tensor
+        (B, F) the critic's features of both.
+
+    Returns
+    -------
+    (img, feat) : tuple of torch.Tensor
+        Each (B,): mean over pixels of (x - G(E(x)))^2, mean over features of (f(x) - f(G(E(x))))^2.
+    """
     return (x - rec).pow(2).flatten(1).mean(dim=1), (f_x - f_rec).pow(2).flatten(1).mean(dim=1)
 
 
 # ---- detector ---------------------------------------------------------------------------------
 class FAnoGAN(TorchDetector):
-    """f-AnoGAN with the izi_f encoder. All defaults are the authors' published settings
-    (docs/baselines.md) except the networks (DCGAN-sized for 32 x 32) and `hflip` (see module doc)."""
+    """f-AnoGAN with the izi_f encoder.
+
+    All defaults are the authors' published settings (docs/baselines.md) except the networks
+    (DCGAN-sized for 32 x 32) and `hflip` (see the module docstring).
+
+    Parameters
+    ----------
+    latent_dim : int
+        Size of z, 128 (authors).
+    ngf : int
+        64 (DCGAN size, our choice at 32 x 32).
+    ndf : int
+        64 (idem; also the encoder's width).
+    image_size : int
+        32: MNIST-like images resized 28 -> 32 (a power of two >= 16).
+    critic_norm : str
+        "layer_norm" (authors' critic) or "none".
+    batch_size : int
+        64 (authors), both stages.
+    gan_epochs : int
+        7 epochs counted in critic batches (authors).
+    gan_max_steps : int or None
+        Optional cap on stage 1, in critic steps (None = no cap).
+    n_critic : int
+        5 critic steps per generator step.
+    gp_weight : float
+        lambda_GP = 10.
+    gan_lr, gan_beta1, gan_beta2 : float
+        Adam 1e-4, betas (0, 0.9).
+    encoder_max_steps : int
+        50,000 iterations at batch 64 (authors).
+    encoder_lr : float
+        RMSProp 5e-5 (authors).
+    kappa : float
+        1 (authors), weight of the feature term.
+    hflip : bool
+        Random horizontal flips (authors: True; here off for digits).
+    random_state : int
+        Seed of the initialisation and the shuffling (default 0).
+    device : str
+        'auto', 'cpu', 'cuda' or 'cuda:N' (default 'auto'; see `resolve_device`).
+    score_batch_size : int
+        Images per scoring batch (default 1024).
+    """
 
     def __init__(self, latent_dim: int = 128, ngf: int = 64, ndf: int = 64, image_size: int = 32,
                  critic_norm: str = "layer_norm", batch_size: int = 64,

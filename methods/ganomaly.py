@@ -61,19 +61,32 @@ PROFILES: dict = {
 class GANomaly(TorchDetector):
     """GANomaly with the authors' defaults.
 
-    Args:
-        epochs: training epochs (authors: 15), a fixed budget.
-        batch_size: minibatch size (authors: 64); the last incomplete batch is dropped.
-        lr, beta1, beta2: Adam settings of both G and D (authors: 2e-4, 0.5, 0.999).
-        nz: bottleneck size (authors: 100). ngf, ndf: base widths of G and D (authors: 64).
-        w_adv, w_con, w_enc: generator loss weights (authors: 1, 50, 1).
-        d_reinit_threshold: D is re-initialised when its loss falls below this (authors: 1e-5;
-            0 disables it).
-        max_steps: optional cap on the total number of iterations (None: the full epochs);
-            only the smoke profile uses it.
-        random_state, device: see TorchDetector.
-        score_batch_size: images per scoring batch; 256, because on the CPU 64-256 scored fastest
-            (measured: ~1.3x faster than 2048); raise it on a GPU.
+    Parameters
+    ----------
+    epochs : int
+        Training epochs (authors: 15), a fixed budget.
+    batch_size : int
+        Minibatch size (authors: 64); the last incomplete batch is dropped.
+    lr, beta1, beta2 : float
+        Adam settings of both G and D (authors: 2e-4, 0.5, 0.999).
+    nz : int
+        Bottleneck size (authors: 100).
+    ngf, ndf : int
+        Base widths of G and D (authors: 64).
+    w_adv, w_con, w_enc : float
+        Generator loss weights (authors: 1, 50, 1).
+    d_reinit_threshold : float
+        D is re-initialised when its loss falls below this (authors: 1e-5; 0 disables it).
+    max_steps : int or None
+        Optional cap on the total number of iterations (None: the full epochs); only the smoke
+        profile uses it.
+    random_state : int
+        Seed of the initialisation and the shuffling (default 0; see TorchDetector).
+    device : str
+        'auto', 'cpu', 'cuda' or 'cuda:N' (default 'auto'; see `resolve_device`).
+    score_batch_size : int
+        Images per scoring batch; 256, because on the CPU 64-256 scored fastest (measured: ~1.3x
+        faster than 2048); raise it on a GPU.
     """
 
     # Weight of L_D: GANomaly halves the sum of its two BCE terms.
@@ -209,6 +222,11 @@ class GANomaly(TorchDetector):
         -------
         (z, z_hat) : tuple of np.ndarray
             Each (N, nz): z = G_E(x), z_hat = E(G_D(z')) (eval mode).
+
+        Raises
+        ------
+        ValueError
+            If the images are invalid or do not match the training images' shape (or not fitted).
         """
         _, z, z_hat = self._outputs(X)
         return z.numpy(), z_hat.numpy()
@@ -225,6 +243,11 @@ class GANomaly(TorchDetector):
         -------
         np.ndarray
             (N, C, 32, 32) float32 in [0, 1] (the network works at 32 x 32).
+
+        Raises
+        ------
+        ValueError
+            If the images are invalid or do not match the training images' shape (or not fitted).
         """
         x_hat, _, _ = self._outputs(X)
         return ((x_hat.clamp(-1, 1) + 1) / 2).numpy()

@@ -75,19 +75,36 @@ PROFILES: dict = {
 class MemGANomaly(GANomaly):
     """Mem_GANomaly. Values the paper leaves open carry docs/method.md's documented defaults.
 
-    Args:
-        epochs: training epochs (paper: 60 MNIST, 100 Fashion-MNIST, 150 CIFAR-10).
-        batch_size: not given; GANomaly's 64 (last incomplete batch dropped).
-        lr: Adam learning rate (paper: 2e-3). beta1, beta2: not given; GANomaly's 0.5, 0.999.
-        nz: bottleneck size C, not given; GANomaly's 100. ngf, ndf: GANomaly's 64.
-        memory_size: N memory slots (paper: 100 MNIST, 1600 Fashion-MNIST, 1400 CIFAR-10).
-        shrink_threshold: lambda of eq. 18, not given; None = 1/N (MemAE's range is [1/N, 3/N]).
-        addressing: "dot" (eq. 15, default) or "cosine" (the MemAE background's eq. 10).
-        eps: epsilon of eq. 18 and of the renormalisation, not given; MemAE's 1e-12.
-        preset: "ganomaly" (default) or "algorithm1", the eta weights above.
-        eta_adv, eta_con, eta_enc, eta_w, eta_gan: None = the preset's value.
-        reduction: "mean" (default, GANomaly's code) or "norm" (the norms as eqs. 22-26 write).
-        d_reinit_threshold, max_steps, random_state, device, score_batch_size: as GANomaly.
+    Parameters
+    ----------
+    epochs : int
+        Training epochs (paper: 60 MNIST, 100 Fashion-MNIST, 150 CIFAR-10).
+    batch_size : int
+        Not given; GANomaly's 64 (last incomplete batch dropped).
+    lr : float
+        Adam learning rate (paper: 2e-3).
+    beta1, beta2 : float
+        Not given; GANomaly's 0.5, 0.999.
+    nz : int
+        Bottleneck size C, not given; GANomaly's 100.
+    ngf, ndf : int
+        GANomaly's 64.
+    memory_size : int
+        N memory slots (paper: 100 MNIST, 1600 Fashion-MNIST, 1400 CIFAR-10).
+    shrink_threshold : float or None
+        lambda of eq. 18, not given; None = 1/N (MemAE's range is [1/N, 3/N]).
+    addressing : str
+        "dot" (eq. 15, default) or "cosine" (the MemAE background's eq. 10).
+    eps : float
+        Epsilon of eq. 18 and of the renormalisation, not given; MemAE's 1e-12.
+    preset : str
+        "ganomaly" (default) or "algorithm1", the eta weights of `PRESETS` (module docstring).
+    eta_adv, eta_con, eta_enc, eta_w, eta_gan : float or None
+        The eta weights of eq. 31 (eta_gan: of -log D(x_hat)); None = the preset's value.
+    reduction : str
+        "mean" (default, GANomaly's code) or "norm" (the norms as eqs. 22-26 write).
+    d_reinit_threshold, max_steps, random_state, device, score_batch_size :
+        As GANomaly.
     """
 
     _d_loss_scale = 1.0  # eq. 32 sums the two BCE terms (GANomaly halves them)
@@ -127,7 +144,13 @@ class MemGANomaly(GANomaly):
         check_choice("reduction", self.reduction, ("mean", "norm"))
 
     def loss_weights(self) -> dict[str, float]:
-        """The eta weights in use: the preset's, with any explicit eta_* on top."""
+        """The eta weights in use: the preset's, with any explicit eta_* on top.
+
+        Returns
+        -------
+        dict of str to float
+            eta_adv, eta_con, eta_enc, eta_w and eta_gan.
+        """
         return {name: float(value if getattr(self, name) is None else getattr(self, name))
                 for name, value in PRESETS[self.preset].items()}
 

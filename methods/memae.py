@@ -80,8 +80,25 @@ def _conv_sizes(size: int, stages: int) -> list[int]:
 
 
 class MemAENet(nn.Module):
-    """Encoder -> memory -> decoder; forward returns (x_hat, addressing weights), the weights of
-    shape (B, N, h, w) for memory_layout "position" and (B, N) for "image"."""
+    """MemAE's network: encoder -> memory -> decoder (module docstring).
+
+    Parameters
+    ----------
+    nc, height, width : int
+        Input channels and size (the decoder's output paddings come from it).
+    widths : sequence of int
+        Encoder channel widths, one stride-2 conv each.
+    num_slots : int
+        Memory size N.
+    shrink_threshold : float or None
+        The memory's lambda; None = 1/N.
+    addressing : str
+        "dot" or "cosine".
+    output_activation : str
+        "tanh" or "none".
+    memory_layout : str
+        "position" (default: one address per bottleneck position) or "image".
+    """
 
     def __init__(self, nc: int, height: int, width: int, widths: Sequence[int], num_slots: int,
                  shrink_threshold: Optional[float], addressing: str, output_activation: str,
@@ -114,6 +131,19 @@ class MemAENet(nn.Module):
         self.decoder.apply(init_dcgan_weights)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reconstruct a batch through the memory.
+
+        Parameters
+        ----------
+        x : torch.Tensor
+            (B, C, H, W) input in [-1, 1].
+
+        Returns
+        -------
+        (x_hat, weights) : tuple of torch.Tensor
+            x_hat (B, C, H, W); addressing weights (B, N, h, w) for memory_layout "position",
+            (B, N) for "image".
+        """
         z = self.encoder(x)
         if self.memory_layout == "position":
             z_hat, weights = self.memory(z)  # one address per spatial position: (B, N, h, w)
@@ -125,16 +155,45 @@ class MemAENet(nn.Module):
 
 def memae_loss(x: torch.Tensor, x_hat: torch.Tensor, weights: torch.Tensor,
                entropy_weight: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """MemAE's objective: MSE (mean over all elements) + entropy_weight * addressing entropy
-    (eqs. 28-30: summed over slots, averaged over images and positions). Returns (total, mse, ent)."""
+    """MemAE's objective: MSE (mean over all elements) + entropy_weight * addressing entropy.
+
+    The entropy is eqs. 28-30: summed over slots, averaged over images and positions.
+
+    Parameters
+    ----------
+    x, x_hat : torch.Tensor
+        Input and reconstruction, same shape.
+    weights : torch.Tensor
+        Addressing weights, slots on axis 1.
+    entropy_weight : float
+        Weight of the entropy term.
+
+    Returns
+    -------
+    (total, mse, entropy) : tuple of torch.Tensor
+        Scalars.
+    """
     mse = F.mse_loss(x_hat, x)
     entropy = addressing_entropy(weights)
     return mse + entropy_weight * entropy, mse, entropy
 
 
 def reconstruction_error(x: torch.Tensor, x_hat: torch.Tensor, kind: str = "mse") -> torch.Tensor:
-    """Per-image anomaly score, shape (B,): "mse" = mean over C, H, W of (x - x_hat)^2;
-    "position_l2" = mean over H, W of the l2 norm over channels (the authors' video code)."""
+    """Per-image anomaly score from the reconstruction residual.
+
+    Parameters
+    ----------
+    x, x_hat : torch.Tensor
+        (B, C, H, W) input and reconstruction.
+    kind : str
+        "mse" (default) = mean over C, H, W of (x - x_hat)^2; "position_l2" = mean over H, W of the
+        l2 norm over channels (the authors' video code).
+
+    Returns
+    -------
+    torch.Tensor
+        (B,) scores.
+    """
     residual = x - x_hat
     if kind == "mse":
         return residual.pow(2).flatten(1).mean(dim=1)
@@ -144,18 +203,37 @@ def reconstruction_error(x: torch.Tensor, x_hat: torch.Tensor, kind: str = "mse"
 class MemAE(TorchDetector):
     """Memory-augmented autoencoder; see the module docstring for every choice and its default.
 
-    Args:
-        num_slots: memory size N (paper: 100 MNIST, 500 CIFAR-10).
-        shrink_threshold: lambda; None = 1/N (the paper's range is [1/N, 3/N]).
-        addressing: "dot" (the authors' code) or "cosine" (the paper's text).
-        entropy_weight: weight of the addressing entropy (0.0002, the authors').
-        widths: encoder channel widths, one stride-2 conv each (our choice, see above).
-        output_activation: "tanh" (default, input in [-1, 1]) or "none" (the video code).
-        epochs, batch_size, lr: Adam lr 1e-4 and 100 epochs are the paper's; batch 64 is ours.
-        max_steps: optional cap on the total number of optimiser steps (None = every epoch whole).
-        score: "mse" (default) or "position_l2" (see `reconstruction_error`).
-        memory_layout: "position" (default: one address per bottleneck position) or "image"
-            (one address per image, the flattened encoding as the query).
+    Parameters
+    ----------
+    num_slots : int
+        Memory size N (paper: 100 MNIST, 500 CIFAR-10).
+    shrink_threshold : float or None
+        lambda; None = 1/N (the paper's range is [1/N, 3/N]).
+    addressing : str
+        "dot" (the authors' code) or "cosine" (the paper's text).
+    entropy_weight : float
+        Weight of the addressing entropy (0.0002, the authors').
+    widths : sequence of int
+        Encoder channel widths, one stride-2 conv each (our choice, see the module docstring).
+    output_activation : str
+        "tanh" (default, input in [-1, 1]) or "none" (the video code).
+    epochs, batch_size : int
+        100 epochs are the paper's; batch 64 is ours.
+    lr : float
+        Adam lr 1e-4, the paper's.
+    max_steps : int or None
+        Optional cap on the total number of optimiser steps (None = every epoch whole).
+    score : str
+        "mse" (default) or "position_l2" (see `reconstruction_error`).
+    memory_layout : str
+        "position" (default: one address per bottleneck position) or "image" (one address per
+        image, the flattened encoding as the query).
+    random_state : int
+        Seed of the initialisation and the shuffling (default 0).
+    device : str
+        'auto', 'cpu', 'cuda' or 'cuda:N' (default 'auto'; see `resolve_device`).
+    score_batch_size : int
+        Images per scoring batch (default 1024).
     """
 
     def __init__(self, num_slots: int = 100, shrink_threshold: Optional[float] = None,

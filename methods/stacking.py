@@ -36,14 +36,23 @@ from methods.base import DivergedError, EpochCallback
 
 
 class StackedAdam:
-    """Adam (torch.optim.Adam's update, without amsgrad) over stacked parameters whose leading
-    axis is the job; `step(active)` updates only the jobs where `active` (shape (K,)) is True and
-    keeps a step count per job for the bias corrections.
+    """Adam (torch.optim.Adam's update, without amsgrad) over stacked parameters whose leading axis is the job.
+
+    `step(active)` updates only the jobs where `active` (shape (K,)) is True and keeps a step count
+    per job for the bias corrections.
 
     Parameters
     ----------
-    params : stacked parameters, each of shape (K, ...).
-    lr, betas, eps, weight_decay : as torch.optim.Adam.
+    params : sequence of torch.Tensor
+        Stacked parameters, each of shape (K, ...).
+    lr : float
+        Learning rate, as torch.optim.Adam.
+    betas : tuple of float
+        As torch.optim.Adam (default (0.9, 0.999)).
+    eps : float
+        As torch.optim.Adam (default 1e-8).
+    weight_decay : float
+        As torch.optim.Adam (default 0).
     """
 
     def __init__(self, params: Sequence[torch.Tensor], lr: float, betas: tuple[float, float] = (0.9, 0.999),
@@ -56,11 +65,19 @@ class StackedAdam:
         self.exp_avg_sq = [torch.zeros_like(p) for p in self.params]
 
     def zero_grad(self) -> None:
+        """Set every parameter's gradient to None."""
         for p in self.params:
             p.grad = None
 
     @torch.no_grad()
     def step(self, active: np.ndarray) -> None:
+        """One Adam step for the active jobs; the others' parameters and state stay unchanged.
+
+        Parameters
+        ----------
+        active : np.ndarray
+            (K,) bool, the jobs to update.
+        """
         beta1, beta2 = self.betas
         self.steps = self.steps + active.astype(np.int64)
         steps = np.maximum(self.steps, 1).astype(np.float64)
@@ -86,8 +103,15 @@ class StackedAdam:
 
 
 class StackedModules:
-    """K copies of a dict of modules (same architecture) as stacked parameters and buffers, with
-    a vmapped functional forward and a way back to each job's own modules."""
+    """K copies of a dict of modules (same architecture) as stacked parameters and buffers.
+
+    Offers a vmapped functional forward and a way back to each job's own modules.
+
+    Parameters
+    ----------
+    per_job : list of dict of str to nn.Module
+        Per job, its modules by name (same names and architectures for every job).
+    """
 
     def __init__(self, per_job: list[dict[str, nn.Module]]) -> None:
         self.names = list(per_job[0])
@@ -97,12 +121,37 @@ class StackedModules:
         self.joints = joints
 
     def group_params(self, name: str) -> list[torch.Tensor]:
-        """The stacked parameters of module `name`."""
+        """The stacked parameters of module `name`.
+
+        Parameters
+        ----------
+        name : str
+            The module's name.
+
+        Returns
+        -------
+        list of torch.Tensor
+            Its stacked parameters, each (K, ...).
+        """
         return [p for key, p in self.params.items() if key.split(".", 1)[0] == name]
 
     def call(self, fn: Callable[[nn.ModuleDict, torch.Tensor], Any], x: torch.Tensor) -> Any:
-        """vmap over jobs of fn(modules, x[k]), the modules carrying job k's parameters and buffers
-        (BatchNorm in train mode updates job k's slice of the stacked running statistics)."""
+        """vmap over jobs of fn(modules, x[k]), the modules carrying job k's parameters and buffers.
+
+        BatchNorm in train mode updates job k's slice of the stacked running statistics.
+
+        Parameters
+        ----------
+        fn : callable
+            fn(modules, x_k) -> outputs, on the template modules.
+        x : torch.Tensor
+            (K, B, ...) the jobs' inputs.
+
+        Returns
+        -------
+        Any
+            fn's outputs stacked over jobs along a leading axis.
+        """
         wrapper = _Apply(self.template, fn)
         params = {f"inner.{k}": v for k, v in self.params.items()}
         buffers = {f"inner.{k}": v for k, v in self.buffers.items()}
@@ -114,18 +163,38 @@ class StackedModules:
 
     @torch.no_grad()
     def buffers_snapshot(self) -> dict[str, torch.Tensor]:
+        """A copy of the stacked buffers.
+
+        Returns
+        -------
+        dict of str to torch.Tensor
+        """
         return {key: b.clone() for key, b in self.buffers.items()}
 
     @torch.no_grad()
     def restore_buffers(self, snapshot: dict[str, torch.Tensor], keep: torch.Tensor) -> None:
-        """Job k's buffers back to `snapshot` where keep[k] is False (jobs sitting a step out)."""
+        """Job k's buffers back to `snapshot` where keep[k] is False (jobs sitting a step out).
+
+        Parameters
+        ----------
+        snapshot : dict of str to torch.Tensor
+            From `buffers_snapshot`.
+        keep : torch.Tensor
+            (K,) bool, True where a job's current buffers are kept.
+        """
         for key, b in self.buffers.items():
             view = keep.view((-1,) + (1,) * (b.dim() - 1))
             b.copy_(torch.where(view, b, snapshot[key]))
 
     @torch.no_grad()
     def unstack_into(self, k: int) -> None:
-        """Copy job k's slice into its own modules (for its callback, scoring and record)."""
+        """Copy job k's slice into its own modules (for its callback, scoring and record).
+
+        Parameters
+        ----------
+        k : int
+            The job.
+        """
         joint = self.joints[k]
         for key, p in joint.named_parameters():
             p.copy_(self.params[key][k])
@@ -134,7 +203,15 @@ class StackedModules:
 
     @torch.no_grad()
     def load_params_from(self, k: int, name: str) -> None:
-        """Job k's slice of module `name`'s parameters from its own module (after a re-init)."""
+        """Job k's slice of module `name`'s parameters from its own module (after a re-init).
+
+        Parameters
+        ----------
+        k : int
+            The job.
+        name : str
+            The module's name.
+        """
         for key, p in self.joints[k][name].named_parameters():
             self.params[f"{name}.{key}"][k].copy_(p)
 
@@ -152,19 +229,35 @@ class _Apply(nn.Module):
 
 
 class JobRNG:
-    """Job k's global RNG streams (CPU, and the device's when it is a GPU) kept apart, for the
-    random draws a solo fit makes from the global RNG after building its networks."""
+    """Job k's global RNG streams (CPU, and the device's when it is a GPU) kept apart.
+
+    For the random draws a solo fit makes from the global RNG after building its networks.
+
+    Parameters
+    ----------
+    device : torch.device
+        The training device.
+    """
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.states: list[tuple] = []
 
     def save(self) -> None:
+        """Append the current global RNG state as the next job's state."""
         cuda = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
         self.states.append((torch.get_rng_state(), cuda))
 
     def run(self, k: int, fn: Callable[[], None]) -> None:
-        """fn() with the global RNG in job k's state; job k's state advances, the others' do not."""
+        """fn() with the global RNG in job k's state; job k's state advances, the others' do not.
+
+        Parameters
+        ----------
+        k : int
+            The job.
+        fn : callable
+            Called without arguments; the outer global RNG state is restored afterwards.
+        """
         outer = (torch.get_rng_state(), torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None)
         cpu, cuda = self.states[k]
         torch.set_rng_state(cpu)
@@ -181,8 +274,28 @@ class JobRNG:
 
 
 class LockstepBatches:
-    """Per-job shuffled minibatch indices for one epoch, drawn as `iterate_minibatches` draws them
-    (one randperm per job from its own generator), served step by step for all jobs at once."""
+    """Per-job shuffled minibatch indices for one epoch, served step by step for all jobs at once.
+
+    Drawn as `iterate_minibatches` draws them (one randperm per job from its own generator).
+
+    Parameters
+    ----------
+    sizes : sequence of int
+        Each job's number of training images.
+    batch_size : int
+        Minibatch size.
+    drop_last : bool
+        Drop the last incomplete batch of every epoch.
+    generators : sequence of torch.Generator
+        Each job's shuffling generator.
+    device : torch.device
+        Where the indices go.
+
+    Raises
+    ------
+    ValueError
+        If the last incomplete batch is kept and the sizes differ (unless divisible by the batch size).
+    """
 
     def __init__(self, sizes: Sequence[int], batch_size: int, drop_last: bool, generators: Sequence[torch.Generator],
                  device: torch.device) -> None:
@@ -195,7 +308,19 @@ class LockstepBatches:
                              "of one size (or sizes divisible by the batch size)")
 
     def indices(self, step: int) -> tuple[list[torch.Tensor], np.ndarray]:
-        """(per-job indices, per-job "has a real batch at this step") for 0-based `step`."""
+        """The jobs' minibatch indices at one step.
+
+        Parameters
+        ----------
+        step : int
+            0-based step of the epoch.
+
+        Returns
+        -------
+        (indices, real) : tuple of (list of torch.Tensor, np.ndarray)
+            Per-job indices (a placeholder batch for a job past its epoch end), and per job
+            whether it has a real batch at this step.
+        """
         out, real = [], np.zeros(len(self.perms), dtype=bool)
         for k, (perm, n_steps) in enumerate(zip(self.perms, self.steps)):
             s = step if step < n_steps else 0  # a job past its epoch end gets a placeholder batch
@@ -205,21 +330,62 @@ class LockstepBatches:
 
 
 class JobMonitor:
-    """A DivergenceMonitor per job: the first step with a non-finite logged value, on the device."""
+    """A DivergenceMonitor per job: the first step with a non-finite logged value, on the device.
+
+    Parameters
+    ----------
+    k : int
+        Number of jobs.
+    device : torch.device
+        The training device.
+    """
 
     def __init__(self, k: int, device: torch.device) -> None:
         self.first_bad = torch.full((k,), -1, dtype=torch.long, device=device)
 
     def update(self, steps: torch.Tensor, values: torch.Tensor, active: torch.Tensor) -> None:
+        """Record the current step of each active job whose values are non-finite (first time only).
+
+        Parameters
+        ----------
+        steps : torch.Tensor
+            (K,) each job's step count.
+        values : torch.Tensor
+            (K, V) the logged values.
+        active : torch.Tensor
+            (K,) bool, the jobs that stepped.
+        """
         bad = ~values.detach().isfinite().all(dim=1) & active & (self.first_bad < 0)
         self.first_bad = torch.where(bad, steps, self.first_bad)
 
     def errors(self, epoch: int) -> list[Optional[DivergedError]]:
+        """Per job, None or a DivergedError at `epoch` (syncs once).
+
+        Parameters
+        ----------
+        epoch : int
+            The epoch, reported in the errors.
+
+        Returns
+        -------
+        list of Optional[DivergedError]
+        """
         return [DivergedError(epoch=epoch, step=int(s)) if s >= 0 else None for s in self.first_bad.tolist()]
 
 
 def check_stackable(detectors: Sequence[Any]) -> None:
-    """Same class and hyperparameters except random_state; else ValueError."""
+    """Check that the detectors share their class and every hyperparameter but random_state.
+
+    Parameters
+    ----------
+    detectors : sequence of Detector
+        The jobs' detectors.
+
+    Raises
+    ------
+    ValueError
+        If the classes or hyperparameters differ.
+    """
     first = detectors[0]
     ref = {k: v for k, v in first.get_params().items() if k != "random_state"}
     for det in detectors[1:]:
@@ -232,7 +398,17 @@ def check_stackable(detectors: Sequence[Any]) -> None:
 
 
 def supports_stacking(detector: Any) -> bool:
-    """Whether the detector's class can train stacked (implements `_fit_stacked`)."""
+    """Whether the detector's class can train stacked (implements `_fit_stacked`).
+
+    Parameters
+    ----------
+    detector : Detector
+        The detector.
+
+    Returns
+    -------
+    bool
+    """
     return callable(getattr(type(detector), "_fit_stacked", None))
 
 
@@ -243,13 +419,23 @@ def fit_stacked(detectors: Sequence[Any], Xs: Sequence[np.ndarray],
 
     Parameters
     ----------
-    detectors : K unfitted detectors of one class with the same hyperparameters but random_state.
-    Xs : their training images, (N_k, C, H, W) floats in [0, 1] of one shape.
-    callbacks : optional per-job epoch callbacks (as fit's epoch_callback).
+    detectors : sequence of TorchDetector
+        K unfitted detectors of one class with the same hyperparameters but random_state.
+    Xs : sequence of np.ndarray
+        Their training images, (N_k, C, H, W) floats in [0, 1] of one shape.
+    callbacks : sequence of EpochCallback or None, optional
+        Per-job epoch callbacks (as fit's epoch_callback).
 
     Returns
     -------
     list of Optional[DivergedError]
+        Per job, None or its DivergedError.
+
+    Raises
+    ------
+    ValueError
+        If the counts differ, there is no detector, the detectors are not stackable, their class
+        cannot train stacked, or the images differ in shape.
     """
     detectors = list(detectors)
     if len(detectors) != len(Xs) or not detectors:
@@ -292,6 +478,31 @@ def train_stacked_stage(detectors: Sequence[Any], xs: Sequence[torch.Tensor],
     (BatchNorm buffers of idle jobs restored); `after_step(active, steps, epoch, losses)`. After
     each epoch, per job that trained in it: divergence check, epoch means, its modules brought up
     to date (`unstack_into`), `end_epoch(k, epoch, steps_k, history_k)`, its `_end_epoch`.
+
+    Parameters
+    ----------
+    detectors : sequence of TorchDetector
+        The K jobs' detectors (after `_begin_fit` and `_build_networks`).
+    xs : sequence of torch.Tensor
+        Their preprocessed training sets, on the device.
+    callbacks : sequence of EpochCallback or None
+        Per-job epoch callbacks.
+    stage : Stage
+        The budget.
+    stacked : StackedModules
+        The jobs' modules, stacked.
+    forward : callable
+        forward(modules, x_k) -> (losses, logged values).
+    optimisers : sequence of (StackedAdam, list of torch.Tensor)
+        Each optimiser with the parameters its loss trains.
+    names : sequence of str
+        Names of the logged values, in order.
+    end_epoch : callable
+        end_epoch(k, epoch, steps_k, history_k), per job after each epoch.
+    after_step : callable, optional
+        after_step(active, steps, epoch, losses), after each step.
+    begin_epoch : callable, optional
+        begin_epoch(epoch), before each epoch (lr schedules).
 
     Returns
     -------

@@ -24,8 +24,23 @@ from methods.base import (
 
 
 def resolve_device(device: str) -> torch.device:
-    """'auto' -> the first GPU when there is one, else the CPU; 'cpu'; 'cuda' or 'cuda:N'.
-    An unavailable device is a ValueError (a usage error for the CLI)."""
+    """Resolve a device name to a torch device.
+
+    Parameters
+    ----------
+    device : str
+        'auto' (the first GPU when there is one, else the CPU), 'cpu', 'cuda' or 'cuda:N'.
+
+    Returns
+    -------
+    torch.device
+        The resolved device.
+
+    Raises
+    ------
+    ValueError
+        If the name is not one of the above or the device is unavailable (a usage error for the CLI).
+    """
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -45,13 +60,27 @@ def resolve_device(device: str) -> torch.device:
 
 
 def seed_everything(seed: int) -> None:
-    """Seeds torch (CPU and every GPU) and numpy's legacy global generator."""
+    """Seed torch (CPU and every GPU) and numpy's legacy global generator.
+
+    Parameters
+    ----------
+    seed : int
+        The seed (taken modulo 2**32 for numpy).
+    """
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
 
 
 def init_dcgan_weights(module: nn.Module) -> None:
-    """DCGAN init (GANomaly's weights_init): conv N(0, 0.02); BatchNorm weight N(1, 0.02), bias 0."""
+    """Apply the DCGAN initialisation (GANomaly's weights_init) to one module, in place.
+
+    Conv weights N(0, 0.02) (bias 0); BatchNorm weight N(1, 0.02), bias 0. Use with `nn.Module.apply`.
+
+    Parameters
+    ----------
+    module : nn.Module
+        The module; other kinds are left unchanged.
+    """
     name = module.__class__.__name__
     if "Conv" in name:
         nn.init.normal_(module.weight, 0.0, 0.02)
@@ -63,23 +92,60 @@ def init_dcgan_weights(module: nn.Module) -> None:
 
 
 class DivergenceMonitor:
-    """Remembers the first step whose loss was non-finite, on the device, so the step loop never
-    syncs; `check(epoch)` syncs once (end of epoch) and raises DivergedError."""
+    """Remember, on the device, the first step whose loss was non-finite.
+
+    The step loop never syncs with the host; `check(epoch)` syncs once (end of epoch) and raises
+    DivergedError.
+
+    Parameters
+    ----------
+    device : torch.device
+        The training device.
+    """
 
     def __init__(self, device: torch.device) -> None:
         self.first_bad_step = torch.full((), -1, dtype=torch.long, device=device)
 
     def update(self, step: int, *losses: torch.Tensor) -> None:
+        """Record `step` as the first bad step if any loss is non-finite (no host sync).
+
+        Parameters
+        ----------
+        step : int
+            The step number.
+        *losses : torch.Tensor
+            Scalar losses of that step.
+        """
         finite = torch.stack([loss.detach().float().reshape(()) for loss in losses]).isfinite().all()
         newly_bad = (~finite) & (self.first_bad_step < 0)
         self.first_bad_step = torch.where(newly_bad, torch.full_like(self.first_bad_step, step), self.first_bad_step)
 
     def update_values(self, step: int, values: torch.Tensor) -> None:
-        """As `update`, for the 1-D tensor of one step's logged values."""
+        """As `update`, for the 1-D tensor of one step's logged values.
+
+        Parameters
+        ----------
+        step : int
+            The step number.
+        values : torch.Tensor
+            1-D tensor of the step's logged values.
+        """
         newly_bad = (~values.detach().isfinite().all()) & (self.first_bad_step < 0)
         self.first_bad_step = torch.where(newly_bad, torch.full_like(self.first_bad_step, step), self.first_bad_step)
 
     def check(self, epoch: int) -> None:
+        """Sync once and raise if a non-finite value was seen.
+
+        Parameters
+        ----------
+        epoch : int
+            The epoch, reported in the error.
+
+        Raises
+        ------
+        DivergedError
+            If some step had a non-finite value.
+        """
         step = int(self.first_bad_step)
         if step >= 0:
             raise DivergedError(epoch=epoch, step=step)
@@ -87,19 +153,34 @@ class DivergenceMonitor:
 
 @dataclass(frozen=True)
 class Stage:
-    """The budget of one training stage: shuffled minibatches of `batch_size` for `epochs` epochs
-    (None: until `max_steps`), at most `max_steps` optimiser steps in all (None: no cap).
+    """The budget of one training stage.
 
-    Attributes:
-        name: the stage's name ("train", or e.g. "pretrain" / "svdd", "gan" / "encoder").
-        drop_last: drop the last incomplete batch of every epoch.
-        epoch_callback: run the fit's epoch callback after this stage's epochs (a diagnostic;
-            off for stages whose model cannot score yet).
-        max_steps_param, epochs_param: the constructor arguments that set this stage's step cap and
-            its epochs (None: none), so calibration and speed runs set budgets without guessing.
-        first_epoch: number of the stage's first epoch (stages may number epochs continuously).
-        period: the steps' cost repeats with this period (f-AnoGAN: a generator update every
-            n_critic critic steps), so timing runs cover whole periods.
+    Shuffled minibatches of `batch_size` for `epochs` epochs (None: until `max_steps`), at most
+    `max_steps` optimiser steps in all (None: no cap).
+
+    Attributes
+    ----------
+    name : str
+        The stage's name ("train", or e.g. "pretrain" / "svdd", "gan" / "encoder").
+    batch_size : int
+        Minibatch size.
+    epochs : int or None
+        Number of epochs (None: until `max_steps`).
+    max_steps : int or None
+        Cap on the optimiser steps of the whole stage (None: no cap).
+    drop_last : bool
+        Drop the last incomplete batch of every epoch.
+    epoch_callback : bool
+        Run the fit's epoch callback after this stage's epochs (a diagnostic; off for stages whose
+        model cannot score yet).
+    max_steps_param, epochs_param : str or None
+        The constructor arguments that set this stage's step cap and its epochs (None: none), so
+        calibration and speed runs set budgets without guessing.
+    first_epoch : int
+        Number of the stage's first epoch (stages may number epochs continuously).
+    period : int
+        The steps' cost repeats with this period (f-AnoGAN: a generator update every n_critic
+        critic steps), so timing runs cover whole periods.
     """
 
     name: str
@@ -114,13 +195,38 @@ class Stage:
     period: int = 1
 
     def steps_per_epoch(self, n: int) -> int:
-        """Optimiser steps in one full epoch over n images (as `iterate_minibatches` draws them)."""
+        """Optimiser steps in one full epoch over n images (as `iterate_minibatches` draws them).
+
+        Parameters
+        ----------
+        n : int
+            Number of training images.
+
+        Returns
+        -------
+        int
+        """
         if self.drop_last and n >= self.batch_size:
             return n // self.batch_size
         return math.ceil(n / self.batch_size)
 
     def planned_steps(self, n: int) -> int:
-        """Optimiser steps this stage runs on n training images."""
+        """Optimiser steps this stage runs on n training images.
+
+        Parameters
+        ----------
+        n : int
+            Number of training images.
+
+        Returns
+        -------
+        int
+
+        Raises
+        ------
+        ValueError
+            If the stage has neither epochs nor max_steps.
+        """
         per_epoch = self.steps_per_epoch(n)
         total = per_epoch * self.epochs if self.epochs is not None else None
         if self.max_steps is not None:
@@ -130,12 +236,37 @@ class Stage:
         return total
 
     def planned_epochs(self, n: int) -> int:
+        """Epochs (the last possibly partial) this stage runs on n training images.
+
+        Parameters
+        ----------
+        n : int
+            Number of training images.
+
+        Returns
+        -------
+        int
+        """
         return math.ceil(self.planned_steps(n) / self.steps_per_epoch(n))
 
 
 @dataclass
 class StageResult:
-    """What `TorchDetector._train_stage` ran: per-epoch means of the logged values, epochs, steps."""
+    """What `TorchDetector._train_stage` ran.
+
+    Attributes
+    ----------
+    history : dict of str to list of float
+        Per-epoch means of the logged values, by name.
+    epochs : int
+        Epochs run.
+    steps : int
+        Optimiser steps run.
+    last_epoch : int
+        Number of the last epoch run.
+    seconds : float
+        Wall-clock time of the stage.
+    """
     history: dict[str, list[float]] = field(default_factory=dict)
     epochs: int = 0
     steps: int = 0
@@ -149,12 +280,21 @@ StepFn = Callable[[torch.Tensor, int], torch.Tensor]
 
 
 class TorchDetector(Detector, abc.ABC):
-    """Subclasses store `random_state`, `device` and `score_batch_size` (constructor arguments)
+    """Base class of the PyTorch detectors: the training engine, device handling and batched scoring.
+
+    Subclasses store `random_state`, `device` and `score_batch_size` (constructor arguments)
     and implement `_preprocess`, `_fit`, `_score_batch`, `_networks` and `_stages`; `_fit`
     trains each stage through `_train_stage` with the detector's own step function.
 
-    `progress_callback` (not a hyperparameter; None by default): called as (stage name, epochs
-    done, epochs planned) after every epoch, for progress displays."""
+    Attributes
+    ----------
+    progress_callback : callable or None
+        Not a hyperparameter; None by default. Called as (stage name, epochs done, epochs planned)
+        after every epoch, for progress displays.
+    precision : str
+        "fp32" (default) or "bf16": training steps under torch.autocast(bfloat16) (the runner's
+        --precision; not a hyperparameter, recorded in run_info). Scoring stays fp32.
+    """
 
     progress_callback: Optional[Callable[[str, int, int], None]] = None
     # "fp32" (default) or "bf16": training steps under torch.autocast(bfloat16) (the runner's
@@ -200,7 +340,18 @@ class TorchDetector(Detector, abc.ABC):
 
     # ---- the training engine ----------------------------------------------------------------
     def planned_steps(self, n_train: int) -> dict[str, int]:
-        """Optimiser steps per stage that fit() runs on n_train images, computed without training."""
+        """Optimiser steps per stage that fit() runs on n_train images, computed without training.
+
+        Parameters
+        ----------
+        n_train : int
+            Number of training images.
+
+        Returns
+        -------
+        dict of str to int
+            Planned steps by stage name.
+        """
         return {stage.name: stage.planned_steps(n_train) for stage in self._stages(n_train)}
 
     def _train_stage(self, stage: Stage, n_train: int, step: StepFn, names: Sequence[str],
@@ -219,16 +370,28 @@ class TorchDetector(Detector, abc.ABC):
 
         Parameters
         ----------
-        stage : the budget.
-        n_train : number of training images (the step indexes them).
-        step : does one optimiser step and returns the 1-D tensor of values to log.
-        names : names of the logged values, in order.
-        epoch_callback : the fit's callback.
-        begin_epoch, end_epoch, epoch_means : optional hooks (lr schedules, logs, custom means).
+        stage : Stage
+            The budget.
+        n_train : int
+            Number of training images (the step indexes them).
+        step : StepFn
+            Does one optimiser step and returns the 1-D tensor of values to log.
+        names : sequence of str
+            Names of the logged values, in order.
+        epoch_callback : EpochCallback or None
+            The fit's callback.
+        begin_epoch, end_epoch, epoch_means : callable or None
+            Optional hooks (lr schedules, logs, custom means).
 
         Returns
         -------
         StageResult
+            What the stage ran.
+
+        Raises
+        ------
+        DivergedError
+            If a logged value was non-finite in an epoch.
         """
         monitor = DivergenceMonitor(self.device_)
         result = StageResult()
@@ -275,11 +438,44 @@ class TorchDetector(Detector, abc.ABC):
         resolve_device(self.device)
 
     def check_params(self) -> "TorchDetector":
+        """Validate the hyperparameters (shared torch ones, then the detector's own).
+
+        Returns
+        -------
+        TorchDetector
+            self.
+
+        Raises
+        ------
+        ValueError
+            If a hyperparameter is invalid or the device is unavailable.
+        """
         self._check_torch_params()
         self._check_params()
         return self
 
     def fit(self, X: np.ndarray, epoch_callback: Optional[EpochCallback] = None) -> "TorchDetector":
+        """Train on normal images.
+
+        Parameters
+        ----------
+        X : np.ndarray
+            float32 images (N, C, H, W) in [0, 1].
+        epoch_callback : EpochCallback, optional
+            Called as (epoch, self) after each epoch (a diagnostic; never changes training).
+
+        Returns
+        -------
+        TorchDetector
+            self, fitted.
+
+        Raises
+        ------
+        ValueError
+            On invalid hyperparameters or images.
+        DivergedError
+            If training produced a non-finite loss.
+        """
         x_train = self._begin_fit(X)
         try:
             self._fit(x_train, epoch_callback)
@@ -338,6 +534,23 @@ class TorchDetector(Detector, abc.ABC):
             self._set_mode(train=True)
 
     def decision_function(self, X: np.ndarray) -> np.ndarray:
+        """Anomaly scores of a fitted model (higher = more anomalous), in eval mode and score batches.
+
+        Parameters
+        ----------
+        X : np.ndarray
+            float32 images (N, C, H, W) in [0, 1], of the training images' shape.
+
+        Returns
+        -------
+        np.ndarray
+            (N,) float64 scores.
+
+        Raises
+        ------
+        ValueError
+            If the images are invalid or their shape differs from the training images' (or not fitted).
+        """
         X = check_images(X)
         if tuple(X.shape[1:]) != getattr(self, "input_shape_", None):
             raise ValueError(f"images of shape {X.shape[1:]} do not match the training images "
@@ -351,6 +564,14 @@ class TorchDetector(Detector, abc.ABC):
         return torch.cat(scores).cpu().numpy().astype(np.float64)
 
     def run_info(self) -> dict:
+        """Facts about the run's environment for the job record.
+
+        Returns
+        -------
+        dict
+            Device, torch thread count, deterministic-algorithms flag, precision, a determinism
+            note and, on a GPU, its name.
+        """
         device = getattr(self, "device_", resolve_device(self.device))
         info = {
             "device": str(device),
