@@ -73,7 +73,18 @@ class WorkerSetup:
 
 # ---- watchdog -------------------------------------------------------------------------------
 def process_start_time(pid: int) -> Optional[str]:
-    """The start time of a process (field 22 of /proc/<pid>/stat), or None where there is no /proc."""
+    """The start time of a process (field 22 of /proc/<pid>/stat).
+
+    Parameters
+    ----------
+    pid : int
+        Process id.
+
+    Returns
+    -------
+    str or None
+        The start time, or None where there is no /proc.
+    """
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
     except (OSError, IndexError):
@@ -112,8 +123,22 @@ def process_alive(pid: int, start_time: Optional[str] = None) -> bool:
 
 def start_watchdog(runner_pid: int, runner_start: Optional[str] = None,
                    poll_seconds: float = WATCHDOG_POLL_SECONDS) -> threading.Thread:
-    """Start (once per process) a daemon thread that ends this process with os._exit as soon as
-    the runner is gone. Returns the thread."""
+    """Start (once per process) a daemon thread that ends this process with os._exit as soon as the runner is gone.
+
+    Parameters
+    ----------
+    runner_pid : int
+        The runner's process id.
+    runner_start : str, optional
+        The runner's start time (`process_start_time`), to tell it from a later process with the same id.
+    poll_seconds : float, default=WATCHDOG_POLL_SECONDS
+        Seconds between checks.
+
+    Returns
+    -------
+    threading.Thread
+        The thread.
+    """
     global _watchdog
     with _worker_lock:
         if _watchdog is not None:
@@ -175,15 +200,43 @@ def gpus_to_spread(devices: Iterable[str], gpus: Sequence[str], n_workers: int) 
 
 
 def gpu_for_slot(slot: int, gpus: Sequence[str]) -> str:
-    """Worker slot k -> GPU k mod n (round robin: one worker per GPU when workers = GPUs)."""
+    """Worker slot k -> GPU k mod n (round robin: one worker per GPU when workers = GPUs).
+
+    Parameters
+    ----------
+    slot : int
+        Worker slot.
+    gpus : sequence of str
+        GPU ids.
+
+    Returns
+    -------
+    str
+        The slot's GPU.
+    """
     if not gpus:
         raise ValueError("no GPUs to choose from")
     return gpus[slot % len(gpus)]
 
 
 def claim_slot(directory: str | Path) -> tuple[int, int]:
-    """The lowest free worker slot of a run: an flock on <directory>/slot-<k>.lock held for the
-    life of the process (the OS frees it when the process dies). Returns (slot, fd)."""
+    """The lowest free worker slot of a run.
+
+    The slot is an flock on <directory>/slot-<k>.lock held for the life of the process (the OS frees it when
+    the process dies).
+
+    Parameters
+    ----------
+    directory : str or Path
+        The run's slot folder.
+
+    Returns
+    -------
+    slot : int
+        The slot.
+    fd : int
+        The lock file's descriptor.
+    """
     slot = 0
     while True:
         fd = os.open(Path(directory) / f"slot-{slot}.lock", os.O_RDWR | os.O_CREAT, 0o644)
@@ -212,9 +265,16 @@ def _take_gpu(setup: WorkerSetup) -> None:
 
 
 def prepare_worker(setup: WorkerSetup) -> None:
-    """Run once per worker process (loky's initializer, `client.run` on the workers of the
-    runner's LocalCluster, and before each job): the watchdog and the GPU, as the module
-    docstring says."""
+    """Prepare a worker process: the watchdog and the GPU, as the module docstring says.
+
+    Run once per worker process (loky's initializer, `client.run` on the workers of the runner's
+    LocalCluster, and before each job).
+
+    Parameters
+    ----------
+    setup : WorkerSetup
+        The runner's settings for its workers.
+    """
     if setup.runner_pid:
         start_watchdog(setup.runner_pid, setup.runner_start)
     with _worker_lock:
@@ -310,6 +370,13 @@ def run_local(unit: Callable, items: Sequence[Any], settings: Any, n_parallel: i
 
 
 def dask_available() -> bool:
+    """Whether dask.distributed can be imported.
+
+    Returns
+    -------
+    bool
+        True if it can.
+    """
     try:
         import dask.distributed  # noqa: F401
     except ImportError:
@@ -318,8 +385,27 @@ def dask_available() -> bool:
 
 
 def open_dask_client(scheduler: Optional[str], n_workers: int) -> tuple[Any, Any]:
-    """A Client of the cluster at `scheduler`, or of a new LocalCluster of `n_workers` worker
-    processes with one thread each. Returns (client, cluster or None)."""
+    """A Client of the cluster at `scheduler`, or of a new LocalCluster.
+
+    Parameters
+    ----------
+    scheduler : str or None
+        Scheduler address; None for a new LocalCluster.
+    n_workers : int
+        Worker processes of a new LocalCluster, with one thread each.
+
+    Returns
+    -------
+    client : dask.distributed.Client
+        The client.
+    cluster : dask.distributed.LocalCluster or None
+        The new cluster, or None.
+
+    Raises
+    ------
+    BackendUnavailable
+        When dask.distributed is missing or the scheduler cannot be reached.
+    """
     if not dask_available():
         raise BackendUnavailable('--backend dask needs dask.distributed: pip install -e ".[dask]"')
     from dask.distributed import Client, LocalCluster

@@ -30,6 +30,7 @@ MAX_SEED = 2**32 - 1
 
 
 class UsageError(Exception):
+    """A command-line usage error: the CLI prints it and exits with status 2."""
     pass
 
 
@@ -53,6 +54,13 @@ def package_version() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command line's argument parser.
+
+    Returns
+    -------
+    argparse.ArgumentParser
+        The parser.
+    """
     parser = argparse.ArgumentParser(
         prog=prog_name(),
         description="Run one-class anomaly detection benchmarks (each class in turn normal) and write "
@@ -148,6 +156,26 @@ def _parse_classes(tokens: Optional[list[str]], datasets: list[str]) -> list[int
 
 
 def parse_config(argv: Sequence[str]) -> argparse.Namespace:
+    """Parse and check the command line.
+
+    Parameters
+    ----------
+    argv : sequence of str
+        The arguments (without the program name).
+
+    Returns
+    -------
+    argparse.Namespace
+        The checked configuration.
+
+    Raises
+    ------
+    UsageError
+        On an unknown profile, protocol, dataset or method, a missing --dataset, a bad --val-fraction, or a
+        bad --sweep / --set.
+    SystemExit
+        From argparse, on --help or a malformed command line.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.profile not in PROFILES:
@@ -235,8 +263,18 @@ def _parse_sweep(args: argparse.Namespace) -> Optional[SweepSpec]:
 
 
 def sweep_variants(args: argparse.Namespace) -> list[argparse.Namespace]:
-    """One configuration per swept value (its own profile directory and overrides); [args]
-    itself without --sweep."""
+    """One configuration per swept value.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        The parsed configuration.
+
+    Returns
+    -------
+    list of argparse.Namespace
+        One per swept value (its own profile directory and overrides); [args] itself without --sweep.
+    """
     spec = args.sweep_spec
     if spec is None:
         return [args]
@@ -294,6 +332,23 @@ def _parse_overrides(items: list[str], methods: list[str]) -> tuple[dict[str, di
 
 
 def build_jobs(args: argparse.Namespace) -> list[Job]:
+    """The jobs of a configuration: every dataset x class x method x seed.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        The parsed configuration.
+
+    Returns
+    -------
+    list of Job
+        The jobs.
+
+    Raises
+    ------
+    UsageError
+        When a method has no settings for the profile and dataset.
+    """
     from methods import get_method
 
     jobs = []
@@ -317,7 +372,18 @@ def build_jobs(args: argparse.Namespace) -> list[Job]:
 
 
 def validate_jobs(jobs: list[Job]) -> None:
-    """Construct each (method, dataset, seed) setting once and check its hyperparameters."""
+    """Construct each (method, dataset, seed) setting once and check its hyperparameters.
+
+    Parameters
+    ----------
+    jobs : list of Job
+        The jobs.
+
+    Raises
+    ------
+    UsageError
+        When a setting's hyperparameters are bad.
+    """
     from methods import get_method
 
     seen = set()
@@ -333,7 +399,18 @@ def validate_jobs(jobs: list[Job]) -> None:
 
 
 def check_writable(directory: Path) -> None:
-    """Create the results folder and probe it; on failure remove the folders it created."""
+    """Create the results folder and probe it; on failure remove the folders it created.
+
+    Parameters
+    ----------
+    directory : Path
+        The results folder.
+
+    Raises
+    ------
+    UsageError
+        When the folder cannot be created or written.
+    """
     created = [p for p in (directory, *directory.parents) if not p.exists()]  # deepest first
     try:
         directory.mkdir(parents=True, exist_ok=True)
@@ -399,6 +476,19 @@ def _print_estimate(args: argparse.Namespace, pending: list[Job], settings: RunS
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the benchmark command line.
+
+    Parameters
+    ----------
+    argv : sequence of str, optional
+        The arguments (default: sys.argv[1:]).
+
+    Returns
+    -------
+    int
+        Exit status: 0 ok, 1 failed / diverged / lost jobs or unwritable reports, 2 usage or data error,
+        130 interrupted.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         try:

@@ -49,11 +49,13 @@ class JobEstimate:
 
     @property
     def seconds(self) -> float:
+        """Expected seconds of the whole job."""
         return self.train_seconds + self.score_seconds + self.overhead_seconds
 
 
 @dataclass(frozen=True)
 class RunEstimate:
+    """Expected time of a run: its jobs, the number of parallel processes and the device."""
     jobs: list[JobEstimate]
     n_parallel: int
     device: str
@@ -70,7 +72,18 @@ class RunEstimate:
 
 
 def format_seconds(seconds: float) -> str:
-    """Human-readable duration: '45 s', '12 min', '3.4 h', '2.1 days'."""
+    """Human-readable duration: '45 s', '12 min', '3.4 h', '2.1 days'.
+
+    Parameters
+    ----------
+    seconds : float
+        The duration.
+
+    Returns
+    -------
+    str
+        The text.
+    """
     if seconds < 90:
         return f"{seconds:.0f} s"
     if seconds < 90 * 60:
@@ -81,10 +94,29 @@ def format_seconds(seconds: float) -> str:
 
 
 def cache_path() -> Path:
+    """The calibration cache's file (${CACHE_ENV}, else ~/.cache/memgan-bench/calibration.json).
+
+    Returns
+    -------
+    Path
+        The file.
+    """
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "memgan-bench" / "calibration.json")
 
 
 def calibration_steps() -> int:
+    """Training steps timed per stage in a calibration (${STEPS_ENV}, default 3).
+
+    Returns
+    -------
+    int
+        The number of steps.
+
+    Raises
+    ------
+    ValueError
+        When the variable is not a positive integer.
+    """
     text = os.environ.get(STEPS_ENV, "3")
     try:
         steps = int(text)
@@ -96,7 +128,18 @@ def calibration_steps() -> int:
 
 
 def device_description(device: str) -> str:
-    """Device, torch version and thread count: the calibration cache's outer key."""
+    """Device, torch version and thread count: the calibration cache's outer key.
+
+    Parameters
+    ----------
+    device : str
+        Torch device.
+
+    Returns
+    -------
+    str
+        The description.
+    """
     import torch
 
     from methods.torch_base import resolve_device
@@ -151,9 +194,25 @@ def _calibration_params(stages: list, steps: int) -> dict:
 
 
 def calibrate(target: str, params: dict, shape: tuple, steps: int) -> dict:
-    """Time the detector `target` ("module:Class") built with `params` on random images of
-    `shape` (C, H, W). Returns {"kind": "stages", "step_seconds": {stage: s}, "score_seconds_per_image",
-    "overhead_seconds"} or {"kind": "linear", "fit_seconds_per_image", "score_seconds_per_image"}."""
+    """Time the detector `target` built with `params` on random images.
+
+    Parameters
+    ----------
+    target : str
+        The detector's "module:Class".
+    params : dict
+        Constructor arguments.
+    shape : tuple
+        Image shape (C, H, W).
+    steps : int
+        Training steps timed per stage.
+
+    Returns
+    -------
+    dict
+        {"kind": "stages", "step_seconds": {stage: s}, "score_seconds_per_image", "overhead_seconds"} or
+        {"kind": "linear", "fit_seconds_per_image", "score_seconds_per_image"}.
+    """
     import importlib
 
     from methods.torch_base import TorchDetector
@@ -204,7 +263,28 @@ def calibrate(target: str, params: dict, shape: tuple, steps: int) -> dict:
 
 def task_sizes(labels_train: np.ndarray, labels_test: np.ndarray, normal_class: int, protocol: str,
                subsample: Any) -> tuple[int, int]:
-    """(training images, test images) of a task, counted as `benchmark.splits.make_task` draws them."""
+    """Sizes of a task, counted as `benchmark.splits.make_task` draws them.
+
+    Parameters
+    ----------
+    labels_train : numpy.ndarray
+        Labels of the dataset's training split.
+    labels_test : numpy.ndarray
+        Labels of the dataset's test split.
+    normal_class : int
+        The normal class.
+    protocol : str
+        The protocol.
+    subsample : Any
+        The profile's subsampling setting.
+
+    Returns
+    -------
+    n_train : int
+        Training images.
+    n_test : int
+        Test images.
+    """
     def cap(n: int, limit: Optional[int]) -> int:
         return n if limit is None else min(n, limit)
 
@@ -218,8 +298,28 @@ def task_sizes(labels_train: np.ndarray, labels_test: np.ndarray, normal_class: 
 
 def estimate_jobs(jobs: list, data_root: Optional[str], download: bool, n_parallel: int = 1,
                   device: str = "auto", log: Any = None) -> RunEstimate:
-    """Expected time of `jobs` (benchmark.runner.Job) on this device, calibrating what the cache
-    lacks. `log(text)` is told about each calibration (they take seconds each)."""
+    """Expected time of `jobs` on this device, calibrating what the cache lacks.
+
+    Parameters
+    ----------
+    jobs : list of benchmark.runner.Job
+        The jobs.
+    data_root : str or None
+        Dataset folder.
+    download : bool
+        Download missing datasets.
+    n_parallel : int, default=1
+        Number of parallel processes.
+    device : str, default="auto"
+        Torch device.
+    log : callable, optional
+        `log(text)` is told about each calibration (they take seconds each).
+
+    Returns
+    -------
+    RunEstimate
+        The estimate.
+    """
     import importlib
 
     from benchmark.data import load_dataset
@@ -263,7 +363,18 @@ def estimate_jobs(jobs: list, data_root: Optional[str], download: bool, n_parall
 
 
 def describe(estimate: RunEstimate) -> str:
-    """The estimate as printed: per method and dataset, then the total."""
+    """The estimate as printed: per method and dataset, then the total.
+
+    Parameters
+    ----------
+    estimate : RunEstimate
+        The estimate.
+
+    Returns
+    -------
+    str
+        The text.
+    """
     groups: dict[tuple[str, str], list[JobEstimate]] = defaultdict(list)
     for job in estimate.jobs:
         groups[(job.method, job.dataset)].append(job)

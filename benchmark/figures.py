@@ -86,8 +86,22 @@ def auroc_figure(ours: pd.DataFrame, paper: pd.DataFrame, title: str) -> bytes:
 
 
 def roc_points(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(false-alarm rate, detection rate) at every distinct threshold, anomaly = positive,
-    from (0, 0) to (1, 1). Higher score = more anomalous."""
+    """ROC curve points at every distinct threshold, from (0, 0) to (1, 1).
+
+    Parameters
+    ----------
+    scores : numpy.ndarray
+        Anomaly scores; higher score = more anomalous.
+    labels : numpy.ndarray
+        Ground truth, anomaly = positive.
+
+    Returns
+    -------
+    fpr : numpy.ndarray
+        False-alarm rates.
+    tpr : numpy.ndarray
+        Detection rates.
+    """
     scores = np.asarray(scores, dtype=np.float64)
     labels = np.asarray(labels).astype(np.int64)
     order = np.argsort(-scores, kind="mergesort")
@@ -99,7 +113,18 @@ def roc_points(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.n
 
 
 def mean_roc(curves: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
-    """Vertical average of ROC curves: mean detection rate at each false-alarm rate of FPR_GRID."""
+    """Vertical average of ROC curves.
+
+    Parameters
+    ----------
+    curves : list of tuple of numpy.ndarray
+        (false-alarm rate, detection rate) pairs, as `roc_points` returns them.
+
+    Returns
+    -------
+    numpy.ndarray
+        Mean detection rate at each false-alarm rate of FPR_GRID.
+    """
     return np.mean([np.interp(FPR_GRID, fpr, tpr) for fpr, tpr in curves], axis=0)
 
 

@@ -96,8 +96,33 @@ def fig6_curves(results_dir: Path, profile_glob: str, dataset: str = "cifar10", 
 
 def fig6(results_dir: Path, profile_glob: str, out: Path, dataset: str = "cifar10", normal_class: int = 0,
          protocol: str = "paper") -> list[Path]:
-    """Draw Fig. 6 (AUROC over epochs, one curve per memory size N, seeds averaged) and its
-    caption. Raises ValueError when no record matches."""
+    """Draw Fig. 6 (AUROC over epochs, one curve per memory size N, seeds averaged) and its caption.
+
+    Parameters
+    ----------
+    results_dir : Path
+        The results root.
+    profile_glob : str
+        Glob of the profile directories (one per memory size).
+    out : Path
+        The image file to write.
+    dataset : str, default="cifar10"
+        Dataset name.
+    normal_class : int, default=0
+        The normal class.
+    protocol : str, default="paper"
+        The protocol.
+
+    Returns
+    -------
+    list of Path
+        The files written.
+
+    Raises
+    ------
+    ValueError
+        When no record matches.
+    """
     from benchmark.data import CLASS_NAMES
     from benchmark.reports import TITLES
 
@@ -148,8 +173,32 @@ def fig6(results_dir: Path, profile_glob: str, out: Path, dataset: str = "cifar1
 def train_mem_ganomaly(x_train: np.ndarray, profile: str = "quick", dataset: str = "mnist",
                        epochs: Optional[int] = None, lr: Optional[float] = None, seed: int = 0, device: str = "auto",
                        max_steps: Optional[int] = None) -> Any:
-    """A Mem_GANomaly with the profile's settings for the dataset (and the given overrides),
-    fitted on x_train."""
+    """A Mem_GANomaly with the profile's settings for the dataset (and the given overrides), fitted on x_train.
+
+    Parameters
+    ----------
+    x_train : numpy.ndarray
+        Training images.
+    profile : str, default="quick"
+        The profile.
+    dataset : str, default="mnist"
+        Dataset name.
+    epochs : int, optional
+        Override of the number of epochs.
+    lr : float, optional
+        Override of the learning rate.
+    seed : int, default=0
+        Random state.
+    device : str, default="auto"
+        Torch device.
+    max_steps : int, optional
+        Cap on the optimiser steps.
+
+    Returns
+    -------
+    Any
+        The fitted detector.
+    """
     from methods import get_method
 
     spec = get_method("mem_ganomaly")
@@ -229,8 +278,32 @@ def figure4(detector: Any, x_test: np.ndarray, digits: np.ndarray, normal_digit:
 
 def figure5(detector: Any, x_test: np.ndarray, digits: np.ndarray, normal_digit: int, path: Path, per_digit: int = 2,
             seed: int = 0, budget: str = "") -> list[Path]:
-    """Fig. 5: test images (per_digit of every digit, a fixed random draw) above their
-    reconstructions x_hat; the normal ones framed in red."""
+    """Fig. 5: test images above their reconstructions x_hat; the normal ones framed in red.
+
+    Parameters
+    ----------
+    detector : Any
+        A fitted Mem_GANomaly.
+    x_test : numpy.ndarray
+        Test images.
+    digits : numpy.ndarray
+        Their digits.
+    normal_digit : int
+        The normal digit.
+    path : Path
+        The image file to write.
+    per_digit : int, default=2
+        Images of every digit (a fixed random draw).
+    seed : int, default=0
+        Seed of the draw.
+    budget : str, default=""
+        Training budget, for the caption.
+
+    Returns
+    -------
+    list of Path
+        The files written.
+    """
     rng = np.random.default_rng(seed + FIG5_SEED_OFFSET)
     digits = np.asarray(digits)
     chosen = []
@@ -276,8 +349,38 @@ def figure5(detector: Any, x_test: np.ndarray, digits: np.ndarray, normal_digit:
 def run_fig45(data_root: Optional[str], out_dir: Path, profile: str = "quick", epochs: Optional[int] = None,
               lr: Optional[float] = None, seed: int = 0, device: str = "auto", tsne_samples: int = 2000,
               max_steps: Optional[int] = None, download: bool = True) -> list[Path]:
-    """Train the two models (normal digit 1 for Fig. 4, 0 for Fig. 5) on MNIST and draw both
-    figures into out_dir (fig4_tsne.png, fig5_reconstructions.png and their captions)."""
+    """Train the two models (normal digit 1 for Fig. 4, 0 for Fig. 5) on MNIST and draw both figures.
+
+    The files go into out_dir: fig4_tsne.png, fig5_reconstructions.png and their captions.
+
+    Parameters
+    ----------
+    data_root : str or None
+        Dataset folder.
+    out_dir : Path
+        Output folder.
+    profile : str, default="quick"
+        The profile.
+    epochs : int, optional
+        Override of the number of epochs.
+    lr : float, optional
+        Override of the learning rate.
+    seed : int, default=0
+        Random state.
+    device : str, default="auto"
+        Torch device.
+    tsne_samples : int, default=2000
+        Test images embedded by t-SNE for Fig. 4.
+    max_steps : int, optional
+        Cap on the optimiser steps.
+    download : bool, default=True
+        Download MNIST if missing.
+
+    Returns
+    -------
+    list of Path
+        The files written.
+    """
     from benchmark.data import load_dataset
     from benchmark.splits import to_float
 
@@ -300,6 +403,18 @@ def run_fig45(data_root: Optional[str], out_dir: Path, profile: str = "quick", e
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Draw a paper figure from the command line.
+
+    Parameters
+    ----------
+    argv : sequence of str, optional
+        The arguments (default: sys.argv[1:]).
+
+    Returns
+    -------
+    int
+        Exit status: 0 ok, 2 on a bad argument.
+    """
     parser = argparse.ArgumentParser(prog="python -m benchmark.paper_figures", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="figure", required=True)
     p6 = sub.add_parser("fig6", help="AUROC over epochs per memory size N (CIFAR-10, plane)")

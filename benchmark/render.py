@@ -134,6 +134,7 @@ class ReportTable:
 
     @property
     def index_name(self) -> str:
+        """The index's name as text ("" when it has none)."""
         return "" if self.frame.index.name is None else str(self.frame.index.name)
 
     # ---- Markdown ----
@@ -276,7 +277,20 @@ class ReportTable:
 
 
 def format_value(value: Any, digits: int = 4) -> str:
-    """A cell value as text: floats with `digits` decimals, None / NaN as an en dash."""
+    """A cell value as text.
+
+    Parameters
+    ----------
+    value : Any
+        The cell value.
+    digits : int, default=4
+        Decimals of floats.
+
+    Returns
+    -------
+    str
+        Floats with `digits` decimals, None / NaN as an en dash.
+    """
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return DASH
     if isinstance(value, float):
@@ -290,8 +304,18 @@ def format_value(value: Any, digits: int = 4) -> str:
 
 
 def latex_escape(text: str) -> str:
-    """Text -> LaTeX source that prints it: specials escaped, en dash as `--`, ± as `$\\pm$`,
-    a minus sign before a digit as `$-$`."""
+    """Text -> LaTeX source that prints it.
+
+    Parameters
+    ----------
+    text : str
+        Plain text.
+
+    Returns
+    -------
+    str
+        LaTeX source: specials escaped, en dash as `--`, ± as `$\\pm$`, a minus sign before a digit as `$-$`.
+    """
     text = _LATEX_RE.sub(lambda m: _LATEX_SPECIALS[m.group(0)], str(text))
     return re.sub(r"(?<![\w)])-(?=\d|\.\d)", "$-$", text)
 

@@ -70,7 +70,18 @@ COLUMNS = [
 
 
 def reference_table(csv_name: str) -> pd.DataFrame:
-    """The paper's numbers, shipped as package data (benchmark/reference/)."""
+    """The paper's numbers, shipped as package data (benchmark/reference/).
+
+    Parameters
+    ----------
+    csv_name : str
+        File name of the table under benchmark/reference/.
+
+    Returns
+    -------
+    pandas.DataFrame
+        The table.
+    """
     with resources.files("benchmark").joinpath("reference", csv_name).open("r") as handle:
         return pd.read_csv(handle, index_col=0)
 
@@ -85,8 +96,19 @@ def _key(name: str) -> str:
 
 
 def display_label(record: dict) -> str:
-    """The record's `method_label`; for older records the paper's label of the same method
-    (`mem_ganomaly` -> `Mem_GANomaly`), else the method name."""
+    """The record's display label.
+
+    Parameters
+    ----------
+    record : dict
+        A job record.
+
+    Returns
+    -------
+    str
+        The record's `method_label`; for older records the paper's label of the same method
+        (`mem_ganomaly` -> `Mem_GANomaly`), else the method name.
+    """
     label = record.get("method_label")
     if isinstance(label, str) and label:
         return label
@@ -95,8 +117,26 @@ def display_label(record: dict) -> str:
 
 
 def load_records(results_dir: Path, profile: str, protocol: Optional[str] = None) -> tuple[pd.DataFrame, list[str]]:
-    """All readable records of one profile (directory name) as a long frame, and the problems
-    (unreadable records, by name), which are treated as missing."""
+    """All readable records of one profile as a long frame.
+
+    Unreadable records are treated as missing.
+
+    Parameters
+    ----------
+    results_dir : Path
+        The results root.
+    profile : str
+        The profile's directory name.
+    protocol : str, optional
+        Keep only records of this protocol (default: all).
+
+    Returns
+    -------
+    frame : pandas.DataFrame
+        One row per record.
+    problems : list of str
+        The unreadable records, by name.
+    """
     rows, problems = [], []
     base = Path(results_dir) / profile
     for path, record, error in iter_records(base):
@@ -142,8 +182,20 @@ def load_records(results_dir: Path, profile: str, protocol: Optional[str] = None
 
 
 def method_order(frame: pd.DataFrame, first: Optional[list[str]] = None) -> list[str]:
-    """The labels with records in `frame`: those of `first` (default the paper's column order) in
-    that order, then the others alphabetically."""
+    """The method labels with records in `frame`, in display order.
+
+    Parameters
+    ----------
+    frame : pandas.DataFrame
+        Record rows (`load_records`' columns).
+    first : list of str, optional
+        Labels to put first, in this order (default: the paper's column order).
+
+    Returns
+    -------
+    list of str
+        Those of `first` with records, in that order, then the others alphabetically.
+    """
     present = set(frame["label"]) if len(frame) else set()
     first = list(dict.fromkeys(paper_labels() if first is None else first))
     return [m for m in first if m in present] + sorted(present - set(first))
@@ -194,8 +246,26 @@ def _best(values: pd.Series, complete: pd.Series, lower_is_better: bool = False)
 def auroc_tables(
     frame: pd.DataFrame, dataset: str, profile: str = "", protocol: str = "paper"
 ) -> tuple[ReportTable, Optional[ReportTable]]:
-    """(AUROC table 'ours (paper)', difference table ours - paper or None) for Tables 1-3: one
-    column per method with records on `dataset`."""
+    """AUROC tables for Tables 1-3: one column per method with records on `dataset`.
+
+    Parameters
+    ----------
+    frame : pandas.DataFrame
+        Record rows (`load_records`' columns).
+    dataset : str
+        Dataset name.
+    profile : str, default=""
+        Profile name, for the caption.
+    protocol : str, default="paper"
+        Protocol name, for the caption.
+
+    Returns
+    -------
+    auroc : ReportTable
+        The AUROC table, 'ours (paper)'.
+    difference : ReportTable or None
+        The difference table ours - paper, or None.
+    """
     number, csv_name = TABLES[dataset]
     classes = CLASS_NAMES[dataset]
     subset = frame[frame["dataset"] == dataset]
@@ -256,9 +326,25 @@ def _auroc_cell(value: float, note: str, bold: bool, paper_value: Optional[float
 
 
 def table4(frame: pd.DataFrame, profile: str = "", protocol: str = "paper") -> Optional[ReportTable]:
-    """Mean gmean / false-alarm / miss rate over the MNIST classes, one row per method with MNIST
-    records: at the paper's Youden threshold (test labels; paper's value beside ours) and, when the
-    records have them, at the held-out validation threshold (no test labels). None without MNIST records."""
+    """Table 4: mean gmean / false-alarm / miss rate over the MNIST classes, one row per method.
+
+    Only methods with MNIST records are listed: at the paper's Youden threshold (test labels; the paper's value
+    beside ours) and, when the records have them, at the held-out validation threshold (no test labels).
+
+    Parameters
+    ----------
+    frame : pandas.DataFrame
+        Record rows (`load_records`' columns).
+    profile : str, default=""
+        Profile name, for the caption.
+    protocol : str, default="paper"
+        Protocol name, for the caption.
+
+    Returns
+    -------
+    ReportTable or None
+        The table; None without MNIST records.
+    """
     subset = frame[frame["dataset"] == "mnist"]
     if subset.empty:
         return None
@@ -317,9 +403,25 @@ def table4(frame: pd.DataFrame, profile: str = "", protocol: str = "paper") -> O
 
 
 def diagnostics_table(frame: pd.DataFrame, dataset: str, protocol: str = "paper") -> Optional[ReportTable]:
-    """Final-model AUROC next to the best per-epoch AUROC on the test set, for runs made with
-    --track-auroc. The second number is OPTIMISTIC (picked on test labels): it is shown only to
-    compare with papers that report the best epoch, never as our result."""
+    """Final-model AUROC next to the best per-epoch AUROC on the test set, for runs made with --track-auroc.
+
+    The second number is OPTIMISTIC (picked on test labels): it is shown only to compare with papers that
+    report the best epoch, never as our result.
+
+    Parameters
+    ----------
+    frame : pandas.DataFrame
+        Record rows (`load_records`' columns).
+    dataset : str
+        Dataset name.
+    protocol : str, default="paper"
+        Protocol name, for the caption.
+
+    Returns
+    -------
+    ReportTable or None
+        The table, or None without such runs.
+    """
     subset = frame[(frame["dataset"] == dataset) & frame["best_epoch_auroc_on_test"].notna()]
     if subset.empty:
         return None

@@ -41,6 +41,7 @@ DEFAULT_VAL_FRACTION = 0.1
 
 @dataclass(frozen=True)
 class Job:
+    """One training job: a method on one task (dataset, normal class, seed) under one profile."""
     key: JobKey
     base_profile: str          # paper / quick / smoke (key.profile may carry a +tag)
     params: dict               # constructor arguments, random_state and device included
@@ -67,6 +68,7 @@ class RunSettings:
 
 @dataclass
 class JobOutcome:
+    """What became of one job: its status, message, AUROC and seconds."""
     key: JobKey
     status: str                # ok / failed / diverged / claimed (another runner holds it) /
                                # lost (its worker process died: no record, a rerun does it)
@@ -76,6 +78,13 @@ class JobOutcome:
 
 
 def library_versions() -> dict:
+    """Versions of Python and the libraries a record depends on.
+
+    Returns
+    -------
+    dict
+        Distribution name -> version (None for one not installed).
+    """
     import importlib.metadata as md
 
     versions = {"python": platform.python_version()}
@@ -88,6 +97,13 @@ def library_versions() -> dict:
 
 
 def git_state() -> dict:
+    """The git commit of the code and whether tracked files are modified.
+
+    Returns
+    -------
+    dict
+        The commit and dirty flag (None where git is unavailable).
+    """
     repo = Path(__file__).resolve().parents[1]
     try:
         commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
@@ -102,6 +118,18 @@ def git_state() -> dict:
 
 
 def provenance(argv: list[str]) -> dict:
+    """Provenance of a run, written into every record.
+
+    Parameters
+    ----------
+    argv : list of str
+        The command line.
+
+    Returns
+    -------
+    dict
+        Library versions, git state, host, platform, CPU count and command.
+    """
     return {"versions": library_versions(), "git": git_state(), "host": platform.node(),
             "platform": platform.platform(), "cpu_count": os.cpu_count(), "command": " ".join(argv)}
 
@@ -135,6 +163,18 @@ def _limit_threads(threads: int) -> None:
 
 
 def build_detector(job: Job) -> Any:
+    """Construct the job's detector (not yet fitted).
+
+    Parameters
+    ----------
+    job : Job
+        The job; its `target` is used when set, else the registry entry of its method.
+
+    Returns
+    -------
+    Any
+        The detector built with `job.params`.
+    """
     from methods import MethodSpec, get_method
 
     spec = MethodSpec(job.key.method, job.key.method, job.target) if job.target else get_method(job.key.method)
@@ -243,9 +283,27 @@ def _write(job: Job, settings: RunSettings, record: dict, scores: Any, labels: A
 
 def run_job(job: Job, settings: RunSettings, blocking: bool = False,
             progress: Optional[Callable[[JobKey, str, int, int], None]] = None) -> JobOutcome:
-    """Train, score and record one job. Only KeyboardInterrupt and results-folder write errors
-    escape: anything else the detector does is recorded as `failed` or `diverged`.
-    `progress(key, stage, epochs done, epochs planned)`, if given, is called after every epoch."""
+    """Train, score and record one job.
+
+    Only KeyboardInterrupt and results-folder write errors escape: anything else the detector does is
+    recorded as `failed` or `diverged`.
+
+    Parameters
+    ----------
+    job : Job
+        The job.
+    settings : RunSettings
+        What every job of the run shares.
+    blocking : bool, default=False
+        Wait for the job's lock when another runner holds it (else the outcome is `claimed`).
+    progress : callable, optional
+        `progress(key, stage, epochs done, epochs planned)`, called after every epoch.
+
+    Returns
+    -------
+    JobOutcome
+        The job's outcome.
+    """
     lock, outcome = _claim(job, settings, blocking)
     if lock is None:
         return outcome
@@ -316,12 +374,34 @@ def _install_sigterm_handler() -> None:
 
 def execute(jobs: list[Job], settings: RunSettings, n_parallel: int, progress: bool = True,
             backend: str = "local", scheduler: Optional[str] = None, stack: int = 1) -> list[JobOutcome]:
-    """Run the jobs (already filtered for existing records): in this process (local, one unit at
-    a time), in `n_parallel` local worker processes, or on a Dask cluster (benchmark/backends.py).
-    With stack > 1, jobs that can train together do so in groups of up to `stack`
-    (benchmark/stacking.py). Jobs another runner holds are retried at the end, waiting for its
-    lock, so they are done exactly once. A job whose worker process died is reported `lost` (a
-    rerun does it)."""
+    """Run the jobs (already filtered for existing records).
+
+    The jobs run in this process (local, one unit at a time), in `n_parallel` local worker processes, or on a
+    Dask cluster (benchmark/backends.py). Jobs another runner holds are retried at the end, waiting for its
+    lock, so they are done exactly once. A job whose worker process died is reported `lost` (a rerun does it).
+
+    Parameters
+    ----------
+    jobs : list of Job
+        The jobs.
+    settings : RunSettings
+        What every job of the run shares.
+    n_parallel : int
+        Number of worker processes (1: in this process).
+    progress : bool, default=True
+        Show progress.
+    backend : str, default="local"
+        "local" or "dask".
+    scheduler : str, optional
+        Address of a Dask scheduler (default: a LocalCluster started here).
+    stack : int, default=1
+        With stack > 1, jobs that can train together do so in groups of up to `stack` (benchmark/stacking.py).
+
+    Returns
+    -------
+    list of JobOutcome
+        One outcome per job.
+    """
     from contextlib import closing
 
     from tqdm.auto import tqdm

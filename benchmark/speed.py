@@ -54,12 +54,32 @@ ANOMALIB_QUOTED = {"train_img_s": 175.0, "peak_fraction": 0.83, "peak_gflops": 1
 
 
 def synchronize(device: torch.device) -> None:
+    """Wait for the device's pending work (CUDA only; a no-op elsewhere).
+
+    Parameters
+    ----------
+    device : torch.device
+        The device.
+    """
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
 def matmul_peak_gflops(device: torch.device, repeats: int = 5) -> float:
-    """fp32 torch.mm peak: the best of `repeats` products of two n x n matrices."""
+    """fp32 torch.mm peak: the best of `repeats` products of two n x n matrices.
+
+    Parameters
+    ----------
+    device : torch.device
+        The device.
+    repeats : int, default=5
+        Number of timed products.
+
+    Returns
+    -------
+    float
+        The peak in GFLOP/s.
+    """
     n = 8192 if device.type == "cuda" else 2048
     a = torch.randn(n, n, device=device)
     b = torch.randn(n, n, device=device)
@@ -92,7 +112,18 @@ class _PlainFlopCounter(TorchDispatchMode):
 
 
 def count_flops(fn: Callable[[], Any]) -> int:
-    """FLOPs of fn() (matmuls and convolutions, forward and backward) by FlopCounterMode."""
+    """FLOPs of fn() (matmuls and convolutions, forward and backward) by FlopCounterMode.
+
+    Parameters
+    ----------
+    fn : callable
+        Called once without arguments.
+
+    Returns
+    -------
+    int
+        The FLOP count.
+    """
     try:
         with FlopCounterMode(display=False) as counter:
             fn()
@@ -104,7 +135,22 @@ def count_flops(fn: Callable[[], Any]) -> int:
 
 
 def timed(fn: Callable[[], Any], device: torch.device, repeats: int = 1) -> float:
-    """The best wall time of `repeats` calls (the least disturbed by other work on the machine)."""
+    """The best wall time of `repeats` calls (the least disturbed by other work on the machine).
+
+    Parameters
+    ----------
+    fn : callable
+        Called without arguments.
+    device : torch.device
+        The device, synchronised around each call.
+    repeats : int, default=1
+        Number of calls.
+
+    Returns
+    -------
+    float
+        Seconds.
+    """
     best = float("inf")
     for _ in range(repeats):
         synchronize(device)
@@ -121,8 +167,28 @@ NOMINAL = {"mnist": (6000, 64000, (1, 28, 28)), "fashion_mnist": (6000, 64000, (
 
 
 def build(name: str, device: str, steps: int, n_train: int, random_state: int = 0) -> tuple[Any, dict]:
-    """The method's quick CIFAR-10 settings at batch 64, every stage run for `steps` steps (the
-    overrides are returned too)."""
+    """The method's quick CIFAR-10 settings at batch 64, every stage run for `steps` steps.
+
+    Parameters
+    ----------
+    name : str
+        Registry name of the method.
+    device : str
+        Torch device.
+    steps : int
+        Optimiser steps of every training stage.
+    n_train : int
+        Number of training images.
+    random_state : int, default=0
+        Seed.
+
+    Returns
+    -------
+    detector : Any
+        The detector, not fitted.
+    overrides : dict
+        The overrides applied to the quick settings.
+    """
     spec = get_method(name)
     cls = spec.load()
     settings = spec.settings("quick", "cifar10")
@@ -140,14 +206,42 @@ def build(name: str, device: str, steps: int, n_train: int, random_state: int = 
 
 
 def trained_images(detector: Any, n_train: int) -> int:
-    """Images seen by fit's optimiser steps (all stages); n_train for detectors without stages."""
+    """Images seen by fit's optimiser steps (all stages).
+
+    Parameters
+    ----------
+    detector : Any
+        The detector.
+    n_train : int
+        Number of training images.
+
+    Returns
+    -------
+    int
+        The images seen; n_train for detectors without stages.
+    """
     if not hasattr(detector, "_stages"):
         return n_train
     return sum(stage.planned_steps(n_train) * stage.batch_size for stage in detector._stages(n_train))
 
 
 def paper_profile_seconds(name: str, device: str, steps: int) -> float:
-    """Expected seconds of the method's paper profile (3 datasets x 10 classes, one seed) here."""
+    """Expected seconds of the method's paper profile (3 datasets x 10 classes, one seed) here.
+
+    Parameters
+    ----------
+    name : str
+        Registry name of the method.
+    device : str
+        Torch device.
+    steps : int
+        Training steps timed per stage in the calibration.
+
+    Returns
+    -------
+    float
+        Seconds.
+    """
     from benchmark.estimate import calibrate
 
     spec = get_method(name)
@@ -169,6 +263,24 @@ def paper_profile_seconds(name: str, device: str, steps: int) -> float:
 
 
 def bench_method(name: str, args: argparse.Namespace, device: torch.device, rng: np.random.Generator) -> dict:
+    """Measure one method's training and scoring throughput and FLOPs on random CIFAR-sized images.
+
+    Parameters
+    ----------
+    name : str
+        Registry name of the method.
+    args : argparse.Namespace
+        The command line (n_train, n_score, steps, repeats, stack, device).
+    device : torch.device
+        The device.
+    rng : numpy.random.Generator
+        Source of the random images.
+
+    Returns
+    -------
+    dict
+        Images per second and GFLOP per image of training and scoring.
+    """
     from methods.stacking import fit_stacked, supports_stacking
 
     x_train = rng.random((args.n_train, 3, 32, 32), dtype=np.float32)
@@ -208,7 +320,22 @@ def bench_method(name: str, args: argparse.Namespace, device: torch.device, rng:
 
 
 def bench_anomalib(args: argparse.Namespace, device: torch.device, rng: np.random.Generator) -> Optional[dict]:
-    """anomalib's GANomaly: its own training_step and its torch model's scoring; None if absent."""
+    """anomalib's GANomaly: its own training_step and its torch model's scoring.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        The command line.
+    device : torch.device
+        The device.
+    rng : numpy.random.Generator
+        Source of the random images.
+
+    Returns
+    -------
+    dict or None
+        Throughputs and FLOPs as `bench_method` returns them; None if anomalib is absent.
+    """
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -257,6 +384,13 @@ def bench_anomalib(args: argparse.Namespace, device: torch.device, rng: np.rando
 
 
 def main(argv: Optional[list[str]] = None) -> None:
+    """Run the throughput benchmark and print its numbers.
+
+    Parameters
+    ----------
+    argv : list of str, optional
+        The arguments (default: sys.argv[1:]).
+    """
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--methods", nargs="+", default=list(REGISTRY), help="registry names (default: all)")
     parser.add_argument("--device", default="auto")

@@ -31,9 +31,22 @@ from benchmark.runner import (
 
 
 def auto_stack(device: str) -> int:
-    """--stack auto: 1 on the CPU (stacking measured no faster there, see README); on a GPU, up
-    to 10 jobs while each has at least 4 GiB of the GPU's memory (a rule of thumb: not measured
-    yet on a GPU; `python -m benchmark.speed` prints the throughput at K = 1, 4, 10)."""
+    """The stack size of --stack auto.
+
+    1 on the CPU (stacking measured no faster there, see README); on a GPU, up to 10 jobs while each has at
+    least 4 GiB of the GPU's memory (a rule of thumb: not measured yet on a GPU; `python -m benchmark.speed`
+    prints the throughput at K = 1, 4, 10).
+
+    Parameters
+    ----------
+    device : str
+        Torch device.
+
+    Returns
+    -------
+    int
+        The stack size.
+    """
     import torch
 
     from methods.torch_base import resolve_device
@@ -55,9 +68,24 @@ def _stackable(job: Job) -> bool:
 
 
 def group_jobs(jobs: list[Job], stack: int) -> list[list[Job]]:
-    """Units of work: groups of up to `stack` jobs with the same method, dataset, profile,
-    protocol and hyperparameters but random_state (for detectors that can train stacked), and
-    single jobs. Groups keep the jobs' order of first appearance."""
+    """Split jobs into units of work.
+
+    Groups hold up to `stack` jobs with the same method, dataset, profile, protocol and hyperparameters but
+    random_state (for detectors that can train stacked); other jobs stay single. Groups keep the jobs' order
+    of first appearance.
+
+    Parameters
+    ----------
+    jobs : list of Job
+        The jobs.
+    stack : int
+        Largest group size.
+
+    Returns
+    -------
+    list of list of Job
+        The units.
+    """
     if stack <= 1:
         return [[job] for job in jobs]
     groups: "OrderedDict[Any, list[Job]]" = OrderedDict()
@@ -79,16 +107,47 @@ def group_jobs(jobs: list[Job], stack: int) -> list[list[Job]]:
 
 def run_unit(unit: list[Job], settings: RunSettings,
              progress: Optional[Callable] = None) -> list[JobOutcome]:
-    """One unit of work: a single job (run_job) or a group (run_group)."""
+    """One unit of work: a single job (run_job) or a group (run_group).
+
+    Parameters
+    ----------
+    unit : list of Job
+        The unit.
+    settings : RunSettings
+        What every job of the run shares.
+    progress : callable, optional
+        Per-epoch progress callback.
+
+    Returns
+    -------
+    list of JobOutcome
+        One outcome per job.
+    """
     if len(unit) == 1:
         return [run_job(unit[0], settings, progress=progress)]
     return run_group(unit, settings, progress)
 
 
 def run_group(jobs: list[Job], settings: RunSettings, progress: Optional[Callable] = None) -> list[JobOutcome]:
-    """Train the jobs as one stacked model and record each. Jobs another runner holds or has
-    finished are left out (their outcomes say so); if the stacked training itself fails (say,
-    out of memory), the jobs are run one by one instead."""
+    """Train the jobs as one stacked model and record each.
+
+    Jobs another runner holds or has finished are left out (their outcomes say so); if the stacked training
+    itself fails (say, out of memory), the jobs are run one by one instead.
+
+    Parameters
+    ----------
+    jobs : list of Job
+        The group.
+    settings : RunSettings
+        What every job of the run shares.
+    progress : callable, optional
+        Per-epoch progress callback.
+
+    Returns
+    -------
+    list of JobOutcome
+        One outcome per job.
+    """
     from methods.base import DivergedError
     from methods.stacking import fit_stacked
 

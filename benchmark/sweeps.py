@@ -46,6 +46,7 @@ class SweepSpec:
 
     @property
     def name(self) -> str:
+        """The swept parameter as "method.param"."""
         return f"{self.method}.{self.param}"
 
     def parsed_values(self) -> list[Any]:
@@ -53,13 +54,39 @@ class SweepSpec:
         return [parse_value(v) for v in self.values]
 
     def profile_dir(self, profile: str, value: str, set_tag: str = "") -> str:
-        """The results directory name of one value (see the module docstring)."""
+        """The results directory name of one value (see the module docstring).
+
+        Parameters
+        ----------
+        profile : str
+            The base profile.
+        value : str
+            The value as written.
+        set_tag : str, default=""
+            The suffix for --set items (`set_tag`).
+
+        Returns
+        -------
+        str
+            The directory name.
+        """
         name = f"{profile}+sweep-{self.method}.{self.param}={value}" + (f"+{set_tag}" if set_tag else "")
         return _UNSAFE.sub("_", name)
 
 
 def parse_value(text: str) -> Any:
-    """A command-line value as a Python literal where it is one, else the string itself."""
+    """A command-line value as a Python literal where it is one, else the string itself.
+
+    Parameters
+    ----------
+    text : str
+        The value as written.
+
+    Returns
+    -------
+    Any
+        The value.
+    """
     import ast
 
     try:
@@ -110,8 +137,20 @@ def parse_sweep(text: str) -> SweepSpec:
 
 
 def set_tag(overrides_as_written: dict[str, Any], tag: Optional[str]) -> str:
-    """The suffix of the sweep directories for --set items: `tag` when given, else
-    'param=value' per item, without its method prefix, '+'-joined in name order."""
+    """The suffix of the sweep directories for --set items.
+
+    Parameters
+    ----------
+    overrides_as_written : dict
+        The --set items as written, by name.
+    tag : str or None
+        A tag given on the command line.
+
+    Returns
+    -------
+    str
+        `tag` when given, else 'param=value' per item, without its method prefix, '+'-joined in name order.
+    """
     if tag:
         return _UNSAFE.sub("_", tag)
     items = sorted((name.rpartition(".")[2], value) for name, value in overrides_as_written.items())
@@ -139,8 +178,22 @@ def load_sweep(results_dir: Path, profile: str, spec: SweepSpec, tag: str = "",
 
 
 def default_value(spec: SweepSpec, profile: str, dataset: str) -> Any:
-    """The value the profile uses for the swept parameter (the profile's setting, else the
-    constructor's default)."""
+    """The value the profile uses for the swept parameter.
+
+    Parameters
+    ----------
+    spec : SweepSpec
+        The sweep.
+    profile : str
+        The profile.
+    dataset : str
+        Dataset name.
+
+    Returns
+    -------
+    Any
+        The profile's setting, else the constructor's default.
+    """
     from methods import get_method
 
     method = get_method(spec.method)
@@ -149,12 +202,28 @@ def default_value(spec: SweepSpec, profile: str, dataset: str) -> Any:
 
 
 def sensitivity_table(frame: pd.DataFrame, spec: SweepSpec, dataset: str) -> tuple[Optional[pd.DataFrame], str]:
-    """AUROC per value (rows, in the sweep's order) and class (columns) plus the mean over the
-    classes; each cell mean ± sd over the ok seeds. Returns (table or None, footer).
+    """AUROC per value (rows, in the sweep's order) and class (columns) plus the mean over the classes.
 
-    The mean column: per seed the mean over the classes the sweep ran, then mean ± sd over the
-    seeds that have them all; a value missing some classes shows the mean of its class means with
-    [k/n classes]."""
+    Each cell is mean ± sd over the ok seeds. The mean column: per seed the mean over the classes the sweep
+    ran, then mean ± sd over the seeds that have them all; a value missing some classes shows the mean of its
+    class means with [k/n classes].
+
+    Parameters
+    ----------
+    frame : pandas.DataFrame
+        Record rows of the sweep.
+    spec : SweepSpec
+        The sweep.
+    dataset : str
+        Dataset name.
+
+    Returns
+    -------
+    table : pandas.DataFrame or None
+        The table.
+    footer : str
+        The footer.
+    """
     subset = frame[(frame["dataset"] == dataset)] if len(frame) else frame
     if subset.empty:
         return None, ""
@@ -198,9 +267,29 @@ def sensitivity_table(frame: pd.DataFrame, spec: SweepSpec, dataset: str) -> tup
 
 
 def sensitivity_figure(frame: pd.DataFrame, spec: SweepSpec, dataset: str, path: Path, title: str) -> bool:
-    """AUROC vs value: one thin line per class, the mean over classes thick (± sd over seeds as
-    error bars when there are several). Values are evenly spaced, labelled as written.
-    Returns False (nothing written) when the dataset has no ok record."""
+    """AUROC vs value: one thin line per class, the mean over classes thick.
+
+    The mean has ± sd over seeds as error bars when there are several. Values are evenly spaced, labelled as
+    written.
+
+    Parameters
+    ----------
+    frame : pandas.DataFrame
+        Record rows of the sweep.
+    spec : SweepSpec
+        The sweep.
+    dataset : str
+        Dataset name.
+    path : Path
+        The image file to write.
+    title : str
+        Figure title.
+
+    Returns
+    -------
+    bool
+        False (nothing written) when the dataset has no ok record.
+    """
     import matplotlib
 
     matplotlib.use("Agg")

@@ -62,7 +62,22 @@ class Section:
 
 # ---- numbers ------------------------------------------------------------------------------------
 def mean_sd(values: np.ndarray) -> tuple[float, float, int]:
-    """(mean, sd with ddof = 1 (nan for one value), n) of the finite values."""
+    """Mean, sd and count of the finite values.
+
+    Parameters
+    ----------
+    values : numpy.ndarray
+        The values.
+
+    Returns
+    -------
+    mean : float
+        The mean.
+    sd : float
+        The sd with ddof = 1 (nan for one value).
+    n : int
+        The number of finite values.
+    """
     values = np.asarray(values, dtype=float)
     values = values[np.isfinite(values)]
     n = len(values)
@@ -98,7 +113,26 @@ def verdict(mean: float, sd: float, n: int, paper: Optional[float]) -> str:
 
 
 def format_cell(mean: float, sd: float, n: int, expected_n: int, digits: int = 4) -> str:
-    """"mean ± sd", "(n=k)" added when k < expected_n; one seed: the mean alone."""
+    """A table cell "mean ± sd".
+
+    Parameters
+    ----------
+    mean : float
+        The mean.
+    sd : float
+        The standard deviation.
+    n : int
+        Number of values (k).
+    expected_n : int
+        Expected number of values.
+    digits : int, default=4
+        Decimals.
+
+    Returns
+    -------
+    str
+        "mean ± sd", "(n=k)" added when k < expected_n; one seed: the mean alone.
+    """
     if n == 0 or pd.isna(mean):
         return DASH
     text = f"{mean:.{digits}f}" if n < 2 else f"{mean:.{digits}f} ± {sd:.{digits}f}"
@@ -156,8 +190,27 @@ def seed_stats(frame: pd.DataFrame, dataset: str, metric: str = "auroc") -> pd.D
 
 
 def dataset_mean_stats(frame: pd.DataFrame, dataset: str, label: str, metric: str = "auroc") -> dict:
-    """The "mean" row of one detector: per seed the mean over the classes, then mean ± sd over the
-    seeds with every class ok; otherwise the mean of the class means with `classes` < 10."""
+    """The "mean" row of one detector.
+
+    Per seed the mean over the classes, then mean ± sd over the seeds with every class ok; otherwise the
+    mean of the class means with `classes` < 10.
+
+    Parameters
+    ----------
+    frame : pandas.DataFrame
+        Record rows (`load_records`' columns).
+    dataset : str
+        Dataset name.
+    label : str
+        The detector's label.
+    metric : str, default="auroc"
+        The metric column.
+
+    Returns
+    -------
+    dict
+        The statistics.
+    """
     subset = frame[(frame["dataset"] == dataset) & (frame["label"] == label) & (frame["status"] == "ok")]
     n_classes = len(CLASS_NAMES[dataset])
     per_seed = subset.groupby("seed").agg(classes=("normal_class", "nunique"), value=(metric, "mean"))
@@ -172,8 +225,24 @@ def dataset_mean_stats(frame: pd.DataFrame, dataset: str, label: str, metric: st
 
 # ---- tables -------------------------------------------------------------------------------------
 def seeds_tables(frame: pd.DataFrame, dataset: str) -> tuple[pd.DataFrame, pd.DataFrame, str]:
-    """(cells "mean ± sd (paper)", verdicts, footer) per class and the dataset mean, detectors as
-    columns in the paper's order."""
+    """Per-class and dataset-mean tables over the seeds, detectors as columns in the paper's order.
+
+    Parameters
+    ----------
+    frame : pandas.DataFrame
+        Record rows (`load_records`' columns).
+    dataset : str
+        Dataset name.
+
+    Returns
+    -------
+    cells : pandas.DataFrame
+        Cells "mean ± sd (paper)".
+    verdicts : pandas.DataFrame
+        The verdicts.
+    footer : str
+        The footer.
+    """
     subset = frame[frame["dataset"] == dataset]
     labels = _labels(subset)
     classes = CLASS_NAMES[dataset]
@@ -221,8 +290,24 @@ def _class_means(frame: pd.DataFrame, dataset: str) -> pd.DataFrame:
 
 
 def rank_table(frame: pd.DataFrame, dataset: str) -> tuple[Optional[pd.DataFrame], str]:
-    """Mean rank (1 = best, ties averaged) of each detector over the classes where every detector
-    has a result, ours and the paper's on the same classes. Returns (table or None, caption)."""
+    """Mean rank (1 = best, ties averaged) of each detector over the classes where every detector has a result.
+
+    Ours and the paper's ranks are taken on the same classes.
+
+    Parameters
+    ----------
+    frame : pandas.DataFrame
+        Record rows (`load_records`' columns).
+    dataset : str
+        Dataset name.
+
+    Returns
+    -------
+    table : pandas.DataFrame or None
+        The ranks.
+    caption : str
+        The caption.
+    """
     means = _class_means(frame, dataset)
     complete = means.dropna()
     if means.shape[1] < 2 or complete.empty:
@@ -276,7 +361,22 @@ def wilcoxon_test(differences: np.ndarray) -> dict:
 
 
 def wilcoxon_sentence(reference: str, other: str, test: dict) -> str:
-    """The test's outcome in plain words."""
+    """The test's outcome in plain words.
+
+    Parameters
+    ----------
+    reference : str
+        The reference detector's label.
+    other : str
+        The other detector's label.
+    test : dict
+        The test's result.
+
+    Returns
+    -------
+    str
+        The sentence.
+    """
     if test["n"] == 0:
         return f"{reference} vs {other}: no class has results for both."
     median = test["median"]
@@ -298,8 +398,26 @@ def wilcoxon_sentence(reference: str, other: str, test: dict) -> str:
 
 def wilcoxon_table(frame: pd.DataFrame, dataset: str, reference: str = REFERENCE_METHOD
                    ) -> tuple[Optional[pd.DataFrame], list[str]]:
-    """Wilcoxon signed-rank test of `reference` against every other detector over the classes
-    both have (seed-mean AUROC per class). Returns (table or None, one sentence per comparison)."""
+    """Wilcoxon signed-rank test of `reference` against every other detector over the classes both have.
+
+    Each class counts with its seed-mean AUROC.
+
+    Parameters
+    ----------
+    frame : pandas.DataFrame
+        Record rows (`load_records`' columns).
+    dataset : str
+        Dataset name.
+    reference : str, default=REFERENCE_METHOD
+        The reference detector's label.
+
+    Returns
+    -------
+    table : pandas.DataFrame or None
+        The tests.
+    sentences : list of str
+        One sentence per comparison.
+    """
     means = _class_means(frame, dataset)
     if reference not in means.columns:
         return None, []
@@ -324,9 +442,23 @@ def wilcoxon_table(frame: pd.DataFrame, dataset: str, reference: str = REFERENCE
 
 
 def best_epoch_table(frame: pd.DataFrame, dataset: str) -> Optional[pd.DataFrame]:
-    """For the runs made with --track-auroc: per class, the final model's AUROC, the best
-    per-epoch AUROC on the TEST set (optimistic: chosen on test labels; the paper's probable
-    rule, shown only to compare with it) and the paper's value. None without such runs."""
+    """Best per-epoch AUROC table, for the runs made with --track-auroc.
+
+    Per class: the final model's AUROC, the best per-epoch AUROC on the TEST set (optimistic: chosen on test
+    labels; the paper's probable rule, shown only to compare with it) and the paper's value.
+
+    Parameters
+    ----------
+    frame : pandas.DataFrame
+        Record rows (`load_records`' columns).
+    dataset : str
+        Dataset name.
+
+    Returns
+    -------
+    pandas.DataFrame or None
+        The table; None without such runs.
+    """
     subset = frame[(frame["dataset"] == dataset) & (frame["status"] == "ok")
                    & frame["best_epoch_auroc_on_test"].notna()]
     if subset.empty:
@@ -356,9 +488,25 @@ def best_epoch_table(frame: pd.DataFrame, dataset: str) -> Optional[pd.DataFrame
 
 
 def load_memory_health(results_dir: Path, profile: str, protocol: Optional[str] = None) -> pd.DataFrame:
-    """The last epoch's memory health (training_log.per_epoch, recorded by MemAE and
-    Mem_GANomaly) of every ok record that has it: one row per record. Older records without it
-    are simply absent."""
+    """The last epoch's memory health of every ok record that has it.
+
+    Memory health is training_log.per_epoch, recorded by MemAE and Mem_GANomaly. Older records without it
+    are simply absent.
+
+    Parameters
+    ----------
+    results_dir : Path
+        The results root.
+    profile : str
+        The profile's directory name.
+    protocol : str, optional
+        Keep only records of this protocol (default: all).
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per record.
+    """
     from benchmark.reports import display_label
 
     rows = []
@@ -378,7 +526,20 @@ def load_memory_health(results_dir: Path, profile: str, protocol: Optional[str] 
 
 
 def memory_health_table(health: pd.DataFrame, dataset: str) -> Optional[pd.DataFrame]:
-    """Per detector and class, the last epoch's memory health averaged over seeds."""
+    """Per detector and class, the last epoch's memory health averaged over seeds.
+
+    Parameters
+    ----------
+    health : pandas.DataFrame
+        As `load_memory_health` returns it.
+    dataset : str
+        Dataset name.
+
+    Returns
+    -------
+    pandas.DataFrame or None
+        The table; None without rows for `dataset`.
+    """
     subset = health[health["dataset"] == dataset]
     if subset.empty:
         return None
