@@ -9,7 +9,7 @@ import pytest
 import torch
 
 # The fault-injection fixture, for every test file that runs the CLI or the runner in-process.
-from fault_methods import in_process  # noqa: F401  (a fixture: pytest finds it by name here)
+from fault_methods import in_process, processes  # noqa: F401  (fixtures: pytest finds them by name here)
 
 # Tests run on the CPU with a fixed thread count, so same-seed runs are bit-identical.
 # MEMGAN_TEST_THREADS=1 keeps the suite usable on a machine busy with other work (two-thread

@@ -444,3 +444,15 @@ def shared_run_fixtures(classes: Iterable[int]) -> tuple:
             return reference_run(data, folder, classes), folder / "results"
 
     return data, reference
+
+
+@pytest.fixture
+def processes():
+    """Started subprocesses (tests append theirs); at the end, whatever is left of their process
+    groups is killed."""
+    started = []
+    yield started
+    for process in started:
+        if live_group_members(process.pid):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()

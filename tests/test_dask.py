@@ -44,17 +44,6 @@ EXIT_WAIT = 30  # seconds the workers of a killed runner may take to notice and 
 data, reference = shared_run_fixtures(CLASSES)
 
 
-@pytest.fixture
-def processes():
-    """Started runners; at the end, whatever is left of their process groups is killed."""
-    started = []
-    yield started
-    for process in started:
-        if live_group_members(process.pid):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-
-
 # ---- placement on several GPUs (pure functions; unmeasured on real GPUs) --------------------
 def test_gpus_are_spread_only_for_unindexed_cuda_with_several_gpus_and_workers():
     four = ["0", "1", "2", "3"]

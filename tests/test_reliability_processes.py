@@ -38,17 +38,6 @@ STARTUP = 180  # seconds a subprocess may take to import torch & co. on a loaded
 data, reference = shared_run_fixtures(CLASSES)
 
 
-@pytest.fixture
-def processes():
-    """Started subprocesses; at the end, whatever is left of their process groups is killed."""
-    started = []
-    yield started
-    for process in started:
-        if live_group_members(process.pid):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-
-
 def _stop_with(process, sig, group: bool) -> int:
     (os.killpg if group else os.kill)(process.pid, sig)
     return process.wait(timeout=60)  # a run that ignores the signal fails here, not on a stopwatch
