@@ -152,6 +152,9 @@ def fig6(results_dir: Path, profile_glob: str, out: Path, dataset: str = "cifar1
     budget = "; ".join(f"{e} epoch{'s' if e != 1 else ''}, lr {lr:g}, {base} profile" for e, lr, base in budgets)
     class_name = CLASS_NAMES[dataset][normal_class]
     ax.set_xlabel("epoch")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
     ax.set_ylabel("test AUROC after the epoch (diagnostic)")
     ax.set_title(f"{TITLES.get(dataset, dataset)}, normal class {class_name}: Mem_GANomaly AUROC over training by "
                  f"memory size N\nbudget: {budget}", fontsize=9)

@@ -539,7 +539,9 @@ def write_reports(results_dir: Path, reports_dir: Path, profile: str, protocol: 
         sections.append((title, tables, pictures))
     # Seeds, verdicts, ranks and tests; best epoch on the test set; memory health (benchmark/verdict.py).
     for section in verdict_sections(frame, results_dir, profile, protocol):
-        verdict_tables = [ReportTable(caption=caption, label=f"{section.stem}{suffix}-{i}", frame=table)
+        # A caption's text after a blank line (e.g. the tests in plain words) goes below the table.
+        verdict_tables = [ReportTable(caption=caption.split("\n\n", 1)[0], label=f"{section.stem}{suffix}-{i}",
+                                      frame=table, notes=caption.split("\n\n", 1)[1] if "\n\n" in caption else "")
                           for i, (caption, table) in enumerate(section.tables)]
         save(f"{section.stem}{suffix}.md",
              _markdown(section.title, verdict_tables, section.footer + "\n\n" + footer).encode())

@@ -381,8 +381,8 @@ def wilcoxon_sentence(reference: str, other: str, test: dict) -> str:
         return f"{reference} vs {other}: no class has results for both."
     median = test["median"]
     better = reference if median > 0 else other if median < 0 else "neither"
-    text = (f"{reference} vs {other} over {test['n']} class{'es' if test['n'] != 1 else ''}: {reference} is higher in "
-            f"{test['higher']}, lower in {test['lower']} (median difference {median:+.4f}, better by the median: "
+    text = (f"{reference} vs {other} over {test['n']} class{'es' if test['n'] != 1 else ''}: {reference} is higher on "
+            f"{test['higher']} of them, lower on {test['lower']} (median difference {median:+.4f}, better by the median: "
             f"{better}).")
     if test["n_nonzero"] == 0:
         return text + " Every difference is zero: nothing to test."

@@ -8,6 +8,7 @@ import pytest
 
 from benchmark.records import SCHEMA_VERSION, JobKey, write_record
 from benchmark.reports import load_records, reference_table, write_reports
+from test_readme_example import register_readme_example
 
 
 def _record(dataset, normal_class, method, status="ok", auroc=0.5, seed=0, gmean=0.5, far=0.1, miss=0.2):
@@ -35,8 +36,12 @@ def _write(results, record):
     write_record(results, key, record, scores, np.array([0, 1]))
 
 
-@pytest.fixture
-def reports(tmp_path):
+@pytest.fixture(params=[False, True], ids=["registry", "registry+readme-example"])
+def reports(tmp_path, request, monkeypatch):
+    """Every report test runs twice: with the registry as shipped and with the README's example
+    detector registered (registering a detector must change no table of the others)."""
+    if request.param:
+        register_readme_example(monkeypatch)
     results, out = tmp_path / "results", tmp_path / "reports"
     for c in range(10):
         _write(results, _record("mnist", c, "iforest", auroc=0.8 + c / 100, gmean=0.7, far=0.2, miss=0.3))
