@@ -523,6 +523,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if code == 130:
             return 130
         exit_code = max(exit_code, code)
+    if args.estimate:  # an estimate trains nothing, so there is nothing new to report
+        return exit_code
     try:
         _report(args)
     except OSError as exc:
