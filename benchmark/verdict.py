@@ -382,8 +382,8 @@ def wilcoxon_sentence(reference: str, other: str, test: dict) -> str:
     median = test["median"]
     better = reference if median > 0 else other if median < 0 else "neither"
     text = (f"{reference} vs {other} over {test['n']} class{'es' if test['n'] != 1 else ''}: {reference} is higher on "
-            f"{test['higher']} of them, lower on {test['lower']} (median difference {median:+.4f}, better by the median: "
-            f"{better}).")
+            f"{test['higher']} of them, lower on {test['lower']} (median difference {median:+.4f}, "
+            f"better by the median: {better}).")
     if test["n_nonzero"] == 0:
         return text + " Every difference is zero: nothing to test."
     text += f" Wilcoxon signed-rank W = {test['statistic']:g}, two-sided p = {test['p']:.4g}: "
