@@ -7,7 +7,7 @@ for each dataset WITH records:
   with records (paper's order first); each cell ours with the paper's value beside it; bold = best
   complete value of the row; then ours - paper for the methods the paper has.
 - table{1,2,3}_<dataset>_auroc.png: per-class AUROC dot plot; roc_<dataset>.png: ROC curves per task.
-- diagnostics_<dataset>.md: only for runs with --track-auroc.
+- best_epoch_<dataset>.md (benchmark/verdict.py): only for runs with --track-auroc.
 
 and, with MNIST records, table4_mnist_threshold_metrics.{md,tex}: one row per method, the paper's
 Table 4 (threshold = Youden point on the test labels) beside the same metrics at a threshold set
@@ -402,50 +402,6 @@ def table4(frame: pd.DataFrame, profile: str = "", protocol: str = "paper") -> O
     )
 
 
-def diagnostics_table(frame: pd.DataFrame, dataset: str, protocol: str = "paper") -> Optional[ReportTable]:
-    """Final-model AUROC next to the best per-epoch AUROC on the test set, for runs made with --track-auroc.
-
-    The second number is OPTIMISTIC (picked on test labels): it is shown only to compare with papers that
-    report the best epoch, never as our result.
-
-    Parameters
-    ----------
-    frame : pandas.DataFrame
-        Record rows (`load_records`' columns).
-    dataset : str
-        Dataset name.
-    protocol : str, default="paper"
-        Protocol name, for the caption.
-
-    Returns
-    -------
-    ReportTable or None
-        The table, or None without such runs.
-    """
-    subset = frame[(frame["dataset"] == dataset) & frame["best_epoch_auroc_on_test"].notna()]
-    if subset.empty:
-        return None
-    classes = CLASS_NAMES[dataset]
-    methods = method_order(subset)
-    final, _ = _cell_frame(subset, "auroc", classes, methods)
-    best, _ = _cell_frame(subset, "best_epoch_auroc_on_test", classes, methods)
-    final.loc["mean"], best.loc["mean"] = final.mean(), best.mean()
-    table = pd.DataFrame(
-        {
-            f"{m}: {kind}": (final if kind == "final" else best)[m]
-            for m in methods
-            for kind in ("final", "best epoch on test (optimistic)")
-        }
-    )
-    table.index.name = "normal class"
-    return ReportTable(
-        caption=f"Per-epoch diagnostic on {TITLES[dataset]}: final model vs best epoch ON THE TEST SET",
-        label=f"diagnostics_{dataset}" + ("" if protocol == "paper" else f"_{protocol}"),
-        frame=table,
-        notes="The second number of each method is optimistic (the epoch chosen on test labels).",
-    )
-
-
 def write_reports(results_dir: Path, reports_dir: Path, profile: str, protocol: str = "paper") -> list[Path]:
     """Build every table, figure and the HTML page of one profile from its records.
 
@@ -532,10 +488,6 @@ def write_reports(results_dir: Path, reports_dir: Path, profile: str, protocol: 
                     roc,
                 )
             )
-        diagnostics = diagnostics_table(frame, dataset, protocol)
-        if diagnostics is not None:
-            save(f"diagnostics_{dataset}{suffix}.md", _markdown(diagnostics.caption, [diagnostics], footer).encode())
-            tables.append(diagnostics)
         sections.append((title, tables, pictures))
     # Seeds, verdicts, ranks and tests; best epoch on the test set; memory health (benchmark/verdict.py).
     for section in verdict_sections(frame, results_dir, profile, protocol):

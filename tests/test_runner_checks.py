@@ -81,7 +81,7 @@ def test_track_auroc_records_per_epoch_diagnostics_and_a_report(run, tmp_path):
     assert [entry["epoch"] for entry in per_epoch] == [1]  # iForest calls back once, after fitting
     assert per_epoch[0]["auroc"] == pytest.approx(record["metrics"]["auroc"])  # the final model, scored once more
     assert record["diagnostics"]["best_epoch_on_test_OPTIMISTIC"] == per_epoch[0]
-    text = (tmp_path / "reports" / "smoke" / "diagnostics_mnist.md").read_text()
+    text = (tmp_path / "reports" / "smoke" / "best_epoch_mnist.md").read_text()
     assert "iForest: final" in text and f"{record['metrics']['auroc']:.4f}" in text
 
 
