@@ -58,11 +58,30 @@ class StackedAdam:
     def __init__(self, params: Sequence[torch.Tensor], lr: float, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0) -> None:
         self.params = list(params)
-        self.lr, self.betas, self.eps, self.weight_decay = lr, betas, eps, weight_decay
-        k = self.params[0].shape[0]
-        self.steps = np.zeros(k, dtype=np.int64)
+        self.betas, self.eps, self.weight_decay = betas, eps, weight_decay
+        device = self.params[0].device
+        # Step counts and the learning rate live on the device (float64, for the bias corrections),
+        # so a step has no host synchronisation and can be captured in a CUDA graph (methods/graphs.py).
+        self.step_counts = torch.zeros(self.params[0].shape[0], dtype=torch.float64, device=device)
+        self._lr = torch.tensor(float(lr), dtype=torch.float64, device=device)
+        self._lr_value = float(lr)
         self.exp_avg = [torch.zeros_like(p) for p in self.params]
         self.exp_avg_sq = [torch.zeros_like(p) for p in self.params]
+
+    @property
+    def lr(self) -> float:
+        """The learning rate; setting it (an lr schedule, between steps) updates the device copy in place."""
+        return self._lr_value
+
+    @lr.setter
+    def lr(self, value: float) -> None:
+        self._lr_value = float(value)
+        self._lr.fill_(float(value))
+
+    @property
+    def steps(self) -> np.ndarray:
+        """Each job's number of steps so far, (K,) int64 (a host copy)."""
+        return self.step_counts.cpu().numpy().astype(np.int64)
 
     def zero_grad(self) -> None:
         """Set every parameter's gradient to None."""
@@ -70,23 +89,21 @@ class StackedAdam:
             p.grad = None
 
     @torch.no_grad()
-    def step(self, active: np.ndarray) -> None:
+    def step(self, active: "np.ndarray | torch.Tensor") -> None:
         """One Adam step for the active jobs; the others' parameters and state stay unchanged.
 
         Parameters
         ----------
-        active : np.ndarray
-            (K,) bool, the jobs to update.
+        active : np.ndarray or torch.Tensor
+            (K,) bool, the jobs to update (a device tensor keeps the step free of host copies).
         """
         beta1, beta2 = self.betas
-        self.steps = self.steps + active.astype(np.int64)
-        steps = np.maximum(self.steps, 1).astype(np.float64)
-        step_size = self.lr / (1 - beta1 ** steps)
-        bc2_sqrt = np.sqrt(1 - beta2 ** steps)
-        device = self.params[0].device
-        mask = torch.from_numpy(active).to(device)
-        step_size_t = torch.from_numpy(step_size).to(device=device, dtype=self.params[0].dtype)
-        bc2_t = torch.from_numpy(bc2_sqrt).to(device=device, dtype=self.params[0].dtype)
+        mask = as_job_mask(active, self.step_counts.device)
+        self.step_counts += mask
+        steps = self.step_counts.clamp(min=1)
+        dtype = self.params[0].dtype
+        step_size = (self._lr / (1 - torch.pow(beta1, steps))).to(dtype)
+        bc2_sqrt = torch.sqrt(1 - torch.pow(beta2, steps)).to(dtype)
         for p, m, v in zip(self.params, self.exp_avg, self.exp_avg_sq):
             if p.grad is None:
                 continue
@@ -94,12 +111,31 @@ class StackedAdam:
             grad = p.grad if self.weight_decay == 0 else p.grad.add(p, alpha=self.weight_decay)
             m_new = m.lerp(grad, 1 - beta1)
             v_new = v.mul(beta2).addcmul_(grad, grad, value=1 - beta2)
-            denom = (v_new.sqrt() / bc2_t.view(shape)).add_(self.eps)
-            p_new = p - step_size_t.view(shape) * m_new / denom
+            denom = (v_new.sqrt() / bc2_sqrt.view(shape)).add_(self.eps)
+            p_new = p - step_size.view(shape) * m_new / denom
             keep = mask.view(shape)
             m.copy_(torch.where(keep, m_new, m))
             v.copy_(torch.where(keep, v_new, v))
             p.copy_(torch.where(keep, p_new, p))
+
+
+def as_job_mask(active: "np.ndarray | torch.Tensor", device: torch.device) -> torch.Tensor:
+    """A (K,) bool job mask as a tensor on `device` (no copy when it is one already).
+
+    Parameters
+    ----------
+    active : np.ndarray or torch.Tensor
+        (K,) bool.
+    device : torch.device
+        Where the mask is needed.
+
+    Returns
+    -------
+    torch.Tensor
+    """
+    if isinstance(active, torch.Tensor):
+        return active.to(device=device, dtype=torch.bool)
+    return torch.from_numpy(np.asarray(active, dtype=bool)).to(device)
 
 
 class StackedModules:
@@ -463,6 +499,35 @@ def fit_stacked(detectors: Sequence[Any], Xs: Sequence[np.ndarray],
     return errors
 
 
+def graphed_step(detectors: Sequence[Any], step: Callable[..., Any], stage_name: str) -> Callable[..., Any]:
+    """The step as it runs: captured in a CUDA graph when the jobs' detectors ask for it
+    (`cuda_graphs`, the runner's --cuda-graphs), else as it is. The graph's statistics go to each
+    detector's `graph_stats_[stage_name]` (one dict, updated as the steps run) for its record.
+
+    Parameters
+    ----------
+    detectors : sequence of TorchDetector
+        The jobs.
+    step : callable
+        step(*tensors) -> tensors, free of host synchronisation.
+    stage_name : str
+        The training stage the step belongs to.
+
+    Returns
+    -------
+    callable
+        The step, or its GraphedStep.
+    """
+    if not getattr(detectors[0], "cuda_graphs", False):
+        return step
+    from methods.graphs import GraphedStep
+
+    graphed = GraphedStep(step, detectors[0].device_)
+    for det in detectors:
+        det.graph_stats_ = {**getattr(det, "graph_stats_", {}), stage_name: graphed.stats}
+    return graphed
+
+
 def train_stacked_stage(detectors: Sequence[Any], xs: Sequence[torch.Tensor],
                         callbacks: Sequence[Optional[EpochCallback]], stage: Any, stacked: StackedModules,
                         forward: Callable[[nn.ModuleDict, torch.Tensor], tuple[list[torch.Tensor], torch.Tensor]],
@@ -516,6 +581,21 @@ def train_stacked_stage(detectors: Sequence[Any], xs: Sequence[torch.Tensor],
     steps = np.zeros(k_jobs, dtype=np.int64)
     monitor = JobMonitor(k_jobs, device)
     cap = stage.max_steps if stage.max_steps is not None else np.iinfo(np.int64).max
+
+    def one_step(x: torch.Tensor, active_t: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        # Forward, backward and the optimisers' updates: no host sync, so it can be graph-captured.
+        with detectors[0]._autocast():
+            losses, values = stacked.call(forward, x)
+            for _, params in optimisers:
+                for p in params:
+                    p.grad = None
+            for i, (loss, (_, params)) in enumerate(zip(losses, optimisers)):
+                loss.sum().backward(inputs=params, retain_graph=i < len(optimisers) - 1)
+        for optimiser, _ in optimisers:
+            optimiser.step(active_t)
+        return [loss.detach() for loss in losses], values.detach()
+
+    train_step = graphed_step(detectors, one_step, stage.name)
     epoch, epochs_run = stage.first_epoch - 1, 0
     while (stage.epochs is None or epochs_run < stage.epochs) and alive.any():
         epoch, epochs_run = epoch + 1, epochs_run + 1
@@ -535,25 +615,16 @@ def train_stacked_stage(detectors: Sequence[Any], xs: Sequence[torch.Tensor],
             active_t = torch.from_numpy(active).to(device)
             snapshot = None if active.all() else stacked.buffers_snapshot()
             x = torch.stack([xs[k][idx[k]] for k in range(k_jobs)])
-            with detectors[0]._autocast():
-                losses, values = stacked.call(forward, x)
-                for _, params in optimisers:
-                    for p in params:
-                        p.grad = None
-                for i, (loss, (_, params)) in enumerate(zip(losses, optimisers)):
-                    loss.sum().backward(inputs=params, retain_graph=i < len(optimisers) - 1)
-            for optimiser, _ in optimisers:
-                optimiser.step(active)
+            losses, values = train_step(x, active_t)
             if snapshot is not None:
                 stacked.restore_buffers(snapshot, active_t)
             steps += active
             n_steps += active
-            values = values.detach()
             monitor.update(torch.from_numpy(steps).to(device), values, active_t)
             sums = torch.where(active_t[:, None], values, torch.zeros_like(values)) if sums is None else \
                 torch.where(active_t[:, None], sums + values, sums)
             if after_step is not None:
-                after_step(active, steps, epoch, [loss.detach() for loss in losses])
+                after_step(active, steps, epoch, losses)
             s += 1
         epoch_errors = monitor.errors(epoch)
         for k in np.flatnonzero(in_epoch):
