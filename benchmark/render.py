@@ -152,8 +152,8 @@ class ReportTable:
         ]
         for row, cells in zip(self.frame.index, self._cells):
             lines.append("| " + " | ".join([_md(str(row))] + [_md_cell(c) for c in cells]) + " |")
-        if self.notes:
-            lines += ["", _md(self.notes)]
+        if self.notes:  # below the table, so its line breaks (e.g. a list) can stay
+            lines += ["", str(self.notes).replace("|", "\\|")]
         return "\n".join(lines) + "\n"
 
     # ---- LaTeX ----
@@ -271,7 +271,7 @@ class ReportTable:
             )
         out += ["</tbody>", "</table>"]
         if self.notes:
-            out.append(f'<p class="notes">{esc(self.notes)}</p>')
+            out.append('<p class="notes">' + esc(self.notes).replace("\n", "<br>\n") + "</p>")
         out.append("</figure>")
         return "\n".join(out) + "\n"
 
