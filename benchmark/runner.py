@@ -64,6 +64,7 @@ class RunSettings:
     started_at: float = 0.0    # ... (time.time() at its start; newer records are another runner's)
     val_fraction: float = DEFAULT_VAL_FRACTION  # held-out normal training images (0: none)
     precision: str = "fp32"    # --precision: "bf16" trains the deep detectors under bfloat16 autocast
+    cuda_graphs: bool = False  # --cuda-graphs: capture the training steps of stacked-capable detectors
 
 
 @dataclass
@@ -225,6 +226,13 @@ def _prepare(job: Job, settings: RunSettings, record: dict, progress: Optional[C
     detector = build_detector(job)
     if hasattr(detector, "precision"):
         detector.precision = settings.precision
+    if settings.cuda_graphs:
+        from methods.stacking import supports_stacking
+
+        # Only the stacked engine has a graph path; other detectors train as usual, and say so.
+        record["cuda_graphs"] = supports_stacking(detector)
+        if record["cuda_graphs"]:
+            detector.cuda_graphs = True
     if progress is not None and hasattr(detector, "progress_callback"):
         detector.progress_callback = lambda stage, done, planned: progress(key, stage, done, planned)
     record["hyperparameters"] = detector.get_params()

@@ -12,6 +12,8 @@ measures, on the current device:
   after a short warm-up fit;
 * stacked training images/second at K = 1, 4, 10 (--stack): K jobs trained as one batched model
   (methods/stacking.py), for the detectors that support it; K x images / wall time;
+* on a GPU, the same stacked fits with every training step replayed from a CUDA graph
+  (methods/graphs.py; the capture and its 3 eager warm-up steps are inside the timed fit);
 * the extrapolated wall time of the whole paper profile for the method (3 datasets x 10
   classes, one seed, jobs one after the other) on this device, from benchmark/estimate.py's
   calibration of the paper settings and the datasets' nominal sizes;
@@ -310,10 +312,15 @@ def bench_method(name: str, args: argparse.Namespace, device: torch.device, rng:
         score_seconds = timed(lambda: detector.decision_function(x_score), device, args.repeats)
         result["score64_img_s"] = args.n_score / score_seconds
     if supports_stacking(detector):
-        for k in args.stack:
-            dets = [build(name, args.device, args.steps, args.n_train, random_state=s)[0] for s in range(k)]
-            seconds = timed(lambda: fit_stacked(dets, [x_train] * k), device, args.repeats)
-            result["stacked_img_s"][k] = k * images / seconds
+        graph_modes = (False, True) if device.type == "cuda" else (False,)
+        result["graphed_img_s"] = {}
+        for graphs in graph_modes:
+            for k in args.stack:
+                dets = [build(name, args.device, args.steps, args.n_train, random_state=s)[0] for s in range(k)]
+                for det in dets:
+                    det.cuda_graphs = graphs
+                seconds = timed(lambda: fit_stacked(dets, [x_train] * k), device, args.repeats)
+                result["graphed_img_s" if graphs else "stacked_img_s"][k] = k * images / seconds
     if args.paper:
         result["paper_s"] = paper_profile_seconds(name, args.device, args.calibration_steps)
     return result
@@ -414,9 +421,12 @@ def main(argv: Optional[list[str]] = None) -> None:
     print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"fp32 matmul peak {peak:.1f} GFLOP/s")
     print(f"synthetic 32x32x3 data: {args.n_train} training images, {args.steps} steps per stage at batch {BATCH}, "
-          f"{args.n_score} images scored; CUDA graphs: "
-          f"{'not implemented (see README)' if device.type == 'cuda' else 'CUDA only, n/a here'}")
+          f"{args.n_score} images scored; CUDA graphs (the G columns: stacked fits with each step replayed "
+          f"from a graph, capture and 3 warm-up steps included): "
+          f"{'timed' if device.type == 'cuda' else 'CUDA only, n/a here'}")
+    graph_stack = args.stack if device.type == "cuda" else []
     stack_cols = "".join(f"{'K=' + str(k) + ' img/s':>12}" for k in args.stack)
+    stack_cols += "".join(f"{'G K=' + str(k):>12}" for k in graph_stack)
     header = (f"{'method':<16}{'train img/s':>12}{stack_cols}{'score img/s':>12}{'score@64':>10}"
               f"{'GFLOP/img':>11}{'GFLOP/s':>9}{'% peak':>8}{'paper prof.':>12}  notes")
     rows, results = [], {}
@@ -441,6 +451,8 @@ def main(argv: Optional[list[str]] = None) -> None:
             flops = f"{'n/a':>11}{'n/a':>9}{'n/a':>8}"
         stacked = "".join(f"{res['stacked_img_s'][k]:>12.1f}" if k in res["stacked_img_s"] else f"{'-':>12}"
                           for k in args.stack)
+        graphed = res.get("graphed_img_s", {})
+        stacked += "".join(f"{graphed[k]:>12.1f}" if k in graphed else f"{'-':>12}" for k in graph_stack)
         paper = f"{format_seconds(res['paper_s']):>12}" if "paper_s" in res else f"{'-':>12}"
         rows.append(f"{name:<16}{res['train_img_s']:>12.1f}{stacked}{res['score_img_s']:>12.0f}"
                     f"{score64}{flops}{paper}  "
@@ -449,7 +461,8 @@ def main(argv: Optional[list[str]] = None) -> None:
                 else bench_anomalib(args, device, np.random.default_rng(0)))
     if anomalib is not None:
         achieved = anomalib["train_gflop_per_img"] * anomalib["train_img_s"]
-        rows.append(f"{'anomalib GANomaly':<16}{anomalib['train_img_s']:>12.1f}{'':>{12 * len(args.stack)}}"
+        rows.append(f"{'anomalib GANomaly':<16}{anomalib['train_img_s']:>12.1f}"
+                    f"{'':>{12 * (len(args.stack) + len(graph_stack))}}"
                     f"{anomalib['score_big_img_s']:>12.0f}"
                     f"{anomalib['score_img_s']:>10.0f}{anomalib['train_gflop_per_img']:>11.3f}{achieved:>9.1f}"
                     f"{100 * achieved / peak:>7.0f}%  measured: training_step at batch 64; scoring at batch 1024 / 64")

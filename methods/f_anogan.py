@@ -467,12 +467,13 @@ class FAnoGAN(TorchDetector):
 
         Stage 1 per step: the critic update of every active job, then, for the jobs whose critic
         step count (per job) is a multiple of n_critic, a generator update computed after it (the
-        other jobs' G BatchNorm statistics restored). Stage 2: the izi_f step with a stacked
+        other jobs' G BatchNorm statistics restored); with `cuda_graphs`, each of the two phases
+        is captured (graph statistics under "gan" and "gan_generator"). Stage 2: the izi_f step with a stacked
         RMSprop, jobs grouped by the epoch their stage 1 ended (epochs are numbered on). Every
         random draw (flips, z, alpha) comes from the job's own generator, in the solo step's order
         and shapes, made outside vmap and passed in.
         """
-        from methods.stacking import StackedAdam, StackedModules, job_draws, train_stacked_stage
+        from methods.stacking import StackedAdam, StackedModules, graphed_step, job_draws, train_stacked_stage
 
         first, k_jobs = detectors[0], len(detectors)
         for det in detectors:
@@ -496,26 +497,37 @@ class FAnoGAN(TorchDetector):
                       alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             return template._critic_loss(apply_flips(x, flip), z, alpha, functional=True)
 
-        def gan_step(x: torch.Tensor, active: np.ndarray, steps: np.ndarray) -> tuple[list, torch.Tensor]:
-            n = x.shape[1]
-            draws = job_draws(active, lambda k: (detectors[k]._draw_flips(n), *detectors[k]._critic_draws(n)))
-            loss_d, values = stacked.call(critic_fn, x, *draws)
-            opt_d.zero_grad()
-            loss_d.sum().backward(inputs=d_params)
-            opt_d.step(active)
-            due = active & ((steps + 1) % first.n_critic == 0)  # the job's critic step count, 1-based
-            loss_g = torch.zeros_like(loss_d)
-            if due.any():
-                due_t = torch.from_numpy(due).to(device)
-                snapshot = None if due.all() else stacked.buffers_snapshot()
-                (z,) = job_draws(due, lambda k: (detectors[k]._noise(first.batch_size),))
+        def critic_update(x: torch.Tensor, active_t: torch.Tensor, *draws: torch.Tensor) -> torch.Tensor:
+            with first._autocast():
+                loss_d, values = stacked.call(critic_fn, x, *draws)
+                opt_d.zero_grad()
+                loss_d.sum().backward(inputs=d_params)
+            opt_d.step(active_t)
+            return values.detach()
+
+        def generator_update(z: torch.Tensor, due_t: torch.Tensor) -> torch.Tensor:
+            snapshot = stacked.buffers_snapshot()  # G's BatchNorm statistics move for the due jobs only
+            with first._autocast():
                 loss_g = stacked.call(lambda modules, zk: template._generator_loss(zk), z)
                 opt_g.zero_grad()
                 loss_g.sum().backward(inputs=g_params)
-                opt_g.step(due)
-                if snapshot is not None:
-                    stacked.restore_buffers(snapshot, due_t)
-                loss_g = torch.where(due_t, loss_g.detach(), torch.zeros_like(loss_g))
+            opt_g.step(due_t)
+            stacked.restore_buffers(snapshot, due_t)
+            return torch.where(due_t, loss_g.detach(), torch.zeros_like(loss_g))
+
+        # Each phase is one function of device tensors (a CUDA graph each with cuda_graphs).
+        critic_phase = graphed_step(detectors, critic_update, gan_stage.name)
+        generator_phase = graphed_step(detectors, generator_update, gan_stage.name + "_generator")
+
+        def gan_step(x: torch.Tensor, active: np.ndarray, steps: np.ndarray) -> tuple[list, torch.Tensor]:
+            n = x.shape[1]
+            draws = job_draws(active, lambda k: (detectors[k]._draw_flips(n), *detectors[k]._critic_draws(n)))
+            values = critic_phase(x, torch.from_numpy(active).to(device), *draws)
+            due = active & ((steps + 1) % first.n_critic == 0)  # the job's critic step count, 1-based
+            loss_g = torch.zeros(k_jobs, dtype=values.dtype, device=device)
+            if due.any():  # decided on the host from host counts: no device sync
+                (z,) = job_draws(due, lambda k: (detectors[k]._noise(first.batch_size),))
+                loss_g = generator_phase(z, torch.from_numpy(due).to(device))
                 generator_steps[:] += due
                 epoch_generator_steps[:] += due
             return [], torch.cat([values, loss_g[:, None]], dim=1)

@@ -10,8 +10,12 @@ The K networks' parameters and buffers are stacked along a new leading axis
 * initialisation and seeds: each job's networks are built by its own `_begin_fit` (which seeds
   the global RNG with the job's seed) and `_build_networks`, as in the solo fit, then stacked;
 * BatchNorm statistics: the running buffers are stacked too, and vmap updates each job's slice;
-* optimiser state: `StackedAdam`, Adam elementwise with per-job step counts, so job k's slice
-  sees exactly the updates of its own Adam;
+* optimiser state: `StackedAdam` / `StackedRMSprop`, elementwise with per-job step counts, so
+  job k's slice sees exactly the updates of its own optimiser; gradient clipping per job
+  (`clip_grad_norm_per_job`);
+* random draws in a step: made outside vmap (which runs with randomness="error") per job, from
+  the job's own generator or global-RNG stream (`JobRNG`), in its solo step's order and shapes
+  (`job_draws`), and passed into the vmapped step as inputs;
 * divergence: a per-job monitor; a job with a non-finite value stops (recorded as diverged at the
   end of that epoch, as a solo fit raises there) and the others go on;
 * jobs with fewer steps in an epoch (smaller training sets) sit out the last steps of the epoch:
@@ -36,8 +40,9 @@ from methods.base import DivergedError, EpochCallback
 
 
 class _StackedOptimiser:
-    """What the stacked optimisers share: the stacked parameters, the learning rate, per-job step
-    counts, and the masked write-back (jobs not active keep their parameters and state).
+    """What the stacked optimisers share: the stacked parameters, per-job step counts and the
+    learning rate kept on the device (so a step has no host synchronisation and can be captured in
+    a CUDA graph, methods/graphs.py), and the masked write-back (idle jobs keep parameters and state).
 
     Parameters
     ----------
@@ -49,23 +54,36 @@ class _StackedOptimiser:
 
     def __init__(self, params: Sequence[torch.Tensor], lr: float) -> None:
         self.params = list(params)
-        self.lr = lr
-        self.steps = np.zeros(self.params[0].shape[0], dtype=np.int64)
+        device = self.params[0].device
+        self.step_counts = torch.zeros(self.params[0].shape[0], dtype=torch.float64, device=device)
+        self._lr = torch.tensor(float(lr), dtype=torch.float64, device=device)
+        self._lr_value = float(lr)
+
+    @property
+    def lr(self) -> float:
+        """The learning rate; setting it (an lr schedule, between steps) updates the device copy in place."""
+        return self._lr_value
+
+    @lr.setter
+    def lr(self, value: float) -> None:
+        self._lr_value = float(value)
+        self._lr.fill_(float(value))
+
+    @property
+    def steps(self) -> np.ndarray:
+        """Each job's number of steps so far, (K,) int64 (a host copy)."""
+        return self.step_counts.cpu().numpy().astype(np.int64)
 
     def zero_grad(self) -> None:
         """Set every parameter's gradient to None."""
         for p in self.params:
             p.grad = None
 
-    def _begin_step(self, active: np.ndarray) -> torch.Tensor:
+    def _begin_step(self, active: "np.ndarray | torch.Tensor") -> torch.Tensor:
         """Count a step for the active jobs; their mask on the device."""
-        self.steps = self.steps + active.astype(np.int64)
-        return torch.from_numpy(active).to(self.params[0].device)
-
-    @staticmethod
-    def _per_job(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """A (K,) tensor viewed to broadcast against the stacked tensor `like` (K, ...)."""
-        return values.view((-1,) + (1,) * (like.dim() - 1))
+        mask = as_job_mask(active, self.step_counts.device)
+        self.step_counts += mask
+        return mask
 
     @staticmethod
     def _commit(keep: torch.Tensor, pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
@@ -96,37 +114,36 @@ class StackedAdam(_StackedOptimiser):
 
     def __init__(self, params: Sequence[torch.Tensor], lr: float, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0) -> None:
-        super().__init__(params, lr)
+        super().__init__(params, lr)  # step counts and lr on the device (float64, for the bias corrections)
         self.betas, self.eps, self.weight_decay = betas, eps, weight_decay
         self.exp_avg = [torch.zeros_like(p) for p in self.params]
         self.exp_avg_sq = [torch.zeros_like(p) for p in self.params]
 
     @torch.no_grad()
-    def step(self, active: np.ndarray) -> None:
+    def step(self, active: "np.ndarray | torch.Tensor") -> None:
         """One Adam step for the active jobs; the others' parameters and state stay unchanged.
 
         Parameters
         ----------
-        active : np.ndarray
-            (K,) bool, the jobs to update.
+        active : np.ndarray or torch.Tensor
+            (K,) bool, the jobs to update (a device tensor keeps the step free of host copies).
         """
         beta1, beta2 = self.betas
         mask = self._begin_step(active)
-        steps = np.maximum(self.steps, 1).astype(np.float64)
-        step_size = self.lr / (1 - beta1 ** steps)
-        bc2_sqrt = np.sqrt(1 - beta2 ** steps)
-        device = self.params[0].device
-        step_size_t = torch.from_numpy(step_size).to(device=device, dtype=self.params[0].dtype)
-        bc2_t = torch.from_numpy(bc2_sqrt).to(device=device, dtype=self.params[0].dtype)
+        steps = self.step_counts.clamp(min=1)
+        dtype = self.params[0].dtype
+        step_size = (self._lr / (1 - torch.pow(beta1, steps))).to(dtype)
+        bc2_sqrt = torch.sqrt(1 - torch.pow(beta2, steps)).to(dtype)
         for p, m, v in zip(self.params, self.exp_avg, self.exp_avg_sq):
             if p.grad is None:
                 continue
+            shape = (-1,) + (1,) * (p.dim() - 1)
             grad = p.grad if self.weight_decay == 0 else p.grad.add(p, alpha=self.weight_decay)
             m_new = m.lerp(grad, 1 - beta1)
             v_new = v.mul(beta2).addcmul_(grad, grad, value=1 - beta2)
-            denom = (v_new.sqrt() / self._per_job(bc2_t, p)).add_(self.eps)
-            p_new = p - self._per_job(step_size_t, p) * m_new / denom
-            self._commit(self._per_job(mask, p), [(m, m_new), (v, v_new), (p, p_new)])
+            denom = (v_new.sqrt() / bc2_sqrt.view(shape)).add_(self.eps)
+            p_new = p - step_size.view(shape) * m_new / denom
+            self._commit(mask.view(shape), [(m, m_new), (v, v_new), (p, p_new)])
 
 
 class StackedRMSprop(_StackedOptimiser):
@@ -154,22 +171,42 @@ class StackedRMSprop(_StackedOptimiser):
         self.square_avg = [torch.zeros_like(p) for p in self.params]
 
     @torch.no_grad()
-    def step(self, active: np.ndarray) -> None:
+    def step(self, active: "np.ndarray | torch.Tensor") -> None:
         """One RMSprop step for the active jobs; the others' parameters and state stay unchanged.
 
         Parameters
         ----------
-        active : np.ndarray
-            (K,) bool, the jobs to update.
+        active : np.ndarray or torch.Tensor
+            (K,) bool, the jobs to update (a device tensor keeps the step free of host copies).
         """
         mask = self._begin_step(active)
+        lr = self._lr.to(self.params[0].dtype)
         for p, sq in zip(self.params, self.square_avg):
             if p.grad is None:
                 continue
             grad = p.grad
             sq_new = sq.mul(self.alpha).addcmul_(grad, grad, value=1 - self.alpha)
-            p_new = p.addcdiv(grad, sq_new.sqrt().add_(self.eps), value=-self.lr)
-            self._commit(self._per_job(mask, p), [(sq, sq_new), (p, p_new)])
+            p_new = p - lr * (grad / sq_new.sqrt().add_(self.eps))
+            self._commit(mask.view((-1,) + (1,) * (p.dim() - 1)), [(sq, sq_new), (p, p_new)])
+
+
+def as_job_mask(active: "np.ndarray | torch.Tensor", device: torch.device) -> torch.Tensor:
+    """A (K,) bool job mask as a tensor on `device` (no copy when it is one already).
+
+    Parameters
+    ----------
+    active : np.ndarray or torch.Tensor
+        (K,) bool.
+    device : torch.device
+        Where the mask is needed.
+
+    Returns
+    -------
+    torch.Tensor
+    """
+    if isinstance(active, torch.Tensor):
+        return active.to(device=device, dtype=torch.bool)
+    return torch.from_numpy(np.asarray(active, dtype=bool)).to(device)
 
 
 @torch.no_grad()
@@ -431,6 +468,7 @@ class LockstepBatches:
             # A training set smaller than one batch is one smaller batch, of another size than the others'.
             raise ValueError("stacked jobs need training sets of at least one batch each, or of one size")
 
+
     def indices(self, step: int) -> tuple[list[torch.Tensor], np.ndarray]:
         """The jobs' minibatch indices at one step.
 
@@ -587,6 +625,35 @@ def fit_stacked(detectors: Sequence[Any], Xs: Sequence[np.ndarray],
     return errors
 
 
+def graphed_step(detectors: Sequence[Any], step: Callable[..., Any], stage_name: str) -> Callable[..., Any]:
+    """The step as it runs: captured in a CUDA graph when the jobs' detectors ask for it
+    (`cuda_graphs`, the runner's --cuda-graphs), else as it is. The graph's statistics go to each
+    detector's `graph_stats_[stage_name]` (one dict, updated as the steps run) for its record.
+
+    Parameters
+    ----------
+    detectors : sequence of TorchDetector
+        The jobs.
+    step : callable
+        step(*tensors) -> tensors, free of host synchronisation.
+    stage_name : str
+        The training stage the step belongs to.
+
+    Returns
+    -------
+    callable
+        The step, or its GraphedStep.
+    """
+    if not getattr(detectors[0], "cuda_graphs", False):
+        return step
+    from methods.graphs import GraphedStep
+
+    graphed = GraphedStep(step, detectors[0].device_)
+    for det in detectors:
+        det.graph_stats_ = {**getattr(det, "graph_stats_", {}), stage_name: graphed.stats}
+    return graphed
+
+
 def train_stacked_stage(detectors: Sequence[Any], xs: Sequence[torch.Tensor],
                         callbacks: Sequence[Optional[EpochCallback]], stage: Any, stacked: StackedModules,
                         forward: Optional[Callable[..., tuple]], optimisers: Sequence[tuple[Any, list[torch.Tensor]]],
@@ -604,7 +671,8 @@ def train_stacked_stage(detectors: Sequence[Any], xs: Sequence[torch.Tensor],
     Per step: each job's minibatch (its own shuffling), `forward(modules, x_k, *inputs_k)` vmapped
     over the jobs -> (losses, logged values[, extra outputs]) with losses[i] of shape (K,) the loss
     of `optimisers[i]`; each loss's gradient into its own parameters; `after_backward()`; the
-    optimisers step the active jobs only (BatchNorm buffers of idle jobs restored);
+    optimisers step the active jobs only (BatchNorm buffers of idle jobs restored); this part is
+    one function of device tensors, captured in a CUDA graph when the detectors ask for it;
     `after_step(active, steps, epoch, losses + extra outputs)`. A custom `step` replaces the
     forward / backward / optimiser part (multi-phase steps). After each epoch, per job that trained
     in it: divergence check, epoch means, its modules brought up to date (`unstack_into`),
@@ -644,8 +712,9 @@ def train_stacked_stage(detectors: Sequence[Any], xs: Sequence[torch.Tensor],
         Called between the backward pass and the optimiser steps (gradient clipping).
     step : callable, optional
         step(x, active, steps) -> (outputs, logged values (K, V)): does the whole step (its own
-        forward passes, backward passes and optimiser steps for `active`); `x` (K, B, ...) the
-        minibatches, `steps` each job's step count before this step.
+        forward passes, backward passes and optimiser steps for `active`, each phase through
+        `graphed_step` if it is to be captured); `x` (K, B, ...) the minibatches, `steps` each
+        job's step count before this step.
     epoch_means : callable, optional
         epoch_means(k, sums_k, n_steps_k) -> job k's epoch means (default sums / steps).
 
@@ -662,17 +731,25 @@ def train_stacked_stage(detectors: Sequence[Any], xs: Sequence[torch.Tensor],
     monitor = JobMonitor(k_jobs, device)
     cap = stage.max_steps if stage.max_steps is not None else np.iinfo(np.int64).max
 
-    def default_step(x: torch.Tensor, idx: list[torch.Tensor], active: np.ndarray) -> tuple[list, torch.Tensor]:
-        extra = inputs(active, idx) if inputs is not None else ()
-        out = stacked.call(forward, x, *extra)
-        losses, values = out[0], out[1]
-        for _, params in optimisers:
-            for p in params:
-                p.grad = None
-        for i, (loss, (_, params)) in enumerate(zip(losses, optimisers)):
-            loss.sum().backward(inputs=params, retain_graph=i < len(optimisers) - 1)
-        return [loss.detach() for loss in losses] + [e.detach() for e in (out[2] if len(out) > 2 else [])], values
+    def one_step(x: torch.Tensor, active_t: torch.Tensor, *extra: torch.Tensor) -> tuple[list[torch.Tensor],
+                                                                                           torch.Tensor]:
+        # Forward, backward and the optimisers' updates: no host sync, so it can be graph-captured.
+        with detectors[0]._autocast():
+            out = stacked.call(forward, x, *extra)
+            losses, values = out[0], out[1]
+            for _, params in optimisers:
+                for p in params:
+                    p.grad = None
+            for i, (loss, (_, params)) in enumerate(zip(losses, optimisers)):
+                loss.sum().backward(inputs=params, retain_graph=i < len(optimisers) - 1)
+        if after_backward is not None:
+            after_backward()
+        for optimiser, _ in optimisers:
+            optimiser.step(active_t)
+        extras = out[2] if len(out) > 2 else []
+        return [loss.detach() for loss in losses] + [e.detach() for e in extras], values.detach()
 
+    train_step = graphed_step(detectors, one_step, stage.name) if step is None else None
     epoch, epochs_run = stage.first_epoch - 1, 0
     while (stage.epochs is None or epochs_run < stage.epochs) and alive.any():
         epoch, epochs_run = epoch + 1, epochs_run + 1
@@ -692,21 +769,16 @@ def train_stacked_stage(detectors: Sequence[Any], xs: Sequence[torch.Tensor],
             active_t = torch.from_numpy(active).to(device)
             snapshot = None if active.all() else stacked.buffers_snapshot()
             x = torch.stack([xs[k][idx[k]] for k in range(k_jobs)])
-            with detectors[0]._autocast():
-                if step is not None:
-                    outputs, values = step(x, active, steps.copy())
-                else:
-                    outputs, values = default_step(x, idx, active)
-            if step is None:
-                if after_backward is not None:
-                    after_backward()
-                for optimiser, _ in optimisers:
-                    optimiser.step(active)
+            if step is not None:
+                outputs, values = step(x, active, steps.copy())
+                values = values.detach()
+            else:
+                extra = inputs(active, idx) if inputs is not None else ()
+                outputs, values = train_step(x, active_t, *extra)
             if snapshot is not None:
                 stacked.restore_buffers(snapshot, active_t)
             steps += active
             n_steps += active
-            values = values.detach()
             monitor.update(torch.from_numpy(steps).to(device), values, active_t)
             sums = torch.where(active_t[:, None], values, torch.zeros_like(values)) if sums is None else \
                 torch.where(active_t[:, None], sums + values, sums)

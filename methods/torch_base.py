@@ -294,18 +294,25 @@ class TorchDetector(Detector, abc.ABC):
     precision : str
         "fp32" (default) or "bf16": training steps under torch.autocast(bfloat16) (the runner's
         --precision; not a hyperparameter, recorded in run_info). Scoring stays fp32.
+    cuda_graphs : bool
+        False by default (the runner's --cuda-graphs; not a hyperparameter, recorded in run_info):
+        on a CUDA device, train through the stacked engine (a stack of one job when fitted alone)
+        with each training step captured in a CUDA graph (methods/graphs.py).
     """
 
     progress_callback: Optional[Callable[[str, int, int], None]] = None
     # "fp32" (default) or "bf16": training steps under torch.autocast(bfloat16) (the runner's
     # --precision; not a hyperparameter, recorded in run_info). Scoring stays fp32.
     precision: str = "fp32"
+    cuda_graphs: bool = False
 
     def _autocast(self) -> Any:
         """The training step's precision context (autocast to bfloat16, or nothing)."""
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
-        return torch.autocast(self.device_.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
+        # A captured graph must not depend on autocast's cache of cast weights (torch.cuda.graphs docs).
+        return torch.autocast(self.device_.type, dtype=torch.bfloat16, enabled=self.precision == "bf16",
+                              cache_enabled=not self.cuda_graphs)
 
     random_state: int
     device: str
@@ -476,6 +483,13 @@ class TorchDetector(Detector, abc.ABC):
         DivergedError
             If training produced a non-finite loss.
         """
+        if self._graphed():
+            from methods.stacking import fit_stacked
+
+            (error,) = fit_stacked([self], [X], [epoch_callback])
+            if error is not None:
+                raise error
+            return self
         x_train = self._begin_fit(X)
         try:
             self._fit(x_train, epoch_callback)
@@ -483,6 +497,27 @@ class TorchDetector(Detector, abc.ABC):
             self.__dict__.pop("_facts_sample_", None)
         self._finish_fit()
         return self
+
+    def _graphed(self) -> bool:
+        """Whether fit() runs through the CUDA-graph path: `cuda_graphs` on a CUDA device, for a detector
+        that trains stacked (the graph path is the stacked engine's).
+
+        Raises
+        ------
+        ValueError
+            If `cuda_graphs` is set and the device is not a GPU, or the detector cannot train stacked.
+        """
+        if not self.cuda_graphs:
+            return False
+        from methods.stacking import supports_stacking
+
+        device = resolve_device(self.device)
+        if device.type != "cuda":
+            raise ValueError(f"cuda_graphs needs a CUDA device, but {type(self).__name__} trains on {device}; "
+                             "leave it off (--cuda-graphs) on this machine")
+        if not supports_stacking(self):
+            raise ValueError(f"{type(self).__name__} has no CUDA-graph path (it does not train stacked)")
+        return True
 
     def _begin_fit(self, X: np.ndarray) -> torch.Tensor:
         """What every fit does before training (also each job of a stacked fit): checks, device,
@@ -498,6 +533,7 @@ class TorchDetector(Detector, abc.ABC):
         self.training_log_ = {}
         self.stage_seconds_: dict[str, float] = {}
         self.per_epoch_facts_: dict[str, list[float]] = {}
+        self.__dict__.pop("graph_stats_", None)
         x_train = self._preprocess(torch.from_numpy(np.ascontiguousarray(X)).to(self.device_))
         self._facts_sample_ = x_train[:self._epoch_facts_sample_size]  # a view, dropped after training
         return x_train
@@ -578,10 +614,13 @@ class TorchDetector(Detector, abc.ABC):
             "torch_num_threads": torch.get_num_threads(),
             "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
             "precision": self.precision,
+            "cuda_graphs": self.cuda_graphs,
             "determinism": ("bit-identical on CPU for the same seed, torch version and thread count"
                             if device.type == "cpu"
                             else "GPU kernels (cuDNN autotuning, atomics) may differ run to run"),
         }
         if device.type == "cuda":
             info["gpu_name"] = torch.cuda.get_device_name(device)
+        if getattr(self, "graph_stats_", None):
+            info["graph_steps"] = {stage: dict(stats) for stage, stats in self.graph_stats_.items()}
         return info
