@@ -467,11 +467,11 @@ class FAnoGAN(TorchDetector):
 
         Stage 1 per step: the critic update of every active job, then, for the jobs whose critic
         step count (per job) is a multiple of n_critic, a generator update computed after it (the
-        other jobs' G BatchNorm statistics restored); with `cuda_graphs`, each of the two phases
-        is captured (graph statistics under "gan" and "gan_generator"). Stage 2: the izi_f step with a stacked
-        RMSprop, jobs grouped by the epoch their stage 1 ended (epochs are numbered on). Every
-        random draw (flips, z, alpha) comes from the job's own generator, in the solo step's order
-        and shapes, made outside vmap and passed in.
+        other jobs' G BatchNorm statistics restored); with `cuda_graphs`, each of the two phases is
+        captured (graph statistics under "gan" and "gan_generator"). Stage 2: the izi_f step with
+        a stacked RMSprop, jobs grouped by the epoch their stage 1 ended (epochs are numbered on).
+        Every random draw (flips, z, alpha) comes from the job's own generator, in the solo step's
+        order and shapes, made outside vmap and passed in.
         """
         from methods.stacking import StackedAdam, StackedModules, graphed_step, job_draws, train_stacked_stage
 
