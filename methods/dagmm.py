@@ -31,10 +31,12 @@ Numerical stability (a reproduction's choices, not the paper's):
 """
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Sequence
-from typing import Iterable, Optional
+from typing import Any, Iterable, Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -117,9 +119,50 @@ class EstimationNet(nn.Module):
         self.body = nn.Sequential(nn.Linear(input_dim, hidden), nn.Tanh(), nn.Dropout(dropout),
                                   nn.Linear(hidden, n_components))
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        """z (B, input_dim) -> memberships gamma (B, K), rows summing to 1."""
-        return torch.softmax(self.body(z), dim=1)
+    def forward(self, z: torch.Tensor, dropout_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Memberships of a batch of codes.
+
+        Parameters
+        ----------
+        z : torch.Tensor
+            (B, input_dim) codes.
+        dropout_mask : torch.Tensor, optional
+            (B, hidden) a drawn dropout mask (`dropout_mask`), used in place of the Dropout layer
+            (stacked training, where the layer cannot draw); None: the layer as it is.
+
+        Returns
+        -------
+        torch.Tensor
+            (B, K) memberships gamma, rows summing to 1.
+        """
+        if dropout_mask is None:
+            return torch.softmax(self.body(z), dim=1)
+        linear, tanh, _, out = self.body
+        return torch.softmax(out(tanh(linear(z)) * dropout_mask), dim=1)
+
+
+def dropout_mask(shape: Sequence[int], p: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The mask (0 or 1 / (1 - p)) by which nn.Dropout(p) in train mode multiplies an input of this
+    shape, dtype and device, drawn from the global RNG exactly as that layer draws it (it is
+    dropout applied to ones), so that the RNG stream advances as in the layer's call.
+
+    Parameters
+    ----------
+    shape : sequence of int
+        The input's shape.
+    p : float
+        The dropout probability.
+    dtype : torch.dtype
+        The input's dtype.
+    device : torch.device
+        The input's device.
+
+    Returns
+    -------
+    torch.Tensor
+        The mask.
+    """
+    return F.dropout(torch.ones(tuple(shape), dtype=dtype, device=device), p, training=True)
 
 
 def reconstruction_features(x: torch.Tensor, x_rec: torch.Tensor, eps: float) -> torch.Tensor:
@@ -312,37 +355,49 @@ class DAGMM(TorchDetector):
         nets = (getattr(self, "compression_", None), getattr(self, "estimation_", None))
         return [net for net in nets if net is not None]
 
-    def _codes(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x -> (z (B, latent_dim + 2) in float64, gamma (B, K) in float64, x')."""
+    def _codes(self, x: torch.Tensor, dropout_mask: Optional[torch.Tensor] = None,
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x -> (z (B, latent_dim + 2) in float64, gamma (B, K) in float64, x'); `dropout_mask` as
+        EstimationNet.forward's."""
         z_c, x_rec = self.compression_(x)
         z = torch.cat([z_c, reconstruction_features(x, x_rec, self.eps)], dim=1)
-        gamma = self.estimation_(z)
+        gamma = self.estimation_(z, dropout_mask)
         return z.double(), gamma.double(), x_rec
 
-    # ---- training ----
-    def _fit(self, x_train: torch.Tensor, epoch_callback: Optional[EpochCallback]) -> None:
+    def _loss(self, x: torch.Tensor, dropout_mask: Optional[torch.Tensor] = None,
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Paper eq. 7 on a training batch: (loss, logged values [loss, reconstruction, energy,
+        cov_penalty]); the loss is NaN when a covariance is not positive definite."""
+        z, gamma, x_rec = self._codes(x, dropout_mask)
+        phi, mu, sigma = mixture_parameters(gamma, z, self.cov_jitter)
+        chol, info = torch.linalg.cholesky_ex(sigma)
+        reconstruction = (x - x_rec).pow(2).sum(dim=1).mean()
+        energy = sample_energy(z, phi, mu, chol).mean()
+        cov_penalty = inverse_diagonal_sum(chol)
+        loss = reconstruction + self.lambda_energy * energy + self.lambda_cov * cov_penalty
+        loss = torch.where(info.any(), torch.full_like(loss, float("nan")), loss)
+        return loss, torch.stack([loss, reconstruction.double(), energy, cov_penalty])
+
+    def _build_networks(self, x_train: torch.Tensor) -> None:
+        """The compression and estimation networks (PyTorch's default init, from the global RNG)."""
         self.compression_ = CompressionNet(x_train.shape[1], list(self.hidden_dims), self.latent_dim).to(self.device_)
         self.estimation_ = EstimationNet(self.latent_dim + 2, self.estimation_hidden, self.n_components,
                                          self.dropout).to(self.device_)
+
+    # ---- training ----
+    def _fit(self, x_train: torch.Tensor, epoch_callback: Optional[EpochCallback]) -> None:
+        self._build_networks(x_train)
         params = [p for net in self._networks() for p in net.parameters()]
         opt = torch.optim.Adam(params, lr=self.lr)
 
         def step(idx: torch.Tensor, step_number: int) -> torch.Tensor:
-            x = x_train[idx]
-            z, gamma, x_rec = self._codes(x)
-            phi, mu, sigma = mixture_parameters(gamma, z, self.cov_jitter)
-            chol, info = torch.linalg.cholesky_ex(sigma)
-            reconstruction = (x - x_rec).pow(2).sum(dim=1).mean()
-            energy = sample_energy(z, phi, mu, chol).mean()
-            cov_penalty = inverse_diagonal_sum(chol)
-            loss = reconstruction + self.lambda_energy * energy + self.lambda_cov * cov_penalty
-            loss = torch.where(info.any(), torch.full_like(loss, float("nan")), loss)
+            loss, values = self._loss(x_train[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if self.grad_clip_norm is not None:
                 torch.nn.utils.clip_grad_norm_(params, self.grad_clip_norm)
             opt.step()
-            return torch.stack([loss, reconstruction.double(), energy, cov_penalty]).detach()
+            return values.detach()
 
         def end_epoch(epoch: int, result: StageResult) -> None:
             if epoch_callback is not None:
@@ -358,6 +413,63 @@ class DAGMM(TorchDetector):
 
     def _stages(self, n_train: int) -> list[Stage]:
         return [Stage("train", self.batch_size, epochs=self.epochs, max_steps=self.max_steps, drop_last=True)]
+
+    @classmethod
+    def _fit_stacked(cls, detectors: list["DAGMM"], xs: list[torch.Tensor], callbacks: list[Optional[EpochCallback]],
+                     rng: Any) -> list[Optional[DivergedError]]:
+        """K jobs as one batched model (methods/stacking.py): the solo step per job in its own slice.
+
+        Job k's dropout masks are drawn outside vmap from job k's own global-RNG stream, as its
+        solo fit's Dropout layer draws them (`dropout_mask`); its gradient is clipped to its own
+        norm; a non-positive-definite covariance makes its loss NaN and ends it alone; after
+        training, its GMM is estimated over its whole training set.
+        """
+        from methods.stacking import StackedAdam, StackedModules, clip_grad_norm_per_job, job_draws, train_stacked_stage
+
+        first = detectors[0]
+        for det in detectors:
+            det.training_log_ = {}
+            det._set_mode(train=True)
+        stacked = StackedModules([{"compression": det.compression_, "estimation": det.estimation_}
+                                  for det in detectors])
+        template = copy.copy(first)  # runs the detector's own loss code on the template modules
+        template.compression_, template.estimation_ = stacked.template["compression"], stacked.template["estimation"]
+        mask_dtype = torch.bfloat16 if first.precision == "bf16" else torch.float32  # the solo layer's input dtype
+
+        def masks(active: np.ndarray, idx: list[torch.Tensor]) -> list[torch.Tensor]:
+            def draw(k: int) -> list[torch.Tensor]:
+                out: list[torch.Tensor] = []
+                rng.run(k, lambda: out.append(dropout_mask((len(idx[k]), first.estimation_hidden), first.dropout,
+                                                           mask_dtype, first.device_)))
+                return out
+            return job_draws(active, draw)
+
+        def forward(modules: nn.ModuleDict, x: torch.Tensor, mask: torch.Tensor) -> tuple[list, torch.Tensor]:
+            loss, values = template._loss(x, mask)
+            return [loss], values
+
+        params = [p for name in stacked.names for p in stacked.group_params(name)]
+        last_epoch = [0] * len(detectors)
+
+        def end_epoch(k: int, epoch: int, steps: int, history: dict) -> None:
+            last_epoch[k] = epoch
+            detectors[k].training_log_ = history
+            if callbacks[k] is not None:  # eval-mode passes only: training is unchanged
+                detectors[k]._estimate_mixture(xs[k], epoch)
+
+        clip = None if first.grad_clip_norm is None else (lambda: clip_grad_norm_per_job(params, first.grad_clip_norm))
+        (stage,) = first._stages(min(len(x) for x in xs))
+        errors = train_stacked_stage(detectors, xs, callbacks, stage, stacked, forward,
+                                     [(StackedAdam(params, first.lr), params)],
+                                     ("loss", "reconstruction", "energy", "cov_penalty"), end_epoch,
+                                     inputs=masks, after_backward=clip)
+        for k, det in enumerate(detectors):
+            if errors[k] is None:
+                try:
+                    det._estimate_mixture(xs[k], last_epoch[k])
+                except DivergedError as exc:
+                    errors[k] = exc
+        return errors
 
     @torch.no_grad()
     def _estimate_mixture(self, x_train: torch.Tensor, epoch: int) -> None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Optional, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -79,11 +80,12 @@ def _block(x: torch.Tensor, conv: nn.Module, bn: nn.Module) -> torch.Tensor:
 
 
 class _Center(nn.Module):
-    """The centre c as a buffer, so stacked jobs each carry their own."""
+    """The centre c and the soft-boundary radius R as buffers, so stacked jobs each carry their own."""
 
-    def __init__(self, c: torch.Tensor) -> None:
+    def __init__(self, c: torch.Tensor, R: torch.Tensor) -> None:
         super().__init__()
         self.register_buffer("c", c.clone())
+        self.register_buffer("R", R.clone())
 
 
 class MNISTLeNet(nn.Module):
@@ -500,16 +502,13 @@ class DeepSVDD(TorchDetector):
 
         def step(idx: torch.Tensor, step_number: int) -> torch.Tensor:
             dist = (self.net_(x_train[idx]) - self.c_).pow(2).sum(dim=1)
-            if self.objective == "soft-boundary":
-                loss = self.R_ ** 2 + torch.clamp(dist - self.R_ ** 2, min=0).mean() / self.nu
-            else:
-                loss = dist.mean()
+            loss = self._svdd_loss(dist, self.R_)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             # The authors update R on every batch once epoch (0-based) >= warm-up epochs.
             if self.objective == "soft-boundary" and epoch_now[0] > self.warm_up_epochs:
-                self.R_ = torch.quantile(dist.detach().sqrt(), 1 - self.nu)
+                self.R_ = self._radius(dist.detach())
             return loss.detach().reshape(1)
 
         self.net_.train()
@@ -520,25 +519,37 @@ class DeepSVDD(TorchDetector):
         if self.objective == "soft-boundary":
             self.training_log_["radius"] = float(self.R_)
 
+    def _svdd_loss(self, dist: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+        """The objective on a batch's squared distances (B,) to c: mean dist (one-class), or
+        R^2 + mean(max(0, dist - R^2)) / nu (soft-boundary)."""
+        if self.objective == "soft-boundary":
+            return R ** 2 + torch.clamp(dist - R ** 2, min=0).mean() / self.nu
+        return dist.mean()
+
+    def _radius(self, dist: torch.Tensor) -> torch.Tensor:
+        """The soft-boundary radius from a batch's squared distances (..., B): the (1 - nu)
+        quantile of sqrt(dist) over the last axis (per job when stacked)."""
+        return torch.quantile(dist.sqrt(), 1 - self.nu, dim=-1)
+
     @classmethod
     def _fit_stacked(cls, detectors: list["DeepSVDD"], xs: list[torch.Tensor],
                      callbacks: list[Optional[EpochCallback]], rng: Any) -> list[Optional[DivergedError]]:
         """K jobs as one batched model (methods/stacking.py), stage by stage: the AE pretraining
         stacked, then per job the encoder copy and the centre c, then the one-class training
-        stacked (c a per-job buffer). Soft-boundary (a per-batch radius) trains alone; the jobs'
-        training sets must have one size (the last batch's rule depends on it)."""
+        stacked (c a per-job buffer). Soft-boundary: the radius R is a per-job buffer too, used by
+        the loss and, after the warm-up epochs, set after each optimiser step to the (1 - nu)
+        quantile of sqrt(dist) over that job's batch (distances from before the update, as the
+        solo step). The jobs' training sets must have one size (the last batch's rule depends on it)."""
         from methods.stacking import StackedAdam, StackedModules, train_stacked_stage
 
         first = detectors[0]
-        if first.objective != "one-class":
-            raise ValueError("only the one-class objective trains stacked")
         if len({len(x) for x in xs}) > 1:
             raise ValueError("stacked Deep SVDD jobs need training sets of one size")
         stages = first._stages(len(xs[0]))
         errors: list[Optional[DivergedError]] = [None] * len(detectors)
 
         def run(stage: Any, jobs: list[int], modules: str, forward: Any, lr: float, weight_decay: float,
-                milestones: Sequence[int], log_key: str) -> None:
+                milestones: Sequence[int], log_key: str, after_step: Any = None) -> None:
             dets = [detectors[k] for k in jobs]
             stacked = StackedModules([{"net": getattr(det, modules)} for det in dets])
             net = stacked.template["net"]
@@ -553,7 +564,9 @@ class DeepSVDD(TorchDetector):
 
             stage_errors = train_stacked_stage(dets, [xs[k] for k in jobs], [callbacks[k] for k in jobs], stage,
                                                stacked, lambda modules, x: forward(net, x),
-                                               [(optimiser, params)], ("loss",), end_epoch, begin_epoch=begin_epoch)
+                                               [(optimiser, params)], ("loss",), end_epoch,
+                                               after_step=after_step and (lambda *a: after_step(stacked, *a)),
+                                               begin_epoch=begin_epoch)
             for k, error in zip(jobs, stage_errors):
                 errors[k] = errors[k] or error
 
@@ -577,22 +590,34 @@ class DeepSVDD(TorchDetector):
                 except DivergedError as exc:
                     errors[k] = exc
                 det.net_.train()
-                det.center_ = _Center(det.c_)
+                det.center_ = _Center(det.c_, det.R_)
         alive = [k for k in range(len(detectors)) if errors[k] is None]
         if alive:
-            def svdd_loss(net: nn.Module, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-                loss = (net.net(x) - net.center.c).pow(2).sum(dim=1).mean()
-                return [loss], loss.reshape(1)
+            def svdd_loss(net: nn.Module, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor, list]:
+                dist = (net.net(x) - net.center.c).pow(2).sum(dim=1)
+                loss = first._svdd_loss(dist, net.center.R)
+                return [loss], loss.reshape(1), [dist]
+
+            def update_radius(stacked: Any, active: np.ndarray, steps: np.ndarray, epoch: int,
+                              outputs: list[torch.Tensor]) -> None:
+                if first.objective == "soft-boundary" and epoch > first.warm_up_epochs:
+                    R = stacked.buffers["net.center.R"]
+                    keep = torch.from_numpy(active).to(R.device)
+                    with torch.no_grad():
+                        R.copy_(torch.where(keep, first._radius(outputs[1]).to(R.dtype), R))
 
             for k in alive:
                 detectors[k].svdd_ = nn.ModuleDict({"net": detectors[k].net_, "center": detectors[k].center_})
             run(stages[-1], alive, "svdd_", svdd_loss, first.lr, first.weight_decay, first.lr_milestones,
-                "epoch_mean_loss")
+                "epoch_mean_loss", update_radius)
         for k in alive:
             det = detectors[k]
+            det.R_ = det.center_.R.clone()
             del det.svdd_, det.center_
             if errors[k] is None:
                 det.training_log_["center_abs_mean"] = float(det.c_.abs().mean())
+                if det.objective == "soft-boundary":
+                    det.training_log_["radius"] = float(det.R_)
         return errors
 
     def _score_batch(self, x: torch.Tensor) -> torch.Tensor:

@@ -33,12 +33,21 @@ Choices written down (the authors' TensorFlow code works at 64 x 64 with 4-block
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable, Optional
+import copy
+from typing import Any, Callable, Iterable, Optional
 
+import numpy as np
 import torch
 from torch import nn
 
-from methods.base import EpochCallback, check_choice, check_nonneg_float, check_positive_float, check_positive_int
+from methods.base import (
+    DivergedError,
+    EpochCallback,
+    check_choice,
+    check_nonneg_float,
+    check_positive_float,
+    check_positive_int,
+)
 from methods.blocks import DCGANDecoder, DCGANFeatures, batch_norm, layer_norm
 from methods.preprocess import resize, to_minus_one_one
 from methods.torch_base import Stage, StageResult, TorchDetector, init_dcgan_weights
@@ -134,7 +143,7 @@ class Encoder(nn.Module):
 
 # ---- losses ----------------------------------------------------------------------------------
 def gradient_penalty(critic: Callable[[torch.Tensor], torch.Tensor], real: torch.Tensor, fake: torch.Tensor,
-                     alpha: torch.Tensor, weight: float = 10.0) -> torch.Tensor:
+                     alpha: torch.Tensor, weight: float = 10.0, functional: bool = False) -> torch.Tensor:
     """WGAN-GP penalty weight * mean_i (||grad_x D(x_i)||_2 - 1)^2 (Gulrajani et al. 2017, eq. 3).
 
     Taken at x_i = alpha_i real_i + (1 - alpha_i) fake_i.
@@ -149,14 +158,20 @@ def gradient_penalty(critic: Callable[[torch.Tensor], torch.Tensor], real: torch
         Broadcasts against the images (e.g. (B, 1, 1, 1), drawn U[0, 1]).
     weight : float
         lambda_GP (default 10).
+    functional : bool
+        Take grad_x D with torch.func.grad (works inside torch.func.vmap, where torch.autograd.grad
+        does not, and stays differentiable by the outer backward pass) instead of torch.autograd.grad.
 
     Returns
     -------
     torch.Tensor
         The scalar penalty (differentiable w.r.t. the critic's parameters).
     """
-    interp = (alpha * real.detach() + (1.0 - alpha) * fake.detach()).requires_grad_(True)
-    (grad,) = torch.autograd.grad(critic(interp).sum(), interp, create_graph=True)
+    interp = alpha * real.detach() + (1.0 - alpha) * fake.detach()
+    if functional:
+        grad = torch.func.grad(lambda v: critic(v).sum())(interp)
+    else:
+        (grad,) = torch.autograd.grad(critic(interp.requires_grad_(True)).sum(), interp, create_graph=True)
     return weight * ((grad.flatten(1).norm(dim=1) - 1.0) ** 2).mean()
 
 
@@ -177,6 +192,24 @@ def izif_terms(x: torch.Tensor, rec: torch.Tensor, f_x: torch.Tensor,
         Each (B,): mean over pixels of (x - G(E(x)))^2, mean over features of (f(x) - f(G(E(x))))^2.
     """
     return (x - rec).pow(2).flatten(1).mean(dim=1), (f_x - f_rec).pow(2).flatten(1).mean(dim=1)
+
+
+def apply_flips(x: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+    """Mirror (last axis) the images of a batch where `flip` (B,) is True.
+
+    Parameters
+    ----------
+    x : torch.Tensor
+        (B, C, H, W) images.
+    flip : torch.Tensor
+        (B,) bool.
+
+    Returns
+    -------
+    torch.Tensor
+        The batch, flipped images mirrored.
+    """
+    return torch.where(flip[:, None, None, None], x.flip(-1), x)
 
 
 # ---- detector ---------------------------------------------------------------------------------
@@ -282,8 +315,14 @@ class FAnoGAN(TorchDetector):
     def _augment(self, x: torch.Tensor) -> torch.Tensor:
         if not self.hflip:
             return x
-        flip = torch.rand(x.shape[0], generator=self.generator_, device=self.device_) < 0.5
-        return torch.where(flip[:, None, None, None], x.flip(-1), x)
+        return apply_flips(x, self._draw_flips(x.shape[0]))
+
+    def _draw_flips(self, n: int) -> torch.Tensor:
+        """(n,) bool, which images of a batch to mirror (p 0.5), from the shuffling generator; all
+        False without `hflip` (then nothing is drawn)."""
+        if not self.hflip:
+            return torch.zeros(n, dtype=torch.bool, device=self.device_)
+        return torch.rand(n, generator=self.generator_, device=self.device_) < 0.5
 
     def _noise(self, n: int) -> torch.Tensor:
         return torch.randn(n, self.latent_dim, generator=self.generator_, device=self.device_)
@@ -292,13 +331,17 @@ class FAnoGAN(TorchDetector):
         return [net for net in (getattr(self, name, None) for name in ("netG_", "netD_", "netE_")) if net is not None]
 
     # ---- training ----
-    def _fit(self, x_train: torch.Tensor, epoch_callback: Optional[EpochCallback]) -> None:
+    def _build_networks(self, x_train: torch.Tensor) -> None:
+        """G, D and E, initialised (from the global RNG, seeded by fit) in that order, on the device."""
         nc = x_train.shape[1]
         self.netG_ = DCGANDecoder(self.image_size, nc, self.latent_dim, self.ngf).to(self.device_)
         self.netD_ = Critic(self.image_size, nc, self.ndf, self.critic_norm).to(self.device_)
         self.netE_ = Encoder(self.image_size, nc, self.ndf, self.latent_dim).to(self.device_)
         for net in self._networks():
             net.apply(init_dcgan_weights)
+
+    def _fit(self, x_train: torch.Tensor, epoch_callback: Optional[EpochCallback]) -> None:
+        self._build_networks(x_train)
         self.training_log_ = {"stage1": {}, "stage2": {}}
         gan_stage, encoder_stage = self._stages(len(x_train))
         self._stage_name = "gan"
@@ -328,7 +371,6 @@ class FAnoGAN(TorchDetector):
         D.train()
         opt_g = torch.optim.Adam(G.parameters(), lr=self.gan_lr, betas=(self.gan_beta1, self.gan_beta2))
         opt_d = torch.optim.Adam(D.parameters(), lr=self.gan_lr, betas=(self.gan_beta1, self.gan_beta2))
-        critic_fn = lambda v: D(v)[0]  # noqa: E731
         generator_steps = [0, 0]  # in all, in this epoch
         zero = torch.zeros((), device=self.device_)
 
@@ -337,35 +379,67 @@ class FAnoGAN(TorchDetector):
 
         def step(idx: torch.Tensor, critic_steps: int) -> torch.Tensor:
             real = self._augment(x[idx])
-            with torch.no_grad():
-                fake = G(self._noise(len(idx)))
-            alpha = torch.rand(len(idx), 1, 1, 1, generator=self.generator_, device=self.device_)
-            wasserstein = D(real)[0].mean() - D(fake)[0].mean()
-            gp = gradient_penalty(critic_fn, real, fake, alpha, self.gp_weight)
-            loss_d = gp - wasserstein
+            loss_d, values = self._critic_loss(real, *self._critic_draws(len(idx)))
             opt_d.zero_grad(set_to_none=True)
             loss_d.backward()
             opt_d.step()
             loss_g = zero
             if critic_steps % self.n_critic == 0:
                 D.requires_grad_(False)
-                loss_g = -D(G(self._noise(self.batch_size)))[0].mean()
+                loss_g = self._generator_loss(self._noise(self.batch_size))
                 opt_g.zero_grad(set_to_none=True)
                 loss_g.backward()
                 opt_g.step()
                 D.requires_grad_(True)
                 generator_steps[0] += 1
                 generator_steps[1] += 1
-            return torch.stack([loss_d, wasserstein, gp, loss_g]).detach()
+            return torch.cat([values, loss_g.reshape(1)]).detach()
 
         def epoch_means(sums: torch.Tensor, n_d: int) -> list[float]:
-            return (sums / torch.tensor([n_d, n_d, n_d, max(generator_steps[1], 1)], device=self.device_)).tolist()
+            return self._gan_epoch_means(sums, n_d, generator_steps[1])
 
-        result = self._train_stage(stage, len(x), step, ("critic_loss", "wasserstein", "gradient_penalty",
-                                                         "generator_loss"), None, begin_epoch, epoch_means=epoch_means)
+        result = self._train_stage(stage, len(x), step, self._gan_names, None, begin_epoch, epoch_means=epoch_means)
         self.training_log_["stage1"] = {**result.history, "epochs": result.epochs, "critic_steps": result.steps,
                                         "generator_steps": generator_steps[0]}
         return result
+
+    _gan_names = ("critic_loss", "wasserstein", "gradient_penalty", "generator_loss")
+    _encoder_names = ("loss", "img_mse", "feat_mse")
+
+    def _critic_draws(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A critic step's draws after the flips, in the solo step's order: z for G, then alpha."""
+        z = self._noise(n)
+        return z, torch.rand(n, 1, 1, 1, generator=self.generator_, device=self.device_)
+
+    def _critic_loss(self, real: torch.Tensor, z: torch.Tensor, alpha: torch.Tensor,
+                     functional: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """WGAN-GP critic loss on real images and G(z) (G under no_grad, BatchNorm in train mode),
+        and the logged [loss, wasserstein, gradient penalty]; `functional` as gradient_penalty's."""
+        G, D = self.netG_, self.netD_
+        with torch.no_grad():
+            fake = G(z)
+        wasserstein = D(real)[0].mean() - D(fake)[0].mean()
+        gp = gradient_penalty(lambda v: D(v)[0], real, fake, alpha, self.gp_weight, functional)
+        loss_d = gp - wasserstein
+        return loss_d, torch.stack([loss_d, wasserstein, gp])
+
+    def _generator_loss(self, z: torch.Tensor) -> torch.Tensor:
+        """WGAN generator loss -mean D(G(z))."""
+        return -self.netD_(self.netG_(z))[0].mean()
+
+    def _gan_epoch_means(self, sums: torch.Tensor, n_critic_steps: int, n_generator_steps: int) -> list[float]:
+        """Stage 1's epoch means: the critic values per critic step, the generator loss per generator step."""
+        n_d, n_g = n_critic_steps, max(n_generator_steps, 1)
+        return (sums / torch.tensor([n_d, n_d, n_d, n_g], device=sums.device)).tolist()
+
+    def _encoder_loss(self, real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stage 2's izi_f loss on a batch, and the logged [loss, img_mse, feat_mse]."""
+        G, D, E = self.netG_, self.netD_, self.netE_
+        rec = G(E(real))
+        img, feat = izif_terms(real, rec, D(real)[1], D(rec)[1])
+        img, feat = img.mean(), feat.mean()
+        loss = img + self.kappa * feat
+        return loss, torch.stack([loss, img, feat])
 
     def _train_encoder(self, x: torch.Tensor, stage: Stage, epoch_callback: Optional[EpochCallback]) -> None:
         """Stage 2, izi_f: only E learns; G stays in BatchNorm inference mode, D is frozen."""
@@ -376,18 +450,143 @@ class FAnoGAN(TorchDetector):
         opt = torch.optim.RMSprop(E.parameters(), lr=self.encoder_lr)
 
         def step(idx: torch.Tensor, step_number: int) -> torch.Tensor:
-            real = self._augment(x[idx])
-            rec = G(E(real))
-            img, feat = izif_terms(real, rec, D(real)[1], D(rec)[1])
-            img, feat = img.mean(), feat.mean()
-            loss = img + self.kappa * feat
+            loss, values = self._encoder_loss(self._augment(x[idx]))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            return torch.stack([loss, img, feat]).detach()
+            return values.detach()
 
-        result = self._train_stage(stage, len(x), step, ("loss", "img_mse", "feat_mse"), epoch_callback)
+        result = self._train_stage(stage, len(x), step, self._encoder_names, epoch_callback)
         self.training_log_["stage2"] = {**result.history, "epochs": result.epochs, "iterations": result.steps}
+
+    # ---- stacked training (methods/stacking.py) ---------------------------------------------
+    @classmethod
+    def _fit_stacked(cls, detectors: list["FAnoGAN"], xs: list[torch.Tensor],
+                     callbacks: list[Optional[EpochCallback]], rng: Any) -> list[Optional[DivergedError]]:
+        """K jobs as one batched model, both stages as the solo fit.
+
+        Stage 1 per step: the critic update of every active job, then, for the jobs whose critic
+        step count (per job) is a multiple of n_critic, a generator update computed after it (the
+        other jobs' G BatchNorm statistics restored); with `cuda_graphs`, each of the two phases is
+        captured (graph statistics under "gan" and "gan_generator"). Stage 2: the izi_f step with
+        a stacked RMSprop, jobs grouped by the epoch their stage 1 ended (epochs are numbered on).
+        Every random draw (flips, z, alpha) comes from the job's own generator, in the solo step's
+        order and shapes, made outside vmap and passed in.
+        """
+        from methods.stacking import StackedAdam, StackedModules, graphed_step, job_draws, train_stacked_stage
+
+        first, k_jobs = detectors[0], len(detectors)
+        for det in detectors:
+            det.training_log_ = {"stage1": {}, "stage2": {}}
+            det._stage_name = "gan"
+            det.netG_.train()
+            det.netD_.train()
+        gan_stage, encoder_stage = first._stages(min(len(x) for x in xs))
+        stacked = StackedModules([{"g": det.netG_, "d": det.netD_} for det in detectors])
+        template = copy.copy(first)  # runs the detector's own loss code on the template modules
+        template.netG_, template.netD_ = stacked.template["g"], stacked.template["d"]
+        g_params, d_params = stacked.group_params("g"), stacked.group_params("d")
+        betas = (first.gan_beta1, first.gan_beta2)
+        opt_g, opt_d = StackedAdam(g_params, first.gan_lr, betas), StackedAdam(d_params, first.gan_lr, betas)
+        generator_steps = np.zeros(k_jobs, dtype=np.int64)  # in all
+        epoch_generator_steps = np.zeros(k_jobs, dtype=np.int64)
+        last_epoch = [0] * k_jobs
+        device = first.device_
+
+        def critic_fn(modules: nn.ModuleDict, x: torch.Tensor, flip: torch.Tensor, z: torch.Tensor,
+                      alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return template._critic_loss(apply_flips(x, flip), z, alpha, functional=True)
+
+        def critic_update(x: torch.Tensor, active_t: torch.Tensor, *draws: torch.Tensor) -> torch.Tensor:
+            with first._autocast():
+                loss_d, values = stacked.call(critic_fn, x, *draws)
+                opt_d.zero_grad()
+                loss_d.sum().backward(inputs=d_params)
+            opt_d.step(active_t)
+            return values.detach()
+
+        def generator_update(z: torch.Tensor, due_t: torch.Tensor) -> torch.Tensor:
+            snapshot = stacked.buffers_snapshot()  # G's BatchNorm statistics move for the due jobs only
+            with first._autocast():
+                loss_g = stacked.call(lambda modules, zk: template._generator_loss(zk), z)
+                opt_g.zero_grad()
+                loss_g.sum().backward(inputs=g_params)
+            opt_g.step(due_t)
+            stacked.restore_buffers(snapshot, due_t)
+            return torch.where(due_t, loss_g.detach(), torch.zeros_like(loss_g))
+
+        # Each phase is one function of device tensors (a CUDA graph each with cuda_graphs).
+        critic_phase = graphed_step(detectors, critic_update, gan_stage.name)
+        generator_phase = graphed_step(detectors, generator_update, gan_stage.name + "_generator")
+
+        def gan_step(x: torch.Tensor, active: np.ndarray, steps: np.ndarray) -> tuple[list, torch.Tensor]:
+            n = x.shape[1]
+            draws = job_draws(active, lambda k: (detectors[k]._draw_flips(n), *detectors[k]._critic_draws(n)))
+            values = critic_phase(x, torch.from_numpy(active).to(device), *draws)
+            due = active & ((steps + 1) % first.n_critic == 0)  # the job's critic step count, 1-based
+            loss_g = torch.zeros(k_jobs, dtype=values.dtype, device=device)
+            if due.any():  # decided on the host from host counts: no device sync
+                (z,) = job_draws(due, lambda k: (detectors[k]._noise(first.batch_size),))
+                loss_g = generator_phase(z, torch.from_numpy(due).to(device))
+                generator_steps[:] += due
+                epoch_generator_steps[:] += due
+            return [], torch.cat([values, loss_g[:, None]], dim=1)
+
+        def begin_epoch(epoch: int) -> None:
+            epoch_generator_steps[:] = 0
+
+        def gan_means(k: int, sums: torch.Tensor, n_steps: int) -> list[float]:
+            return first._gan_epoch_means(sums, n_steps, int(epoch_generator_steps[k]))
+
+        def gan_end_epoch(k: int, epoch: int, steps: int, history: dict) -> None:
+            last_epoch[k] = epoch
+            detectors[k].training_log_["stage1"] = {**history, "epochs": epoch - gan_stage.first_epoch + 1,
+                                                    "critic_steps": steps, "generator_steps": int(generator_steps[k])}
+
+        errors = train_stacked_stage(detectors, xs, callbacks, gan_stage, stacked, None, [], first._gan_names,
+                                     gan_end_epoch, begin_epoch=begin_epoch, step=gan_step, epoch_means=gan_means)
+        for epoch in sorted({last_epoch[k] for k in range(k_jobs) if errors[k] is None}):
+            jobs = [k for k in range(k_jobs) if errors[k] is None and last_epoch[k] == epoch]
+            stage = Stage(**{**vars(encoder_stage), "first_epoch": epoch + 1})
+            for k, error in zip(jobs, cls._fit_stacked_encoder([detectors[k] for k in jobs], [xs[k] for k in jobs],
+                                                              [callbacks[k] for k in jobs], stage)):
+                errors[k] = error
+        return errors
+
+    @staticmethod
+    def _fit_stacked_encoder(detectors: list["FAnoGAN"], xs: list[torch.Tensor],
+                             callbacks: list[Optional[EpochCallback]], stage: Stage) -> list[Optional[DivergedError]]:
+        """Stage 2 of `_fit_stacked` for jobs whose stage 1 ended in the same epoch."""
+        from methods.stacking import StackedModules, StackedRMSprop, job_draws, train_stacked_stage
+
+        first = detectors[0]
+        for det in detectors:
+            det._stage_name = "encoder"
+            det.netG_.requires_grad_(False)
+            det.netD_.requires_grad_(False)
+            det._set_mode(train=True)  # E trains, G in BatchNorm inference mode, D frozen
+        stacked = StackedModules([{"g": det.netG_, "d": det.netD_, "e": det.netE_} for det in detectors])
+        for key, p in stacked.params.items():
+            if not key.startswith("e."):
+                p.requires_grad_(False)
+        template = copy.copy(first)
+        template.netG_, template.netD_, template.netE_ = (stacked.template[name] for name in ("g", "d", "e"))
+        e_params = stacked.group_params("e")
+
+        def flips(active: np.ndarray, idx: list[torch.Tensor]) -> list[torch.Tensor]:
+            return job_draws(active, lambda k: (detectors[k]._draw_flips(len(idx[k])),))
+
+        def forward(modules: nn.ModuleDict, x: torch.Tensor, flip: torch.Tensor) -> tuple[list, torch.Tensor]:
+            loss, values = template._encoder_loss(apply_flips(x, flip))
+            return [loss], values
+
+        def end_epoch(k: int, epoch: int, steps: int, history: dict) -> None:
+            detectors[k].training_log_["stage2"] = {**history, "epochs": epoch - stage.first_epoch + 1,
+                                                    "iterations": steps}
+
+        return train_stacked_stage(detectors, xs, callbacks, stage, stacked, forward,
+                                   [(StackedRMSprop(e_params, first.encoder_lr), e_params)], first._encoder_names,
+                                   end_epoch, inputs=flips)
 
     # ---- score ----
     def _score_batch(self, x: torch.Tensor) -> torch.Tensor:

@@ -10,8 +10,12 @@ The K networks' parameters and buffers are stacked along a new leading axis
 * initialisation and seeds: each job's networks are built by its own `_begin_fit` (which seeds
   the global RNG with the job's seed) and `_build_networks`, as in the solo fit, then stacked;
 * BatchNorm statistics: the running buffers are stacked too, and vmap updates each job's slice;
-* optimiser state: `StackedAdam`, Adam elementwise with per-job step counts, so job k's slice
-  sees exactly the updates of its own Adam;
+* optimiser state: `StackedAdam` / `StackedRMSprop`, elementwise with per-job step counts, so
+  job k's slice sees exactly the updates of its own optimiser; gradient clipping per job
+  (`clip_grad_norm_per_job`);
+* random draws in a step: made outside vmap (which runs with randomness="error") per job, from
+  the job's own generator or global-RNG stream (`JobRNG`), in its solo step's order and shapes
+  (`job_draws`), and passed into the vmapped step as inputs;
 * divergence: a per-job monitor; a job with a non-finite value stops (recorded as diverged at the
   end of that epoch, as a solo fit raises there) and the others go on;
 * jobs with fewer steps in an epoch (smaller training sets) sit out the last steps of the epoch:
@@ -35,38 +39,25 @@ from torch.func import functional_call, stack_module_state, vmap
 from methods.base import DivergedError, EpochCallback
 
 
-class StackedAdam:
-    """Adam (torch.optim.Adam's update, without amsgrad) over stacked parameters whose leading axis is the job.
-
-    `step(active)` updates only the jobs where `active` (shape (K,)) is True and keeps a step count
-    per job for the bias corrections.
+class _StackedOptimiser:
+    """What the stacked optimisers share: the stacked parameters, per-job step counts and the
+    learning rate kept on the device (so a step has no host synchronisation and can be captured in
+    a CUDA graph, methods/graphs.py), and the masked write-back (idle jobs keep parameters and state).
 
     Parameters
     ----------
     params : sequence of torch.Tensor
         Stacked parameters, each of shape (K, ...).
     lr : float
-        Learning rate, as torch.optim.Adam.
-    betas : tuple of float
-        As torch.optim.Adam (default (0.9, 0.999)).
-    eps : float
-        As torch.optim.Adam (default 1e-8).
-    weight_decay : float
-        As torch.optim.Adam (default 0).
+        Learning rate.
     """
 
-    def __init__(self, params: Sequence[torch.Tensor], lr: float, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 0.0) -> None:
+    def __init__(self, params: Sequence[torch.Tensor], lr: float) -> None:
         self.params = list(params)
-        self.betas, self.eps, self.weight_decay = betas, eps, weight_decay
         device = self.params[0].device
-        # Step counts and the learning rate live on the device (float64, for the bias corrections),
-        # so a step has no host synchronisation and can be captured in a CUDA graph (methods/graphs.py).
         self.step_counts = torch.zeros(self.params[0].shape[0], dtype=torch.float64, device=device)
         self._lr = torch.tensor(float(lr), dtype=torch.float64, device=device)
         self._lr_value = float(lr)
-        self.exp_avg = [torch.zeros_like(p) for p in self.params]
-        self.exp_avg_sq = [torch.zeros_like(p) for p in self.params]
 
     @property
     def lr(self) -> float:
@@ -88,6 +79,46 @@ class StackedAdam:
         for p in self.params:
             p.grad = None
 
+    def _begin_step(self, active: "np.ndarray | torch.Tensor") -> torch.Tensor:
+        """Count a step for the active jobs; their mask on the device."""
+        mask = as_job_mask(active, self.step_counts.device)
+        self.step_counts += mask
+        return mask
+
+    @staticmethod
+    def _commit(keep: torch.Tensor, pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """old <- new where keep (broadcast over a job's slice), old unchanged elsewhere."""
+        for old, new in pairs:
+            old.copy_(torch.where(keep, new, old))
+
+
+class StackedAdam(_StackedOptimiser):
+    """Adam (torch.optim.Adam's update, without amsgrad) over stacked parameters whose leading axis is the job.
+
+    `step(active)` updates only the jobs where `active` (shape (K,)) is True and keeps a step count
+    per job for the bias corrections.
+
+    Parameters
+    ----------
+    params : sequence of torch.Tensor
+        Stacked parameters, each of shape (K, ...).
+    lr : float
+        Learning rate, as torch.optim.Adam.
+    betas : tuple of float
+        As torch.optim.Adam (default (0.9, 0.999)).
+    eps : float
+        As torch.optim.Adam (default 1e-8).
+    weight_decay : float
+        As torch.optim.Adam (default 0).
+    """
+
+    def __init__(self, params: Sequence[torch.Tensor], lr: float, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.0) -> None:
+        super().__init__(params, lr)  # step counts and lr on the device (float64, for the bias corrections)
+        self.betas, self.eps, self.weight_decay = betas, eps, weight_decay
+        self.exp_avg = [torch.zeros_like(p) for p in self.params]
+        self.exp_avg_sq = [torch.zeros_like(p) for p in self.params]
+
     @torch.no_grad()
     def step(self, active: "np.ndarray | torch.Tensor") -> None:
         """One Adam step for the active jobs; the others' parameters and state stay unchanged.
@@ -98,8 +129,7 @@ class StackedAdam:
             (K,) bool, the jobs to update (a device tensor keeps the step free of host copies).
         """
         beta1, beta2 = self.betas
-        mask = as_job_mask(active, self.step_counts.device)
-        self.step_counts += mask
+        mask = self._begin_step(active)
         steps = self.step_counts.clamp(min=1)
         dtype = self.params[0].dtype
         step_size = (self._lr / (1 - torch.pow(beta1, steps))).to(dtype)
@@ -113,10 +143,51 @@ class StackedAdam:
             v_new = v.mul(beta2).addcmul_(grad, grad, value=1 - beta2)
             denom = (v_new.sqrt() / bc2_sqrt.view(shape)).add_(self.eps)
             p_new = p - step_size.view(shape) * m_new / denom
-            keep = mask.view(shape)
-            m.copy_(torch.where(keep, m_new, m))
-            v.copy_(torch.where(keep, v_new, v))
-            p.copy_(torch.where(keep, p_new, p))
+            self._commit(mask.view(shape), [(m, m_new), (v, v_new), (p, p_new)])
+
+
+class StackedRMSprop(_StackedOptimiser):
+    """RMSprop (torch.optim.RMSprop's update without momentum, centring or weight decay) over
+    stacked parameters whose leading axis is the job.
+
+    `step(active)` updates only the jobs where `active` (shape (K,)) is True; the others keep their
+    parameters and running averages.
+
+    Parameters
+    ----------
+    params : sequence of torch.Tensor
+        Stacked parameters, each of shape (K, ...).
+    lr : float
+        Learning rate, as torch.optim.RMSprop.
+    alpha : float
+        Smoothing constant, as torch.optim.RMSprop (default 0.99).
+    eps : float
+        As torch.optim.RMSprop (default 1e-8).
+    """
+
+    def __init__(self, params: Sequence[torch.Tensor], lr: float, alpha: float = 0.99, eps: float = 1e-8) -> None:
+        super().__init__(params, lr)
+        self.alpha, self.eps = alpha, eps
+        self.square_avg = [torch.zeros_like(p) for p in self.params]
+
+    @torch.no_grad()
+    def step(self, active: "np.ndarray | torch.Tensor") -> None:
+        """One RMSprop step for the active jobs; the others' parameters and state stay unchanged.
+
+        Parameters
+        ----------
+        active : np.ndarray or torch.Tensor
+            (K,) bool, the jobs to update (a device tensor keeps the step free of host copies).
+        """
+        mask = self._begin_step(active)
+        lr = self._lr.to(self.params[0].dtype)
+        for p, sq in zip(self.params, self.square_avg):
+            if p.grad is None:
+                continue
+            grad = p.grad
+            sq_new = sq.mul(self.alpha).addcmul_(grad, grad, value=1 - self.alpha)
+            p_new = p - lr * (grad / sq_new.sqrt().add_(self.eps))
+            self._commit(mask.view((-1,) + (1,) * (p.dim() - 1)), [(sq, sq_new), (p, p_new)])
 
 
 def as_job_mask(active: "np.ndarray | torch.Tensor", device: torch.device) -> torch.Tensor:
@@ -136,6 +207,54 @@ def as_job_mask(active: "np.ndarray | torch.Tensor", device: torch.device) -> to
     if isinstance(active, torch.Tensor):
         return active.to(device=device, dtype=torch.bool)
     return torch.from_numpy(np.asarray(active, dtype=bool)).to(device)
+
+
+@torch.no_grad()
+def clip_grad_norm_per_job(params: Sequence[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """torch.nn.utils.clip_grad_norm_ per job: job k's gradients (slice k of every stacked
+    parameter) scaled by min(1, max_norm / (||g_k|| + 1e-6)), ||g_k|| its total 2-norm.
+
+    Parameters
+    ----------
+    params : sequence of torch.Tensor
+        Stacked parameters (K, ...), their gradients clipped in place (None gradients skipped).
+    max_norm : float
+        The largest total gradient norm per job.
+
+    Returns
+    -------
+    torch.Tensor
+        (K,) each job's total gradient norm before clipping.
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    norms = torch.stack([torch.linalg.vector_norm(g.flatten(1), 2, dim=1) for g in grads], dim=1)  # (K, P)
+    total = torch.linalg.vector_norm(norms, 2, dim=1)
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    for g in grads:
+        g.mul_(coef.view((-1,) + (1,) * (g.dim() - 1)).to(g.dtype))
+    return total
+
+
+def job_draws(active: np.ndarray, draw: Callable[[int], Sequence[torch.Tensor]]) -> list[torch.Tensor]:
+    """Per-job random inputs for a vmapped step, drawn outside vmap (which runs with randomness="error").
+
+    Parameters
+    ----------
+    active : np.ndarray
+        (K,) bool; `draw(k)` is called for the active jobs only, in job order (each draws from its
+        own generator or RNG stream, as its solo step would), the others get zeros.
+    draw : callable
+        draw(k) -> job k's tensors, the same shapes for every job.
+
+    Returns
+    -------
+    list of torch.Tensor
+        Each draw stacked over the jobs, (K, ...).
+    """
+    drawn = {k: list(draw(k)) for k in np.flatnonzero(active)}
+    like = next(iter(drawn.values()))
+    return [torch.stack([drawn[k][i] if k in drawn else torch.zeros_like(like[i]) for k in range(len(active))])
+            for i in range(len(like))]
 
 
 class StackedModules:
@@ -171,17 +290,20 @@ class StackedModules:
         """
         return [p for key, p in self.params.items() if key.split(".", 1)[0] == name]
 
-    def call(self, fn: Callable[[nn.ModuleDict, torch.Tensor], Any], x: torch.Tensor) -> Any:
-        """vmap over jobs of fn(modules, x[k]), the modules carrying job k's parameters and buffers.
+    def call(self, fn: Callable[..., Any], x: torch.Tensor, *extra: torch.Tensor) -> Any:
+        """vmap over jobs of fn(modules, x[k], *(e[k] for e in extra)), the modules carrying job k's
+        parameters and buffers.
 
         BatchNorm in train mode updates job k's slice of the stacked running statistics.
 
         Parameters
         ----------
         fn : callable
-            fn(modules, x_k) -> outputs, on the template modules.
+            fn(modules, x_k, *extra_k) -> outputs, on the template modules.
         x : torch.Tensor
             (K, B, ...) the jobs' inputs.
+        *extra : torch.Tensor
+            (K, ...) further per-job inputs (e.g. random draws made outside vmap).
 
         Returns
         -------
@@ -192,10 +314,10 @@ class StackedModules:
         params = {f"inner.{k}": v for k, v in self.params.items()}
         buffers = {f"inner.{k}": v for k, v in self.buffers.items()}
 
-        def one(p: dict, b: dict, xk: torch.Tensor) -> Any:
-            return functional_call(wrapper, {**p, **b}, (xk,))
+        def one(p: dict, b: dict, xk: torch.Tensor, *ek: torch.Tensor) -> Any:
+            return functional_call(wrapper, {**p, **b}, (xk, *ek))
 
-        return vmap(one, randomness="error")(params, buffers, x)
+        return vmap(one, randomness="error")(params, buffers, x, *extra)
 
     @torch.no_grad()
     def buffers_snapshot(self) -> dict[str, torch.Tensor]:
@@ -260,8 +382,8 @@ class _Apply(nn.Module):
         self.inner = template
         self.fn = fn
 
-    def forward(self, x: torch.Tensor) -> Any:
-        return self.fn(self.inner, x)
+    def forward(self, x: torch.Tensor, *extra: torch.Tensor) -> Any:
+        return self.fn(self.inner, x, *extra)
 
 
 class JobRNG:
@@ -342,6 +464,10 @@ class LockstepBatches:
             # A last, smaller batch would fall on different steps for different jobs.
             raise ValueError("stacked jobs of a detector that keeps the last incomplete batch need training sets "
                              "of one size (or sizes divisible by the batch size)")
+        if drop_last and len(set(sizes)) > 1 and any(n < batch_size for n in sizes):
+            # A training set smaller than one batch is one smaller batch, of another size than the others'.
+            raise ValueError("stacked jobs need training sets of at least one batch each, or of one size")
+
 
     def indices(self, step: int) -> tuple[list[torch.Tensor], np.ndarray]:
         """The jobs' minibatch indices at one step.
@@ -530,19 +656,28 @@ def graphed_step(detectors: Sequence[Any], step: Callable[..., Any], stage_name:
 
 def train_stacked_stage(detectors: Sequence[Any], xs: Sequence[torch.Tensor],
                         callbacks: Sequence[Optional[EpochCallback]], stage: Any, stacked: StackedModules,
-                        forward: Callable[[nn.ModuleDict, torch.Tensor], tuple[list[torch.Tensor], torch.Tensor]],
-                        optimisers: Sequence[tuple[StackedAdam, list[torch.Tensor]]], names: Sequence[str],
-                        end_epoch: Callable[[int, int, int, dict], None],
+                        forward: Optional[Callable[..., tuple]], optimisers: Sequence[tuple[Any, list[torch.Tensor]]],
+                        names: Sequence[str], end_epoch: Callable[[int, int, int, dict], None],
                         after_step: Optional[Callable[[np.ndarray, np.ndarray, int, list[torch.Tensor]], None]] = None,
-                        begin_epoch: Optional[Callable[[int], None]] = None) -> list[Optional[DivergedError]]:
+                        begin_epoch: Optional[Callable[[int], None]] = None, *,
+                        inputs: Optional[Callable[[np.ndarray, list[torch.Tensor]], Sequence[torch.Tensor]]] = None,
+                        after_backward: Optional[Callable[[], None]] = None,
+                        step: Optional[Callable[[torch.Tensor, np.ndarray, np.ndarray],
+                                                tuple[list[torch.Tensor], torch.Tensor]]] = None,
+                        epoch_means: Optional[Callable[[int, torch.Tensor, int], list[float]]] = None,
+                        ) -> list[Optional[DivergedError]]:
     """The stacked counterpart of `TorchDetector._train_stage`, for K jobs in lockstep.
 
-    Per step: each job's minibatch (its own shuffling), `forward(modules, x_k)` vmapped over the
-    jobs -> (losses, logged values) with losses[i] of shape (K,) the loss of `optimisers[i]`;
-    each loss's gradient into its own parameters; the optimisers step the active jobs only
-    (BatchNorm buffers of idle jobs restored); `after_step(active, steps, epoch, losses)`. After
-    each epoch, per job that trained in it: divergence check, epoch means, its modules brought up
-    to date (`unstack_into`), `end_epoch(k, epoch, steps_k, history_k)`, its `_end_epoch`.
+    Per step: each job's minibatch (its own shuffling), `forward(modules, x_k, *inputs_k)` vmapped
+    over the jobs -> (losses, logged values[, extra outputs]) with losses[i] of shape (K,) the loss
+    of `optimisers[i]`; each loss's gradient into its own parameters; `after_backward()`; the
+    optimisers step the active jobs only (BatchNorm buffers of idle jobs restored); this part is
+    one function of device tensors, captured in a CUDA graph when the detectors ask for it;
+    `after_step(active, steps, epoch, losses + extra outputs)`. A custom `step` replaces the
+    forward / backward / optimiser part (multi-phase steps). After each epoch, per job that trained
+    in it: divergence check, epoch means, its modules brought up to date (`unstack_into`),
+    `end_epoch(k, epoch, steps_k, history_k)` (a DivergedError it raises ends that job alone), its
+    `_end_epoch`.
 
     Parameters
     ----------
@@ -556,18 +691,32 @@ def train_stacked_stage(detectors: Sequence[Any], xs: Sequence[torch.Tensor],
         The budget.
     stacked : StackedModules
         The jobs' modules, stacked.
-    forward : callable
-        forward(modules, x_k) -> (losses, logged values).
-    optimisers : sequence of (StackedAdam, list of torch.Tensor)
-        Each optimiser with the parameters its loss trains.
+    forward : callable or None
+        forward(modules, x_k, *inputs_k) -> (losses, logged values) or (losses, logged values,
+        extra outputs); None with a custom `step`.
+    optimisers : sequence of (stacked optimiser, list of torch.Tensor)
+        Each optimiser (`step(active)`) with the parameters its loss trains.
     names : sequence of str
         Names of the logged values, in order.
     end_epoch : callable
         end_epoch(k, epoch, steps_k, history_k), per job after each epoch.
     after_step : callable, optional
-        after_step(active, steps, epoch, losses), after each step.
+        after_step(active, steps, epoch, outputs), after each step; outputs are the detached
+        losses then the forward's extra outputs (or a custom step's outputs).
     begin_epoch : callable, optional
         begin_epoch(epoch), before each epoch (lr schedules).
+    inputs : callable, optional
+        inputs(active, indices) -> further (K, ...) inputs of `forward` for this step (random
+        draws made per job outside vmap), `indices` the jobs' minibatch indices.
+    after_backward : callable, optional
+        Called between the backward pass and the optimiser steps (gradient clipping).
+    step : callable, optional
+        step(x, active, steps) -> (outputs, logged values (K, V)): does the whole step (its own
+        forward passes, backward passes and optimiser steps for `active`, each phase through
+        `graphed_step` if it is to be captured); `x` (K, B, ...) the minibatches, `steps` each
+        job's step count before this step.
+    epoch_means : callable, optional
+        epoch_means(k, sums_k, n_steps_k) -> job k's epoch means (default sums / steps).
 
     Returns
     -------
@@ -582,20 +731,25 @@ def train_stacked_stage(detectors: Sequence[Any], xs: Sequence[torch.Tensor],
     monitor = JobMonitor(k_jobs, device)
     cap = stage.max_steps if stage.max_steps is not None else np.iinfo(np.int64).max
 
-    def one_step(x: torch.Tensor, active_t: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    def one_step(x: torch.Tensor, active_t: torch.Tensor, *extra: torch.Tensor) -> tuple[list[torch.Tensor],
+                                                                                           torch.Tensor]:
         # Forward, backward and the optimisers' updates: no host sync, so it can be graph-captured.
         with detectors[0]._autocast():
-            losses, values = stacked.call(forward, x)
+            out = stacked.call(forward, x, *extra)
+            losses, values = out[0], out[1]
             for _, params in optimisers:
                 for p in params:
                     p.grad = None
             for i, (loss, (_, params)) in enumerate(zip(losses, optimisers)):
                 loss.sum().backward(inputs=params, retain_graph=i < len(optimisers) - 1)
+        if after_backward is not None:
+            after_backward()
         for optimiser, _ in optimisers:
             optimiser.step(active_t)
-        return [loss.detach() for loss in losses], values.detach()
+        extras = out[2] if len(out) > 2 else []
+        return [loss.detach() for loss in losses] + [e.detach() for e in extras], values.detach()
 
-    train_step = graphed_step(detectors, one_step, stage.name)
+    train_step = graphed_step(detectors, one_step, stage.name) if step is None else None
     epoch, epochs_run = stage.first_epoch - 1, 0
     while (stage.epochs is None or epochs_run < stage.epochs) and alive.any():
         epoch, epochs_run = epoch + 1, epochs_run + 1
@@ -615,7 +769,12 @@ def train_stacked_stage(detectors: Sequence[Any], xs: Sequence[torch.Tensor],
             active_t = torch.from_numpy(active).to(device)
             snapshot = None if active.all() else stacked.buffers_snapshot()
             x = torch.stack([xs[k][idx[k]] for k in range(k_jobs)])
-            losses, values = train_step(x, active_t)
+            if step is not None:
+                outputs, values = step(x, active, steps.copy())
+                values = values.detach()
+            else:
+                extra = inputs(active, idx) if inputs is not None else ()
+                outputs, values = train_step(x, active_t, *extra)
             if snapshot is not None:
                 stacked.restore_buffers(snapshot, active_t)
             steps += active
@@ -624,7 +783,7 @@ def train_stacked_stage(detectors: Sequence[Any], xs: Sequence[torch.Tensor],
             sums = torch.where(active_t[:, None], values, torch.zeros_like(values)) if sums is None else \
                 torch.where(active_t[:, None], sums + values, sums)
             if after_step is not None:
-                after_step(active, steps, epoch, losses)
+                after_step(active, steps, epoch, outputs)
             s += 1
         epoch_errors = monitor.errors(epoch)
         for k in np.flatnonzero(in_epoch):
@@ -632,10 +791,16 @@ def train_stacked_stage(detectors: Sequence[Any], xs: Sequence[torch.Tensor],
             if epoch_errors[k] is not None:
                 errors[k], alive[k] = epoch_errors[k], False
                 continue
-            for name, value in zip(names, (sums[k] / int(n_steps[k])).tolist()):
+            n_k = int(n_steps[k])
+            means = epoch_means(k, sums[k], n_k) if epoch_means is not None else (sums[k] / n_k).tolist()
+            for name, value in zip(names, means):
                 histories[k].setdefault(name, []).append(value)
             stacked.unstack_into(k)
-            end_epoch(k, epoch, int(steps[k]), histories[k])
+            try:
+                end_epoch(k, epoch, int(steps[k]), histories[k])
+            except DivergedError as exc:
+                errors[k], alive[k] = exc, False
+                continue
             if det.progress_callback is not None:
                 det.progress_callback(stage.name, epochs_run, stage.planned_epochs(len(xs[k])))
             det._end_epoch(epoch, callbacks[k] if stage.epoch_callback else None)

@@ -19,7 +19,7 @@ from benchmark.cli import main
 from methods import get_method
 from methods.graphs import GraphedStep
 from methods.stacking import StackedAdam, fit_stacked
-from test_stacking import NARROW, RTOL, STABLE, STACKABLE, rel_diff
+from test_stacking import NARROW, RTOL, STABLE, STACKABLE, VARIANTS, rel_diff
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="CUDA graphs need a CUDA device (none here)")
@@ -86,20 +86,30 @@ def test_cli_refuses_cuda_graphs_without_a_gpu(tmp_path, capsys):
 
 
 def build(name: str, seed: int, graphs: bool, **extra):
-    spec = get_method(name)
-    det = spec.load()(**{**spec.settings("smoke", "mnist"), **NARROW.get(name, {}), **STABLE.get(name, {}), **extra},
-                      random_state=seed, device="cuda")
+    method, variant = VARIANTS.get(name, (name, {}))
+    spec = get_method(method)
+    det = spec.load()(**{**spec.settings("smoke", "mnist"), **variant, **NARROW.get(name, {}), **STABLE.get(name, {}),
+                         **extra}, random_state=seed, device="cuda")
     det.cuda_graphs = graphs
     return det
+
+
+def graph_budget(name: str) -> dict:
+    """12 steps at batch 16 in each stage (f-AnoGAN at n_critic 2: 6 generator steps, so its
+    generator phase is captured and replayed too, after the 3 warm-up steps)."""
+    if name == "f_anogan":
+        return {"gan_epochs": 2, "gan_max_steps": 12, "encoder_max_steps": 12, "batch_size": 16}
+    budget = {"epochs": 2, "max_steps": 12, "batch_size": 16}
+    if name in ("dsvdd", "dsvdd_soft"):
+        budget.update(ae_epochs=2, ae_max_steps=12, ae_batch_size=16)
+    return budget
 
 
 @needs_cuda
 @pytest.mark.parametrize("name", STACKABLE)
 def test_a_graphed_fit_scores_as_an_eager_fit(name, separable_task):
     X, X_test, _ = separable_task(n_train=128)
-    budget = {"epochs": 2, "max_steps": 12, "batch_size": 16}
-    if name == "dsvdd":
-        budget.update(ae_epochs=2, ae_max_steps=12, ae_batch_size=16)
+    budget = graph_budget(name)
     eager = build(name, 0, False, **budget).fit(X)
     graphed = build(name, 0, True, **budget).fit(X)
     stats = graphed.run_info()["graph_steps"]
@@ -112,9 +122,7 @@ def test_a_graphed_fit_scores_as_an_eager_fit(name, separable_task):
 @pytest.mark.parametrize("name", STACKABLE)
 def test_graphed_stacked_jobs_score_as_solo_jobs(name, separable_task):
     tasks = [separable_task(n_train=128, seed=i) for i in range(3)]
-    budget = {"epochs": 2, "max_steps": 12, "batch_size": 16}
-    if name == "dsvdd":
-        budget.update(ae_epochs=2, ae_max_steps=12, ae_batch_size=16)
+    budget = graph_budget(name)
     stacked = [build(name, s, True, **budget) for s in range(3)]
     assert fit_stacked(stacked, [X for X, _, _ in tasks]) == [None, None, None]
     for seed, (X, X_test, _) in enumerate(tasks):

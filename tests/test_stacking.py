@@ -7,7 +7,10 @@ differs from a solo fit by rounding, which Adam amplifies (its first updates are
 lr * sign(gradient), whatever the gradient's size). For scale, measured on these smoke jobs: a
 solo fit at 1 vs 2 threads differs by ~2.5e-4, stacked vs solo by 4e-4 to 4e-3 (GANomaly); a
 mix-up of jobs (another seed and data) differs at least ten times more than the job's own solo
-fit, which the negative control checks.
+fit, which the negative control checks. Measured max relative score differences, stacked vs
+solo, in the smoke and different-sizes tests (1 thread): f-AnoGAN <= 3e-7, DAGMM <= 3e-5, Deep SVDD
+soft-boundary <= 3e-7. DAGMM with each job's dropout masks drawn from a wrongly advanced stream
+differs by 2e-3 to 7e-3, under RTOL: hence the separate exact test of the masks.
 """
 from __future__ import annotations
 
@@ -20,11 +23,13 @@ from benchmark.runner import Job
 from benchmark.stacking import group_jobs
 from methods import get_method
 from methods.base import DivergedError
-from methods.stacking import StackedAdam, fit_stacked
+from methods.stacking import StackedAdam, StackedRMSprop, clip_grad_norm_per_job, fit_stacked
 from methods.torch_base import TorchDetector
 
 RTOL = 1e-2
-STACKABLE = ["ganomaly", "mem_ganomaly", "memae", "dsvdd"]
+# Test cases: a method's name, or a variant (its method and the settings that make it).
+VARIANTS = {"dsvdd_soft": ("dsvdd", {"objective": "soft-boundary", "warm_up_epochs": 0})}
+STACKABLE = ["ganomaly", "mem_ganomaly", "memae", "dsvdd", "dsvdd_soft", "f_anogan", "dagmm"]
 DEEP = ["ganomaly", "mem_ganomaly", "memae", "dsvdd", "f_anogan", "dagmm"]
 
 
@@ -38,15 +43,52 @@ NARROW = {"ganomaly": {"ngf": 8, "ndf": 8, "nz": 10}, "mem_ganomaly": {"ngf": 8,
 
 
 def smoke(name: str, narrow: bool = False, **extra):
-    spec = get_method(name)
-    settings = {**spec.settings("smoke", "mnist"), **(NARROW.get(name, {}) if narrow else {}), **extra}
+    method, variant = VARIANTS.get(name, (name, {}))
+    spec = get_method(method)
+    settings = {**spec.settings("smoke", "mnist"), **variant, **(NARROW.get(name, {}) if narrow else {}), **extra}
     return lambda seed: spec.load()(**settings, random_state=seed, device="cpu")
 
 
 # Mem_GANomaly at the paper's lr 2e-3 amplifies any rounding difference within a few steps: a
 # solo fit at 1 vs 2 threads differs by up to 2.5e-2 after the 4 smoke steps and 7e-2 after 7
 # (seeds 0-1), as much as stacked vs solo; at lr 2e-4 by <= 1e-3. Its tests use lr 2e-4.
-STABLE = {"ganomaly": {}, "mem_ganomaly": {"lr": 2e-4}, "memae": {}, "dsvdd": {}}
+STABLE = {"ganomaly": {}, "mem_ganomaly": {"lr": 2e-4}, "memae": {}, "dsvdd": {}, "dsvdd_soft": {}, "dagmm": {},
+          # f-AnoGAN: a generator step every 2nd critic step (the smoke budget's 4 critic steps
+          # would have none at n_critic 5) and flips on, so both are part of the comparison.
+          "f_anogan": {"n_critic": 2, "hflip": True}}
+# The different-sizes test's budget (2 epochs, 7 steps, batch 16) in each detector's arguments.
+BUDGET = {"dsvdd": {"ae_epochs": 2, "ae_max_steps": 7, "ae_batch_size": 16},
+          "f_anogan": {"gan_epochs": 2, "gan_max_steps": 7, "encoder_max_steps": 7, "batch_size": 16}}
+BUDGET["dsvdd_soft"] = {**BUDGET["dsvdd"], "warm_up_epochs": 1}  # the radius updates from epoch 2 on
+BUDGET["dagmm"] = {"grad_clip_norm": 5.0}  # clipped per job (its gradients' norms are far above 5 here)
+
+
+def budget(name: str) -> dict:
+    return BUDGET.get(name, {}) if name == "f_anogan" else {"epochs": 2, "max_steps": 7, "batch_size": 16,
+                                                           **BUDGET.get(name, {})}
+
+
+def steps_and_epochs(name: str, log: dict) -> tuple:
+    """The steps and epochs a training log records (None where it records none)."""
+    if name == "f_anogan":
+        return (log["stage1"]["critic_steps"], log["stage2"]["iterations"]), log["stage1"]["epochs"]
+    if name in ("memae", "dsvdd", "dsvdd_soft"):
+        return log.get("steps"), len(log["epoch_mean_loss"])
+    if name == "dagmm":
+        return None, len(log["loss"])
+    return log["steps"], log["epochs_run"]
+
+
+def same_structure(a: dict, b: dict) -> bool:
+    """Same keys at every level, same integer counters, lists of the same lengths."""
+    if a.keys() != b.keys():
+        return False
+    for key, value in a.items():
+        if isinstance(value, dict) and not same_structure(value, b[key]):
+            return False
+        if isinstance(value, int) and value != b[key] or isinstance(value, list) and len(value) != len(b[key]):
+            return False
+    return True
 
 
 @pytest.mark.parametrize("name", STACKABLE)
@@ -59,18 +101,22 @@ def test_stacked_smoke_jobs_score_as_solo_jobs(name, separable_task):
         solo = build(seed).fit(X)
         assert rel_diff(det.decision_function(X_test), solo.decision_function(X_test)) <= RTOL
         assert det.training_log_.get("steps") == solo.training_log_.get("steps")
-        assert det.training_log_.keys() == solo.training_log_.keys()
+        assert same_structure(det.training_log_, solo.training_log_)
+    if name == "f_anogan":
+        assert det.training_log_["stage1"]["generator_steps"] == 2  # 4 critic steps, n_critic 2
+    if name == "dsvdd_soft":
+        assert det.training_log_["radius"] == pytest.approx(solo.training_log_["radius"], rel=RTOL)
+        assert det.training_log_["radius"] > 0  # updated (from R = 0) after the warm-up
 
 
 @pytest.mark.parametrize("name", STACKABLE)
 def test_stacked_jobs_of_different_sizes_score_as_solo_jobs(name, separable_task):
     # Three jobs: different seeds, different data, one training set larger (more steps per
     # epoch: it trains alone for the epoch's last steps, the others are masked), two epochs.
-    budget = {"ae_epochs": 2, "ae_max_steps": 7, "ae_batch_size": 16} if name == "dsvdd" else {}
-    build = smoke(name, narrow=True, epochs=2, max_steps=7, batch_size=16, **budget, **STABLE[name])
+    build = smoke(name, narrow=True, **budget(name), **STABLE[name])
     # MemAE keeps the last incomplete batch: its jobs' sizes must be multiples of the batch;
     # Deep SVDD's jobs need one size.
-    sizes = {"memae": [64, 64, 80], "dsvdd": [70, 70, 70]}.get(name, [70, 70, 90])
+    sizes = {"memae": [64, 64, 80], "dsvdd": [70, 70, 70], "dsvdd_soft": [70, 70, 70]}.get(name, [70, 70, 90])
     tasks = [separable_task(n_train=n, seed=i) for i, n in enumerate(sizes)]
     seeds = [0, 1, 2]
     solo = [build(s).fit(X) for s, (X, _, _) in zip(seeds, tasks)]
@@ -80,19 +126,19 @@ def test_stacked_jobs_of_different_sizes_score_as_solo_jobs(name, separable_task
         expected = solo[k].decision_function(X_test)
         got = stacked[k].decision_function(X_test)
         assert rel_diff(got, expected) <= RTOL, (k, rel_diff(got, expected))
-        if name != "dsvdd":
-            assert stacked[k].training_log_["steps"] == solo[k].training_log_["steps"] == 7
-        epochs = ((lambda log: len(log["epoch_mean_loss"])) if name in ("memae", "dsvdd")
-                  else (lambda log: log["epochs_run"]))
-        assert epochs(stacked[k].training_log_) == epochs(solo[k].training_log_) == 2
+        steps, epochs = steps_and_epochs(name, stacked[k].training_log_)
+        assert (steps, epochs) == steps_and_epochs(name, solo[k].training_log_)
+        assert steps in (None, 7, (7, 7)) and epochs == 2
+        assert same_structure(stacked[k].training_log_, solo[k].training_log_)
     # Negative control: another job's solo model is much further off than the job's own.
     own = rel_diff(stacked[0].decision_function(tasks[0][1]), solo[0].decision_function(tasks[0][1]))
     other = rel_diff(stacked[0].decision_function(tasks[0][1]), solo[1].decision_function(tasks[0][1]))
     assert other > 10 * own
 
 
-def test_a_diverging_job_is_recorded_and_the_others_go_on(separable_task):
-    build = smoke("ganomaly", narrow=True)
+@pytest.mark.parametrize("name", STACKABLE)
+def test_a_diverging_job_is_recorded_and_the_others_go_on(name, separable_task):
+    build = smoke(name, narrow=True, **STABLE[name])
     X, X_test, _ = separable_task(n_train=48)
     bad = X.copy()
     bad[:] = np.nan  # every loss of this job is NaN from its first step
@@ -102,6 +148,52 @@ def test_a_diverging_job_is_recorded_and_the_others_go_on(separable_task):
     assert isinstance(errors[1], DivergedError) and errors[1].epoch == 1 and errors[1].step == 1
     alone = build(0).fit(X).decision_function(X_test)
     assert rel_diff(dets[0].decision_function(X_test), alone) <= RTOL
+
+
+def test_stacked_rmsprop_is_torch_rmsprop_per_job_and_masks_idle_jobs():
+    torch.manual_seed(0)
+    w = torch.randn(3, 2, 3)
+    ref = [torch.nn.Parameter(w[k].clone()) for k in range(3)]
+    opts = [torch.optim.RMSprop([p], lr=0.05) for p in ref]  # torch's defaults: alpha 0.99, eps 1e-8
+    stacked = torch.nn.Parameter(w.clone())
+    opt = StackedRMSprop([stacked], lr=0.05)
+    for step in range(5):
+        grads = torch.randn(3, 2, 3)
+        active = np.array([True, step % 2 == 0, False])  # job 1 sits out every other step, job 2 always
+        for k in range(3):
+            if active[k]:
+                ref[k].grad = grads[k].clone()
+                opts[k].step()
+        stacked.grad = grads.clone()
+        opt.step(active)
+    torch.testing.assert_close(stacked.detach(), torch.stack([p.detach() for p in ref]), rtol=1e-6, atol=1e-7)
+    assert torch.equal(stacked.detach()[2], w[2]) and torch.equal(opt.square_avg[0][2], torch.zeros(2, 3))
+    assert opt.steps.tolist() == [5, 3, 0]
+    # By hand, one step from zero state: v = 0.01 g^2, p -= lr * g / (sqrt(v) + eps) = lr * sign(g) * 10.
+    p = torch.nn.Parameter(torch.tensor([[1.0, -2.0]]))
+    one = StackedRMSprop([p], lr=0.1)
+    p.grad = torch.tensor([[3.0, -0.5]])
+    one.step(np.array([True]))
+    torch.testing.assert_close(p.detach(), torch.tensor([[1.0 - 1.0, -2.0 + 1.0]]), rtol=1e-5, atol=1e-6)
+
+
+def test_clip_grad_norm_per_job_is_torch_clip_per_job():
+    torch.manual_seed(1)
+    scale = torch.tensor([10.0, 0.1])  # job 0's gradient is clipped, job 1's is not
+    grads = [torch.randn(2, 4) * scale[:, None], torch.randn(2, 3, 2) * scale[:, None, None]]
+    stacked = [torch.nn.Parameter(torch.zeros_like(g)) for g in grads]
+    for p, g in zip(stacked, grads):
+        p.grad = g.clone()
+    norms = clip_grad_norm_per_job(stacked, 1.0)
+    for k in range(2):
+        ref = [torch.nn.Parameter(torch.zeros_like(g[k])) for g in grads]
+        for p, g in zip(ref, grads):
+            p.grad = g[k].clone()
+        total = torch.nn.utils.clip_grad_norm_(ref, 1.0)
+        torch.testing.assert_close(norms[k], total)
+        for p, q in zip(stacked, ref):
+            torch.testing.assert_close(p.grad[k], q.grad)
+    assert norms[0] > 1.0 > norms[1]
 
 
 def test_stacked_adam_is_torch_adam_per_job_and_masks_idle_jobs():
@@ -204,3 +296,92 @@ def test_stacked_run_writes_one_record_per_job_naming_its_group(shared_data, tmp
         assert record["stack"]["size"] == 2 and len(record["stack"]["jobs"]) == 2
         assert "stack" not in solo[name]
         assert abs(record["metrics"]["auroc"] - solo[name]["metrics"]["auroc"]) <= 0.01
+
+
+def test_dropout_mask_is_the_dropout_layers_mask_and_draws_as_it_does():
+    from methods.dagmm import dropout_mask
+
+    h = torch.randn(6, 10)
+    torch.manual_seed(3)
+    out = torch.nn.Dropout(0.5).train()(h)
+    after_layer = torch.get_rng_state()
+    torch.manual_seed(3)
+    mask = dropout_mask(h.shape, 0.5, h.dtype, h.device)
+    assert torch.equal(out, h * mask)
+    assert set(mask.unique().tolist()) == {0.0, 2.0}
+    assert torch.equal(torch.get_rng_state(), after_layer)  # the stream advanced exactly as by the layer
+
+
+def test_stacked_dagmm_jobs_use_their_solo_fits_dropout_masks(separable_task, monkeypatch):
+    # Scores alone would not show wrong masks: masks from a wrongly advanced stream move the
+    # scores by only 2e-3 to 7e-3 after these steps (see the module docstring).
+    import methods.dagmm as dagmm
+
+    build = smoke("dagmm", epochs=2, batch_size=16)
+    tasks = [separable_task(n_train=48, seed=i) for i in range(2)]
+    solo_masks: list = []
+    original = torch.nn.Dropout.forward
+
+    def recording(self, x):
+        out = original(self, x)
+        if self.training:
+            solo_masks[-1].append(out != 0)
+        return out
+
+    monkeypatch.setattr(torch.nn.Dropout, "forward", recording)
+    for seed, (X, _, _) in enumerate(tasks):
+        solo_masks.append([])
+        build(seed).fit(X)
+    monkeypatch.setattr(torch.nn.Dropout, "forward", original)
+    drawn: list = []
+    original_mask = dagmm.dropout_mask
+    monkeypatch.setattr(dagmm, "dropout_mask", lambda *a: drawn.append(original_mask(*a)) or drawn[-1])
+    assert fit_stacked([build(0), build(1)], [X for X, _, _ in tasks]) == [None, None]
+    assert len(solo_masks[0]) == len(solo_masks[1]) == 6  # 3 steps per epoch, 2 epochs
+    stacked_masks = [[m != 0 for m in drawn[k::2]] for k in range(2)]  # per step, job 0 then job 1
+    for k in range(2):
+        assert len(stacked_masks[k]) == 6
+        assert all(torch.equal(a, b) for a, b in zip(stacked_masks[k], solo_masks[k]))
+    assert not torch.equal(stacked_masks[0][0], stacked_masks[1][0])
+
+
+def test_a_dagmm_job_whose_covariance_goes_singular_diverges_alone(separable_task):
+    from methods.dagmm import mixture_parameters
+
+    build = smoke("dagmm", epochs=2, batch_size=16, cov_jitter=0.0)
+    X, X_test, _ = separable_task(n_train=64)
+    constant = np.full_like(X, 0.5)  # one code for every image: every covariance is singular
+    probe = build(1)
+    x = probe._begin_fit(constant)
+    probe._build_networks(x)
+    with torch.no_grad():
+        z, gamma, _ = probe._codes(x[:16])
+        assert torch.linalg.cholesky_ex(mixture_parameters(gamma, z)[2])[1].any()  # not positive definite
+    with pytest.raises(DivergedError) as solo_error:
+        build(1).fit(constant)
+    dets = [build(0), build(1)]
+    errors = fit_stacked(dets, [X, constant])
+    assert errors[0] is None
+    assert isinstance(errors[1], DivergedError)
+    assert (errors[1].epoch, errors[1].step) == (solo_error.value.epoch, solo_error.value.step) == (1, 1)
+    alone = build(0).fit(X).decision_function(X_test)
+    assert rel_diff(dets[0].decision_function(X_test), alone) <= RTOL
+    assert not hasattr(dets[1], "phi_")  # no mixture estimated for the diverged job
+
+
+def test_f_anogan_jobs_whose_gan_stage_ends_in_different_epochs(separable_task):
+    # Stage 1 capped at 5 critic steps: 3 per epoch at 48 images (ends in epoch 2), 6 at 96 (in
+    # epoch 1); stage 2's epochs are numbered on from there, per job, as in the solo fits.
+    build = smoke("f_anogan", gan_epochs=2, gan_max_steps=5, encoder_max_steps=4, n_critic=2, hflip=True)
+    tasks = [separable_task(n_train=n, seed=i) for i, n in enumerate([48, 96])]
+    seen: list = [[], []]
+    callbacks = [lambda epoch, det, k=k: seen[k].append(epoch) for k in range(2)]
+    dets = [build(0), build(1)]
+    assert fit_stacked(dets, [X for X, _, _ in tasks], callbacks) == [None, None]
+    for k, (X, X_test, _) in enumerate(tasks):
+        solo_seen: list = []
+        solo = build(k).fit(X, epoch_callback=lambda epoch, det: solo_seen.append(epoch))
+        assert seen[k] == solo_seen
+        assert rel_diff(dets[k].decision_function(X_test), solo.decision_function(X_test)) <= RTOL
+        assert same_structure(dets[k].training_log_, solo.training_log_)
+    assert seen == [[3, 4], [2]]  # stage 2 (4 steps): 3 steps per epoch at 48 images, 6 at 96
