@@ -230,6 +230,9 @@ def parse_config(argv: Sequence[str]) -> argparse.Namespace:
     if args.cuda_graphs and device.type != "cuda":
         raise UsageError(f"--cuda-graphs needs a CUDA device, but this run's device is {device} "
                          "(--device cuda on a machine with a GPU); drop the flag here")
+    if args.cuda_graphs and args.precision != "fp32":
+        raise UsageError(f"--cuda-graphs runs in fp32 only (the graphed step is the stacked engine's, which "
+                         f"bf16 autocast does not support yet); drop --cuda-graphs or --precision {args.precision}")
     _check_backend(args)
     args.override_map, overrides_flat = _parse_overrides(args.overrides, args.methods)
     args.profile_dir = args.profile
@@ -574,6 +577,9 @@ def _run_jobs(args: argparse.Namespace, jobs: list[Job], argv: list[str]) -> int
         from benchmark.stacking import auto_stack
 
         stack = args.stack_size if args.stack_size is not None else auto_stack(args.device)
+        if args.precision != "fp32" and stack > 1:  # methods/stacking.py: stacked training is fp32 only
+            print(f"note: --precision {args.precision} jobs train one at a time (stacking is fp32 only)")
+            stack = 1
         outcomes = execute(pending, settings, args.n_jobs, progress=not args.no_progress,
                            backend=args.backend, scheduler=args.scheduler, stack=stack)
     except BackendUnavailable as exc:

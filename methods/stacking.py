@@ -605,6 +605,10 @@ def fit_stacked(detectors: Sequence[Any], Xs: Sequence[np.ndarray],
     check_stackable(detectors)
     if not supports_stacking(detectors[0]):
         raise ValueError(f"{type(detectors[0]).__name__} cannot be trained stacked")
+    if any(getattr(det, "precision", "fp32") != "fp32" for det in detectors):
+        # Measured on torch 2.14 (CPU): under vmap, bf16 autocast leaves some convolutions with fp32
+        # weights and bf16 inputs (MemAE, Deep SVDD, Mem_GANomaly, f-AnoGAN fail), so bf16 trains alone.
+        raise ValueError("stacked training (and --cuda-graphs) runs in fp32 only; bf16 jobs train alone")
     callbacks = list(callbacks) if callbacks is not None else [None] * len(detectors)
     xs = []
     rng: Optional[JobRNG] = None

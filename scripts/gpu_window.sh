@@ -62,7 +62,7 @@ run() {
         echo "== 3. bf16 fidelity ($(left) s left)"
         if [ "$(left)" -gt 90 ]; then
             timeout -s INT $(( $(left) - 30 )) python run_all.py "${common[@]}" --profile "$profile" \
-                --methods mem_ganomaly --track-auroc --stack auto "${graphs[@]}" --precision bf16 \
+                --methods mem_ganomaly --track-auroc --precision bf16 \
                 --results-dir gpu_results --reports-dir gpu_reports
         fi
         python run_all.py --report-only --profile "$profile" --results-dir gpu_results --reports-dir gpu_reports

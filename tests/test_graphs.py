@@ -128,3 +128,13 @@ def test_graphed_stacked_jobs_score_as_solo_jobs(name, separable_task):
     for seed, (X, X_test, _) in enumerate(tasks):
         solo = build(name, seed, False, **budget).fit(X)
         assert rel_diff(stacked[seed].decision_function(X_test), solo.decision_function(X_test)) <= RTOL
+
+
+def test_bf16_jobs_do_not_stack():
+    spec = get_method("memae")
+    dets = [spec.load()(**spec.settings("smoke", "mnist"), random_state=s, device="cpu") for s in range(2)]
+    for det in dets:
+        det.precision = "bf16"
+    X = np.random.default_rng(0).random((32, 1, 28, 28), dtype=np.float32)
+    with pytest.raises(ValueError, match="fp32 only"):
+        fit_stacked(dets, [X, X])
