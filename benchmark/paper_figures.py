@@ -134,6 +134,8 @@ def fig6(results_dir: Path, profile_glob: str, out: Path, dataset: str = "cifar1
     for curve in curves:
         groups.setdefault((curve["memory_size"], curve["epochs"], curve["lr"], curve["base_profile"]), []).append(curve)
     budgets = sorted({key[1:] for key in groups}, key=str)
+    one_memory_size = len({key[0] for key in groups}) == 1 and len(budgets) > 1
+    varies = "learning rate and budget" if one_memory_size else "memory size N"
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     rows = []
@@ -142,8 +144,11 @@ def fig6(results_dir: Path, profile_glob: str, out: Path, dataset: str = "cifar1
         length = min(len(m["aurocs"]) for m in members)
         values = np.array([[np.nan if a is None else a for a in m["aurocs"][:length]] for m in members], dtype=float)
         mean = np.nanmean(values, axis=0) if len(members) > 1 else values[0]
-        label = f"N = {n}" + (f" ({epochs} ep, lr {lr:g})" if len(budgets) > 1 else "") + \
-            (f", {len(members)} seeds" if len(members) > 1 else "")
+        if one_memory_size:  # e.g. an lr sweep: the curves differ in their budget, not in N
+            label = f"lr {lr:g}, {epochs} ep" + (f", {base}" if len({b[2] for b in budgets}) > 1 else "")
+        else:
+            label = f"N = {n}" + (f" ({epochs} ep, lr {lr:g})" if len(budgets) > 1 else "")
+        label += f", {len(members)} seeds" if len(members) > 1 else ""
         ax.plot(np.arange(1, length + 1), mean, marker="o" if length <= 30 else None, ms=3, color=f"C{i % 10}",
                 label=label)
         finals = [m["final"] for m in members]
@@ -157,15 +162,16 @@ def fig6(results_dir: Path, profile_glob: str, out: Path, dataset: str = "cifar1
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
     ax.set_ylabel("test AUROC after the epoch (diagnostic)")
     ax.set_title(f"{TITLES.get(dataset, dataset)}, normal class {class_name}: Mem_GANomaly AUROC over training by "
-                 f"memory size N\nbudget: {budget}", fontsize=9)
+                 f"{varies}\nbudget: {budget}", fontsize=9)
     ax.axhline(0.5, color="grey", ls=":", lw=1)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    caption = (f"Fig. 6 redrawn: {TITLES.get(dataset, dataset)}, normal class {class_name} ({protocol} protocol), test "
+    caption = (f"{'AUROC over training' if one_memory_size else 'Fig. 6 redrawn'}: {TITLES.get(dataset, dataset)}, normal class {class_name} ({protocol} protocol), test "
                f"AUROC after every epoch (--track-auroc: a diagnostic of training dynamics, "
                f"never used to pick a model), "
-               f"one curve per memory size N (mean over seeds where several). Budget: {budget}. Records: "
+               f"one curve per {'setting' if one_memory_size else 'memory size N'} (mean over seeds where several). "
+               f"Budget: {budget}. Records: "
                f"`{results_dir}/{profile_glob}`.\n\n| N | epochs | lr | profile | seeds | final AUROC | "
                f"best epoch on the test set (optimistic) |\n| --- | --- | --- | --- | --- | --- | --- |\n"
                + "\n".join(rows))
