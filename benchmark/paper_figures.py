@@ -167,7 +167,8 @@ def fig6(results_dir: Path, profile_glob: str, out: Path, dataset: str = "cifar1
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    caption = (f"{'AUROC over training' if one_memory_size else 'Fig. 6 redrawn'}: {TITLES.get(dataset, dataset)}, normal class {class_name} ({protocol} protocol), test "
+    what = "AUROC over training" if one_memory_size else "Fig. 6 redrawn"
+    caption = (f"{what}: {TITLES.get(dataset, dataset)}, normal class {class_name} ({protocol} protocol), test "
                f"AUROC after every epoch (--track-auroc: a diagnostic of training dynamics, "
                f"never used to pick a model), "
                f"one curve per {'setting' if one_memory_size else 'memory size N'} (mean over seeds where several). "
