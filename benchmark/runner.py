@@ -229,9 +229,9 @@ def _prepare(job: Job, settings: RunSettings, record: dict, progress: Optional[C
     if settings.cuda_graphs:
         from methods.stacking import supports_stacking
 
-        # Only the stacked engine has a graph path; other detectors train as usual, and say so.
-        record["cuda_graphs"] = supports_stacking(detector)
-        if record["cuda_graphs"]:
+        # Only the stacked engine has a graph path; other detectors train as usual (their run_info
+        # says cuda_graphs False).
+        if supports_stacking(detector):
             detector.cuda_graphs = True
     if progress is not None and hasattr(detector, "progress_callback"):
         detector.progress_callback = lambda stage, done, planned: progress(key, stage, done, planned)

@@ -519,10 +519,11 @@ class FAnoGAN(TorchDetector):
         critic_phase = graphed_step(detectors, critic_update, gan_stage.name)
         generator_phase = graphed_step(detectors, generator_update, gan_stage.name + "_generator")
 
-        def gan_step(x: torch.Tensor, active: np.ndarray, steps: np.ndarray) -> tuple[list, torch.Tensor]:
+        def gan_step(x: torch.Tensor, active: np.ndarray, active_t: torch.Tensor,
+                     steps: np.ndarray) -> tuple[list, torch.Tensor]:
             n = x.shape[1]
             draws = job_draws(active, lambda k: (detectors[k]._draw_flips(n), *detectors[k]._critic_draws(n)))
-            values = critic_phase(x, torch.from_numpy(active).to(device), *draws)
+            values = critic_phase(x, active_t, *draws)
             due = active & ((steps + 1) % first.n_critic == 0)  # the job's critic step count, 1-based
             loss_g = torch.zeros(k_jobs, dtype=values.dtype, device=device)
             if due.any():  # decided on the host from host counts: no device sync

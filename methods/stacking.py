@@ -468,7 +468,6 @@ class LockstepBatches:
             # A training set smaller than one batch is one smaller batch, of another size than the others'.
             raise ValueError("stacked jobs need training sets of at least one batch each, or of one size")
 
-
     def indices(self, step: int) -> tuple[list[torch.Tensor], np.ndarray]:
         """The jobs' minibatch indices at one step.
 
@@ -666,7 +665,7 @@ def train_stacked_stage(detectors: Sequence[Any], xs: Sequence[torch.Tensor],
                         begin_epoch: Optional[Callable[[int], None]] = None, *,
                         inputs: Optional[Callable[[np.ndarray, list[torch.Tensor]], Sequence[torch.Tensor]]] = None,
                         after_backward: Optional[Callable[[], None]] = None,
-                        step: Optional[Callable[[torch.Tensor, np.ndarray, np.ndarray],
+                        step: Optional[Callable[[torch.Tensor, np.ndarray, torch.Tensor, np.ndarray],
                                                 tuple[list[torch.Tensor], torch.Tensor]]] = None,
                         epoch_means: Optional[Callable[[int, torch.Tensor, int], list[float]]] = None,
                         ) -> list[Optional[DivergedError]]:
@@ -715,10 +714,10 @@ def train_stacked_stage(detectors: Sequence[Any], xs: Sequence[torch.Tensor],
     after_backward : callable, optional
         Called between the backward pass and the optimiser steps (gradient clipping).
     step : callable, optional
-        step(x, active, steps) -> (outputs, logged values (K, V)): does the whole step (its own
-        forward passes, backward passes and optimiser steps for `active`, each phase through
-        `graphed_step` if it is to be captured); `x` (K, B, ...) the minibatches, `steps` each
-        job's step count before this step.
+        step(x, active, active_t, steps) -> (outputs, logged values (K, V)): does the whole step
+        (its own forward passes, backward passes and optimiser steps for `active`, each phase
+        through `graphed_step` if it is to be captured); `x` (K, B, ...) the minibatches, `active_t`
+        the mask on the device, `steps` each job's step count before this step.
     epoch_means : callable, optional
         epoch_means(k, sums_k, n_steps_k) -> job k's epoch means (default sums / steps).
 
@@ -731,7 +730,8 @@ def train_stacked_stage(detectors: Sequence[Any], xs: Sequence[torch.Tensor],
     histories: list[dict] = [{} for _ in detectors]
     errors: list[Optional[DivergedError]] = [None] * k_jobs
     alive = np.ones(k_jobs, dtype=bool)
-    steps = np.zeros(k_jobs, dtype=np.int64)
+    steps = np.zeros(k_jobs, dtype=np.int64)  # on the host, for the loop's decisions ...
+    steps_t = torch.zeros(k_jobs, dtype=torch.long, device=device)  # ... and on the device, for the monitor
     monitor = JobMonitor(k_jobs, device)
     cap = stage.max_steps if stage.max_steps is not None else np.iinfo(np.int64).max
 
@@ -774,7 +774,7 @@ def train_stacked_stage(detectors: Sequence[Any], xs: Sequence[torch.Tensor],
             snapshot = None if active.all() else stacked.buffers_snapshot()
             x = torch.stack([xs[k][idx[k]] for k in range(k_jobs)])
             if step is not None:
-                outputs, values = step(x, active, steps.copy())
+                outputs, values = step(x, active, active_t, steps.copy())
                 values = values.detach()
             else:
                 extra = inputs(active, idx) if inputs is not None else ()
@@ -782,8 +782,9 @@ def train_stacked_stage(detectors: Sequence[Any], xs: Sequence[torch.Tensor],
             if snapshot is not None:
                 stacked.restore_buffers(snapshot, active_t)
             steps += active
+            steps_t += active_t
             n_steps += active
-            monitor.update(torch.from_numpy(steps).to(device), values, active_t)
+            monitor.update(steps_t, values, active_t)
             sums = torch.where(active_t[:, None], values, torch.zeros_like(values)) if sums is None else \
                 torch.where(active_t[:, None], sums + values, sums)
             if after_step is not None:

@@ -16,10 +16,9 @@ import pytest
 import torch
 
 from benchmark.cli import main
-from methods import get_method
 from methods.graphs import GraphedStep
 from methods.stacking import StackedAdam, fit_stacked
-from test_stacking import NARROW, RTOL, STABLE, STACKABLE, VARIANTS, rel_diff
+from test_stacking import RTOL, STABLE, STACKABLE, rel_diff, smoke
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="CUDA graphs need a CUDA device (none here)")
@@ -69,7 +68,7 @@ def test_a_tensor_mask_steps_as_a_numpy_mask():
 def test_graphs_are_refused_on_a_cpu():
     with pytest.raises(ValueError, match="CUDA device"):
         GraphedStep(lambda x: x, torch.device("cpu"))
-    det = get_method("ganomaly").load()(**get_method("ganomaly").settings("smoke", "mnist"), device="cpu")
+    det = smoke("ganomaly")(0)
     det.cuda_graphs = True
     with pytest.raises(ValueError, match="cuda_graphs needs a CUDA device"):
         det.fit(np.random.default_rng(0).random((32, 1, 28, 28), dtype=np.float32))
@@ -86,10 +85,7 @@ def test_cli_refuses_cuda_graphs_without_a_gpu(tmp_path, capsys):
 
 
 def build(name: str, seed: int, graphs: bool, **extra):
-    method, variant = VARIANTS.get(name, (name, {}))
-    spec = get_method(method)
-    det = spec.load()(**{**spec.settings("smoke", "mnist"), **variant, **NARROW.get(name, {}), **STABLE.get(name, {}),
-                         **extra}, random_state=seed, device="cuda")
+    det = smoke(name, narrow=True, device="cuda", **{**STABLE.get(name, {}), **extra})(seed)
     det.cuda_graphs = graphs
     return det
 
@@ -131,8 +127,7 @@ def test_graphed_stacked_jobs_score_as_solo_jobs(name, separable_task):
 
 
 def test_bf16_jobs_do_not_stack():
-    spec = get_method("memae")
-    dets = [spec.load()(**spec.settings("smoke", "mnist"), random_state=s, device="cpu") for s in range(2)]
+    dets = [smoke("memae")(seed) for seed in range(2)]
     for det in dets:
         det.precision = "bf16"
     X = np.random.default_rng(0).random((32, 1, 28, 28), dtype=np.float32)

@@ -42,11 +42,11 @@ def rel_diff(a: np.ndarray, b: np.ndarray) -> float:
 NARROW = {"ganomaly": {"ngf": 8, "ndf": 8, "nz": 10}, "mem_ganomaly": {"ngf": 8, "ndf": 8, "nz": 10, "memory_size": 20}}
 
 
-def smoke(name: str, narrow: bool = False, **extra):
+def smoke(name: str, narrow: bool = False, device: str = "cpu", **extra):
     method, variant = VARIANTS.get(name, (name, {}))
     spec = get_method(method)
     settings = {**spec.settings("smoke", "mnist"), **variant, **(NARROW.get(name, {}) if narrow else {}), **extra}
-    return lambda seed: spec.load()(**settings, random_state=seed, device="cpu")
+    return lambda seed: spec.load()(**settings, random_state=seed, device=device)
 
 
 # Mem_GANomaly at the paper's lr 2e-3 amplifies any rounding difference within a few steps: a
