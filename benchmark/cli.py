@@ -100,8 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     parser.add_argument("--val-fraction", default=str(DEFAULT_VAL_FRACTION),
                         help="share of the normal training images held out to set a threshold without test labels, "
-                             f"in [0, 0.5] (default {DEFAULT_VAL_FRACTION}; 0 = none); another value goes to "
-                             "<profile>+val<f>")
+                             f"in [0, 0.5] (default {DEFAULT_VAL_FRACTION:g}: train on all of them, as the paper); "
+                             "another value (e.g. 0.1) is an opt-in held-out run whose records go to <profile>+val<f>")
     parser.add_argument("--stack", default="auto", metavar="K",
                         help="train up to K jobs that differ only in class / seed together as one batched model "
                              "(default auto: 1 on the CPU, more on a GPU); deep detectors that support it")
