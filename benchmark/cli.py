@@ -140,10 +140,12 @@ def _parse_int(text: str, what: str, low: int, high: int) -> int:
     return value
 
 
-def _parse_classes(tokens: Optional[list[str]], datasets: list[str]) -> list[int]:
+def _parse_classes(tokens: Optional[list[str]], datasets: list[str]) -> Optional[list[int]]:
+    """The --classes given (each must exist in every selected dataset), or None: every class of each
+    dataset (datasets may have different class counts)."""
     n_classes = min(len(CLASS_NAMES[d]) for d in datasets)
     if not tokens:
-        return list(range(n_classes))
+        return None
     names = {name.lower(): i for d in datasets for i, name in enumerate(CLASS_NAMES[d])}
     classes = []
     for token in tokens:
@@ -215,7 +217,10 @@ def parse_config(argv: Sequence[str]) -> argparse.Namespace:
         try:
             get_method(name)
         except KeyError as exc:
-            raise UsageError(f"unknown method {name!r} ({exc.args[0]}); valid choices: {', '.join(_registry_names())}, "
+            # A pyod name's KeyError carries pyod's reason; a plain unknown name's carries the name itself.
+            reason = str(exc.args[0]) if exc.args else ""
+            detail = f" ({reason})" if reason and reason != name else ""
+            raise UsageError(f"unknown method {name!r}{detail}; valid choices: {', '.join(_registry_names())}, "
                              "or pyod:<model> for any pyod model (e.g. pyod:knn)"
                              f"{did_you_mean(name, _registry_names())}") from None
     args.methods = list(dict.fromkeys(args.methods))
@@ -362,7 +367,8 @@ def build_jobs(args: argparse.Namespace) -> list[Job]:
 
     jobs = []
     for dataset in args.datasets:
-        for normal_class in args.class_ids:
+        classes = args.class_ids if args.class_ids is not None else range(len(CLASS_NAMES[dataset]))
+        for normal_class in classes:
             for method in args.methods:
                 spec = get_method(method)
                 cls = spec.load()
@@ -451,9 +457,11 @@ def _report(args: argparse.Namespace) -> None:
             print(f"sensitivity: no records of the sweep {args.sweep_spec.name} yet", file=sys.stderr)
 
 
-def _print_estimate(args: argparse.Namespace, pending: list[Job], settings: RunSettings) -> int:
+def _print_estimate(args: argparse.Namespace, pending: list[Job], settings: RunSettings) -> tuple[int, Any]:
     """The expected wall time of the pending jobs (`--estimate`, and before every paper / quick
-    run). On a CPU, past an hour, also the quick profile's. Returns the exit code for --estimate."""
+    run), from finished records in the results folder where there are some, else a calibration.
+    On a CPU, past an hour, also the quick profile's. Returns the exit code for --estimate and the
+    estimate (None when it failed), whose per-job figures the progress display uses."""
     from benchmark.estimate import describe, estimate_jobs, format_seconds
     from benchmark.runner import _limit_threads
     from methods.torch_base import resolve_device
@@ -464,24 +472,29 @@ def _print_estimate(args: argparse.Namespace, pending: list[Job], settings: RunS
     def log(text: str) -> None:
         print(text, file=sys.stderr, flush=True)
 
+    def estimate_of(jobs: list[Job]) -> Any:
+        return estimate_jobs(jobs, args.data_root, not args.no_download, n_parallel, args.device, log,
+                             results_dir=Path(args.results_dir), precision=args.precision,
+                             val_fraction=args.val_fraction)
+
     try:
-        estimate = estimate_jobs(pending, args.data_root, not args.no_download, n_parallel, args.device, log)
+        estimate = estimate_of(pending)
     except Exception as exc:  # noqa: BLE001 - an estimate must never stop a run
         print(f"no estimate: the calibration failed ({type(exc).__name__}: {exc})", file=sys.stderr)
-        return 1
+        return 1, None
     print(describe(estimate), flush=True)
     if resolve_device(args.device).type == "cpu" and estimate.wall_seconds > 3600 and args.profile != "quick":
         quick_args = parse_config([*args.argv_for_estimate, "--profile", "quick"])
         quick_jobs = build_jobs(quick_args)
         try:
-            quick = estimate_jobs(quick_jobs, args.data_root, not args.no_download, n_parallel, args.device, log)
+            quick = estimate_of(quick_jobs)
             quick_text = f"about {format_seconds(quick.wall_seconds)} for its {len(quick_jobs)} jobs"
         except Exception as exc:  # noqa: BLE001
             quick_text = f"no estimate ({type(exc).__name__}: {exc})"
         print(f"note: on this CPU the {args.profile} profile takes about {format_seconds(estimate.wall_seconds)}; "
               f"`--profile quick` (CPU budgets, the same jobs) takes {quick_text}. "
               f"A GPU (--device cuda) is the way to the paper's budgets.", flush=True)
-    return 0
+    return 0, estimate
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -543,6 +556,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return exit_code
 
 
+def _records_of_another_training_set(results_dir: Path, jobs: list[Job], val_fraction: float) -> list[tuple]:
+    """(job label, held-out share) of the jobs' existing records made with another --val-fraction."""
+    found = []
+    for job in jobs:
+        record, _ = existing_record(results_dir, job.key)
+        if record is None:
+            continue
+        recorded = float((record.get("sampling") or {}).get("val_fraction") or 0.0)
+        if recorded != val_fraction:
+            found.append((job.key.label(), recorded))
+    return found
+
+
 def _run_jobs(args: argparse.Namespace, jobs: list[Job], argv: list[str]) -> int:
     """Run the jobs of one configuration that have no ok / diverged record yet. Returns 0, 1 (a
     job failed, diverged or was lost, or the results folder became unwritable), 2 (the backend could not
@@ -560,6 +586,17 @@ def _run_jobs(args: argparse.Namespace, jobs: list[Job], argv: list[str]) -> int
             pending.append(job)
     for problem in unreadable:
         print(f"warning: {problem}; the job will be rerun", file=sys.stderr)
+    mixed = _records_of_another_training_set(results_dir, jobs, args.val_fraction)
+    if mixed:
+        folder = results_dir / args.profile_dir
+        held = sorted({fraction for _, fraction in mixed})
+        target = f"{folder}+val{held[0]:g}" if len(held) == 1 else f"{folder}-old"
+        print(f"{prog_name()}: error: {folder} holds {len(mixed)} records of these jobs trained with --val-fraction "
+              f"{', '.join(f'{f:g}' for f in held)} (the default before the paper's whole training set became the "
+              f"default), e.g. {mixed[0][0]}; this run (--val-fraction {args.val_fraction:g}) would mix two training "
+              f"sets in one table. Nothing was trained. Move them out of the way (mv {folder} {target}) or choose "
+              "another --results-dir", file=sys.stderr)
+        return 2
     print(f"{len(jobs)} jobs: {len(already)} already recorded, {len(pending)} to run "
           f"(profile {args.profile_dir}, protocol {args.protocol}, data {resolve_data_root(args.data_root)})")
     settings = RunSettings(results_dir=results_dir, data_root=args.data_root, download=not args.no_download,
@@ -568,10 +605,13 @@ def _run_jobs(args: argparse.Namespace, jobs: list[Job], argv: list[str]) -> int
                            provenance=provenance([prog_name(), *argv]),
                            force=args.force, started_at=time.time(), val_fraction=args.val_fraction,
                            precision=args.precision, cuda_graphs=args.cuda_graphs)
+    expected: dict = {}
     if args.estimate or (args.profile != "smoke" and pending):
-        code = _print_estimate(args, pending, settings)
+        code, estimate = _print_estimate(args, pending, settings)
         if args.estimate:
             return code
+        if estimate is not None:  # the progress display's remaining time comes from the same figures
+            expected = {job.key: job_estimate.seconds for job, job_estimate in zip(pending, estimate.jobs)}
     started = time.perf_counter()
     try:
         from benchmark.stacking import auto_stack
@@ -581,7 +621,7 @@ def _run_jobs(args: argparse.Namespace, jobs: list[Job], argv: list[str]) -> int
             print(f"note: --precision {args.precision} jobs train one at a time (stacking is fp32 only)")
             stack = 1
         outcomes = execute(pending, settings, args.n_jobs, progress=not args.no_progress,
-                           backend=args.backend, scheduler=args.scheduler, stack=stack)
+                           backend=args.backend, scheduler=args.scheduler, stack=stack, expected_seconds=expected)
     except BackendUnavailable as exc:
         print(f"{prog_name()}: error: {exc}; nothing was trained", file=sys.stderr)
         return 2

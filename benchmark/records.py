@@ -1,8 +1,10 @@
 """Job records on disk: one JSON record + one compressed .npz of per-image scores and labels
 per job, written atomically; per-job locks so concurrent runners never train a job twice at once.
 
-Layout: <results>/<profile>/<protocol>/<dataset>/<method>/class<k>_seed<s>.{json,npz,lock}
-(<profile> carries a "+tag" suffix for runs with overridden hyperparameters).
+Layout: <results>/<profile>/<protocol>/<dataset>/<method>/class<k>_seed<s>.{json,npz}, plus
+class<k>_seed<s>.lock while a runner works on the job (deleted when it lets go, Ctrl-C included; only
+a runner killed outright leaves one, which blocks nothing) (<profile> carries a "+tag" suffix for runs
+with overridden hyperparameters).
 The JSON is written last: a record exists only once its scores are safely on disk.
 """
 from __future__ import annotations
@@ -284,34 +286,83 @@ def existing_record(results_dir: Path, key: JobKey) -> tuple[Optional[dict], Opt
 class JobLock:
     """An exclusive flock on the job's .lock file. The OS drops it when its holder dies, so a
     crashed runner never blocks a job. Used as a context manager; `acquire(blocking=False)`
-    returns False when another live runner holds it."""
+    returns False when another live runner holds it.
+
+    `release` deletes the file (so a finished or interrupted run leaves no lock files) while still
+    holding the lock. Another runner may have opened the same file meanwhile and be waiting on it:
+    once it gets the lock of that deleted file, `acquire` sees that the path no longer names the
+    file it locked and starts again on the path's current file, so two runners never both hold
+    "the" lock of a job. Only a runner killed outright (SIGKILL) leaves its file behind, unlocked.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self._fd: Optional[int] = None
 
     def acquire(self, blocking: bool = False) -> bool:
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as exc:
-            raise ResultsWriteError(exc.errno, f"cannot create the lock file {self.path}: {exc.strerror}",
-                                    str(self.path)) from exc
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
-        except OSError as exc:
-            os.close(self._fd)
+        """Take the lock.
+
+        Parameters
+        ----------
+        blocking : bool, default=False
+            Wait while another runner holds it (else return False at once).
+
+        Returns
+        -------
+        bool
+            True once held; False when another live runner holds it (non-blocking only).
+
+        Raises
+        ------
+        ResultsWriteError
+            When the lock file cannot be created.
+        """
+        while True:
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as exc:
+                raise ResultsWriteError(exc.errno, f"cannot create the lock file {self.path}: {exc.strerror}",
+                                        str(self.path)) from exc
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+            except OSError as exc:
+                os.close(fd)
+                if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    return False
+                raise
+            except BaseException:  # e.g. Ctrl-C while waiting
+                os.close(fd)
+                raise
+            self._fd = fd  # at once, so that an interrupt from here on still finds it to release
+            if self._names(fd):
+                return True
             self._fd = None
-            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                return False
-            raise
-        return True
+            os.close(fd)  # its holder deleted the file after we opened it: lock the path's current file
+
+    def _names(self, fd: int) -> bool:
+        """Whether `self.path` still names the file open as `fd`."""
+        try:
+            on_disk = os.stat(self.path)
+        except FileNotFoundError:
+            return False
+        held = os.fstat(fd)
+        return (held.st_dev, held.st_ino) == (on_disk.st_dev, on_disk.st_ino)
 
     def release(self) -> None:
-        if self._fd is not None:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
-            self._fd = None
+        """Delete the lock file and let go of the lock (a no-op when not held)."""
+        if self._fd is None:
+            return
+        fd, self._fd = self._fd, None
+        try:
+            # Still locked here, so no other runner holds this file; one waiting on it re-checks the path.
+            if self._names(fd):
+                self.path.unlink()
+        except OSError:
+            pass  # a lock file that stays behind only costs a stray empty file
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
 
     def __enter__(self) -> "JobLock":
         self.acquire(blocking=True)

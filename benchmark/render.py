@@ -22,7 +22,8 @@ rules, notes below). Its first lines are comments naming what it needs: only `bo
 plain `article`, plus `graphicx` in the rare case a table is too wide to fit at `\\scriptsize` and is
 scaled with `\\resizebox`. The font size (`\\small`, `\\footnotesize` or `\\scriptsize`) and the column
 separation are chosen from an estimate of the table's width so it fits the 345 pt text width of a
-one-column 10 pt article.
+one-column 10 pt article. A header wider than its column's cells may be set on two lines, broken at a
+space only: a method name ("Mem_GANomaly", "f-AnoGAN") always stays whole.
 """
 
 from __future__ import annotations
@@ -43,6 +44,9 @@ TEXT_WIDTH_PT = 345.0  # \textwidth of a one-column article at 10 pt (letter and
 _SIZES = (
     ("\\small", 9.25, 4.0, "\\scriptsize", 7.97),
     ("\\footnotesize", 8.5, 3.0, "\\scriptsize", 7.97),
+    # Before shrinking the text, narrower gaps: a paper-sized table whose headers are whole method names
+    # ("Mem_GANomaly" is never broken) then still fits at \footnotesize.
+    ("\\footnotesize", 8.5, 2.0, "\\scriptsize", 7.97),
     ("\\scriptsize", 7.97, 2.5, "\\tiny", 6.8),
 )
 _LATEX_SPECIALS = {
@@ -56,6 +60,7 @@ _LATEX_SPECIALS = {
     "}": r"\}",
     "~": r"\textasciitilde{}",
     "^": r"\textasciicircum{}",
+    "--": "-{}-",  # an option such as --val-fraction, not an en dash
     DASH: "--",
     "—": "---",
     "±": r"$\pm$",
@@ -204,12 +209,11 @@ class ReportTable:
     ) -> tuple[list[str], list[list[str]], list[list[str]], float]:
         """(index header lines, column header lines, group title lines, table width in pt) at one
         font size. A header much wider than its column's cells, or a group title wider than its
-        columns, is broken in two at a space, '_', '-' or ':' (e.g. "Mem_" over "GANomaly")."""
+        columns, is broken in two at a space only ("false-alarm" over "rate"), so a name such as
+        "Mem_GANomaly", "f-AnoGAN" or "pyod:knn" always stays whole on one line."""
 
         def split(text: str, room: float) -> list[str]:
-            breaks = [i + 1 for i, ch in enumerate(text[:-1]) if ch in " _-:" and 3 <= i and len(text) - i >= 4]
-            if any(text[i - 1] == " " for i in breaks):  # prefer spaces: "false-alarm" over "rate"
-                breaks = [i for i in breaks if text[i - 1] == " "]
+            breaks = [i + 1 for i, ch in enumerate(text[:-1]) if ch == " " and 3 <= i and len(text) - i >= 4]
             if not breaks or _width_em(text) * points <= room:
                 return [text]
             cut = min(breaks, key=lambda i: max(_width_em(text[:i].rstrip()), _width_em(text[i:])))
@@ -314,7 +318,8 @@ def latex_escape(text: str) -> str:
     Returns
     -------
     str
-        LaTeX source: specials escaped, en dash as `--`, ± as `$\\pm$`, a minus sign before a digit as `$-$`.
+        LaTeX source: specials escaped, en dash as `--`, a typed `--` kept as two hyphens (`-{}-`), ± as
+        `$\\pm$`, a minus sign before a digit as `$-$`.
     """
     text = _LATEX_RE.sub(lambda m: _LATEX_SPECIALS[m.group(0)], str(text))
     return re.sub(r"(?<![\w)])-(?=\d|\.\d)", "$-$", text)

@@ -11,8 +11,15 @@ for each dataset WITH records:
 
 and, with MNIST records, table4_mnist_threshold_metrics.{md,tex}: one row per method, the paper's
 Table 4 (threshold = Youden point on the test labels) beside the same metrics at a threshold set
-without test labels (the 95th percentile of held-out normal training images' scores). Finally
+without test labels (the 95th percentile of held-out normal training images' scores). Those label-free
+columns come from the records themselves when they hold them (runs made with a held-out share), else,
+for a profile folder without a "+val" tag, from the opt-in held-out run beside it
+(<results>/<profile>+val<f>/, `--val-fraction f`, trained on 1 - f of the normal images); without
+either, Table 4 has the Youden columns only and its notes say how to get the others. Finally
 records.csv (one row per record) and index.html (every table and figure on one self-contained page).
+
+Every table lists the detectors in one order, `method_order`'s: the paper's Table 1 columns, then any
+other detector alphabetically.
 
 The report layer reads records and scores only: it imports neither `methods` nor torch. A method's
 display label comes from its record (`method_label`); older records fall back to the paper's
@@ -22,9 +29,10 @@ label of the same name, else the method name. A missing cell is a dash, never a 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Optional
+from typing import Iterable, Optional, Union
 
 import numpy as np
 import pandas as pd
@@ -181,24 +189,100 @@ def load_records(results_dir: Path, profile: str, protocol: Optional[str] = None
     return pd.DataFrame(rows, columns=COLUMNS), problems
 
 
-def method_order(frame: pd.DataFrame, first: Optional[list[str]] = None) -> list[str]:
-    """The method labels with records in `frame`, in display order.
+def method_order(labels: Union[pd.DataFrame, Iterable[str]]) -> list[str]:
+    """The detector order of every table (Tables 1-4, seeds, verdicts, best epoch, memory health, records.csv).
+
+    Parameters
+    ----------
+    labels : pandas.DataFrame or iterable of str
+        Record rows (`load_records`' columns; their `label` column is used) or display labels.
+
+    Returns
+    -------
+    list of str
+        The labels present, each once: the paper's Table 1 column order first (iForest, DAGMM, f-AnoGAN,
+        MemAE, GANomaly, DSVDD, Mem_GANomaly), then any other detector alphabetically.
+    """
+    if isinstance(labels, pd.DataFrame):
+        labels = labels["label"] if len(labels) else []
+    present = set(labels)
+    first = paper_labels()
+    return [m for m in first if m in present] + sorted(present - set(first))
+
+
+def in_method_order(frame: pd.DataFrame) -> pd.DataFrame:
+    """Record rows sorted by protocol, dataset and `method_order`, otherwise in their order (a stable sort).
 
     Parameters
     ----------
     frame : pandas.DataFrame
         Record rows (`load_records`' columns).
-    first : list of str, optional
-        Labels to put first, in this order (default: the paper's column order).
 
     Returns
     -------
-    list of str
-        Those of `first` with records, in that order, then the others alphabetically.
+    pandas.DataFrame
+        The same rows, reordered.
     """
-    present = set(frame["label"]) if len(frame) else set()
-    first = list(dict.fromkeys(paper_labels() if first is None else first))
-    return [m for m in first if m in present] + sorted(present - set(first))
+    rank = {label: i for i, label in enumerate(method_order(frame))}
+    keys = frame[["protocol", "dataset"]].assign(_rank=frame["label"].map(rank))
+    return frame.loc[keys.sort_values(["protocol", "dataset", "_rank"], kind="stable").index]
+
+
+@dataclass(frozen=True)
+class HeldOutRun:
+    """The opt-in held-out run beside a profile folder, the source of Table 4's label-free columns.
+
+    Attributes
+    ----------
+    profile : str
+        Its folder name under the results root, e.g. "quick+val0.1".
+    fraction : float
+        The share f of the normal training images it held out (`--val-fraction f`); it trained on 1 - f.
+    frame : pandas.DataFrame
+        Its MNIST record rows of the protocol (`load_records`' columns).
+    """
+
+    profile: str
+    fraction: float
+    frame: pd.DataFrame
+
+
+def held_out_run(results_dir: Path, profile: str, protocol: str = "paper") -> Optional[HeldOutRun]:
+    """The held-out run beside a default profile folder, when it has MNIST records of `protocol`.
+
+    Parameters
+    ----------
+    results_dir : Path
+        The results root.
+    profile : str
+        A profile folder name without a "+val" tag (e.g. "quick"); its sibling is "<profile>+val<f>".
+    protocol : str, default="paper"
+        The protocol its records must have.
+
+    Returns
+    -------
+    HeldOutRun or None
+        The sibling with the smallest f (the training set closest to the default's) among those with
+        MNIST records; None for a profile that is itself a held-out run, or when there is none.
+    """
+    root = Path(results_dir)
+    if re.search(r"\+val\d", profile) or not root.is_dir():
+        return None
+    found, prefix = [], f"{profile}+val"
+    for folder in root.iterdir():
+        if not (folder.is_dir() and folder.name.startswith(prefix)):
+            continue
+        try:
+            fraction = float(folder.name[len(prefix):])
+        except ValueError:  # e.g. "quick+val0.1+bf16": another variant's folder
+            continue
+        if not 0.0 < fraction < 1.0:
+            continue
+        frame, _ = load_records(root, folder.name, protocol)
+        frame = frame[frame["dataset"] == "mnist"]
+        if len(frame):
+            found.append(HeldOutRun(folder.name, fraction, frame))
+    return min(found, key=lambda run: (run.fraction, run.profile)) if found else None
 
 
 def _cell_frame(
@@ -325,11 +409,13 @@ def _auroc_cell(value: float, note: str, bold: bool, paper_value: Optional[float
     return Cell(format_value(float(value)), ref, note, bool(bold))
 
 
-def table4(frame: pd.DataFrame, profile: str = "", protocol: str = "paper") -> Optional[ReportTable]:
+def table4(
+    frame: pd.DataFrame, profile: str = "", protocol: str = "paper", held_out: Optional[HeldOutRun] = None
+) -> Optional[ReportTable]:
     """Table 4: mean gmean / false-alarm / miss rate over the MNIST classes, one row per method.
 
-    Only methods with MNIST records are listed: at the paper's Youden threshold (test labels; the paper's value
-    beside ours) and, when the records have them, at the held-out validation threshold (no test labels).
+    At the paper's Youden threshold (test labels; the paper's value beside ours) and at the held-out
+    validation threshold (no test labels): from the records when they have it, else from `held_out`.
 
     Parameters
     ----------
@@ -339,29 +425,35 @@ def table4(frame: pd.DataFrame, profile: str = "", protocol: str = "paper") -> O
         Profile name, for the caption.
     protocol : str, default="paper"
         Protocol name, for the caption.
+    held_out : HeldOutRun, optional
+        The opt-in held-out run beside this profile (`held_out_run`); its records give the label-free
+        columns when `frame`'s records hold none.
 
     Returns
     -------
     ReportTable or None
-        The table; None without MNIST records.
+        The table; None without MNIST records in `frame`.
     """
     subset = frame[frame["dataset"] == "mnist"]
     if subset.empty:
         return None
     reference = reference_table(TABLE4_CSV)
-    methods = method_order(subset, first=list(reference.columns) + paper_labels())
     classes = CLASS_NAMES["mnist"]
-    has_val = subset[list(VAL_METRICS)].notna().any().any()
+    own_val = subset[list(VAL_METRICS)].notna().any().any()
+    val_rows = subset if own_val else held_out.frame if held_out is not None else None
+    has_val = val_rows is not None
+    methods = method_order(list(subset["label"]) + (list(val_rows["label"]) if has_val else []))
     groups = [("Youden point on the test labels (paper)", 3)]
     metrics = [(m, m, False) for m in THRESHOLD_METRICS]
     if has_val:
-        percentile = subset["val_percentile"].dropna()
+        percentile = val_rows["val_percentile"].dropna()
         pct = f"{percentile.iloc[0]:g}th" if len(percentile) and percentile.nunique() == 1 else "a"
-        groups.append((f"{pct} percentile of held-out normals (no test labels)", 3))
+        source = "" if own_val else f"; held-out run, f = {held_out.fraction:g}"
+        groups.append((f"{pct} percentile of held-out normals (no test labels{source})", 3))
         metrics += [(f"val_{m}", m, True) for m in THRESHOLD_METRICS]
     columns = {}
     for column, metric, is_val in metrics:
-        values, notes = _cell_frame(subset, column, classes, methods)
+        values, notes = _cell_frame(val_rows if is_val else subset, column, classes, methods)
         means, mean_notes, complete = _means(values, notes)
         bold = _best(means, complete, lower_is_better=metric != "gmean")
         paper = reference.loc[metric] if metric in reference.index else pd.Series(dtype=float)
@@ -376,25 +468,51 @@ def table4(frame: pd.DataFrame, profile: str = "", protocol: str = "paper") -> O
     table = pd.DataFrame(columns, index=pd.Index(methods, name="method"))
     table.columns = [METRIC_LABELS[metric] for _, metric, _ in metrics]  # repeated per group: cells go by position
     where = f"{profile} profile, {protocol} protocol" if profile else f"{protocol} protocol"
+    youden = (
+        "the paper's Table 4 rule, the ROC point maximising Youden's J chosen on the test labels (optimistic: "
+        "no deployed detector can do this), ours (paper). "
+    )
+    if has_val and not own_val:
+        f, kept, held = f"{held_out.fraction:g}", f"{100 * (1 - held_out.fraction):g}%", f"{100 * held_out.fraction:g}%"
+        sides = (
+            f"Left: {youden}Right: from the opt-in held-out run (--val-fraction {f}, records under "
+            f"{held_out.profile}/), other models than the left's: they trained on {kept} (1 - f) of the normal "
+            "training images, the left's on all of them. Its threshold is set without test labels: a percentile of "
+            f"the scores of the held-out {held} (f) of the normal training images, never used in fitting (the same "
+            "images for every method and seed). "
+        )
+    elif has_val:
+        sides = (
+            f"Left: {youden}Right: a threshold set without test labels, a percentile of the scores of held-out "
+            "normal training images never used in fitting (the same images for every method and seed). "
+        )
+    else:
+        sides = youden[0].upper() + youden[1:]
     notes = (
         "Mean over the MNIST classes (normal = the positive class): false-alarm rate = normals flagged "
-        "anomalous, miss rate = anomalies accepted. Left: the paper's Table 4 rule, the ROC point maximising "
-        "Youden's J chosen on the test labels (optimistic: no deployed detector can do this), ours (paper). "
-        "Right: "
-        + (
-            "a threshold set without test labels, a percentile of the scores of held-out normal "
-            "training images never used in fitting (the same images for every method and seed). "
-            if has_val
-            else ""
-        )
+        "anomalous, miss rate = anomalies accepted. "
+        + sides
         + f"Bold: best complete mean of the column; [k/n]: only part of the classes; {DASH}: no value."
     )
     if not has_val:
-        notes += " The records hold no held-out validation scores (made before the validation split existed)."
+        notes += (
+            " No label-free columns: these records hold no held-out validation scores (made with the default "
+            "--val-fraction 0, which trains on every normal training image as the paper does, or made before the "
+            "validation split existed). To add them, run the same command again with --val-fraction 0.1: an "
+            "opt-in held-out run that trains on 90% of the normal training images and keeps its records in their "
+            f"own folder ({profile or '<profile>'}+val0.1/); this table then shows its label-free columns."
+        )
+    if has_val and not own_val:
+        caption = (
+            f"Mean threshold metrics on MNIST ({where}; the paper's Table 4, and a threshold without test labels "
+            f"from the held-out run trained on {kept} of the normal images)"
+        )
+    elif has_val:
+        caption = f"Mean threshold metrics on MNIST ({where}; the paper's Table 4 and a threshold without test labels)"
+    else:
+        caption = f"Mean threshold metrics on MNIST ({where}; the paper's Table 4)"
     return ReportTable(
-        caption=f"Mean threshold metrics on MNIST ({where}; the paper's Table 4 and a threshold without test labels)"
-        if has_val
-        else f"Mean threshold metrics on MNIST ({where}; the paper's Table 4)",
+        caption=caption,
         label="table4_mnist_threshold_metrics" + ("" if protocol == "paper" else f"_{protocol}"),
         frame=table,
         notes=notes,
@@ -498,16 +616,26 @@ def write_reports(results_dir: Path, reports_dir: Path, profile: str, protocol: 
         save(f"{section.stem}{suffix}.md",
              _markdown(section.title, verdict_tables, section.footer + "\n\n" + footer).encode())
         sections.append((section.title, verdict_tables, []))
-    t4 = table4(frame, profile, protocol)
+    mnist = frame[frame["dataset"] == "mnist"]
+    # Records that hold their own label-free metrics (made with a held-out share) keep showing them.
+    own_val = mnist[list(VAL_METRICS)].notna().any().any()
+    held_out = None if mnist.empty or own_val else held_out_run(results_dir, profile, protocol)
+    t4 = table4(frame, profile, protocol, held_out)
     if t4 is not None:
         title = f"Table 4: mean threshold metrics on MNIST ({profile} profile, {protocol} protocol)"
-        save(f"table4_mnist_threshold_metrics{suffix}.md", _markdown(title, [t4], footer).encode())
+        t4_footer = footer
+        if held_out is not None:
+            t4_footer += (
+                f"\nThe label-free columns: from {len(held_out.frame)} MNIST records under "
+                f"`{Path(results_dir) / held_out.profile}` (the held-out run, --val-fraction {held_out.fraction:g}).\n"
+            )
+        save(f"table4_mnist_threshold_metrics{suffix}.md", _markdown(title, [t4], t4_footer).encode())
         save(f"table4_mnist_threshold_metrics{suffix}.tex", t4.to_latex().encode())
         sections.append((title, [t4], []))
     else:
         for ext in ("md", "tex"):
             (out_dir / f"table4_mnist_threshold_metrics{suffix}.{ext}").unlink(missing_ok=True)
-    save(f"records{suffix}.csv", frame.to_csv(index=False).encode())
+    save(f"records{suffix}.csv", in_method_order(frame).to_csv(index=False).encode())
     page = html_page(
         f"Benchmark report: {profile} profile, {protocol} protocol", sections, footer, f"records{suffix}.csv"
     )

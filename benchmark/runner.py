@@ -22,6 +22,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from benchmark.data import load_dataset, resolve_data_root
+from benchmark.estimate import RemainingTime, cpu_model
 from benchmark.metrics import VAL_PERCENTILE, evaluate, validation_threshold_metrics
 from benchmark.profiles import PROFILE_SUBSAMPLE
 from benchmark.records import (
@@ -192,9 +193,9 @@ def _claim(job: Job, settings: RunSettings, blocking: bool) -> tuple[Optional[Jo
     or has finished it meanwhile (with --force: recorded since this run began)."""
     key, results_dir = job.key, settings.results_dir
     lock = JobLock(key.lock_path(results_dir))
-    if not lock.acquire(blocking=blocking):
-        return None, JobOutcome(key, "claimed", "another runner is working on this job")
-    try:
+    try:  # the acquire inside: a Ctrl-C right after it still releases (and so deletes) the lock file
+        if not lock.acquire(blocking=blocking):
+            return None, JobOutcome(key, "claimed", "another runner is working on this job")
         remove_stray_temp_files(key, results_dir)
         done, _ = existing_record(results_dir, key)
         if done is not None and done["status"] in ("ok", "diverged") and not (
@@ -286,7 +287,8 @@ def _write(job: Job, settings: RunSettings, record: dict, scores: Any, labels: A
     key = job.key
     record.update({"seconds": elapsed, "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                    "threads": settings.threads_per_job, **settings.provenance,
-                   "worker_host": platform.node()})  # optional field: where the job ran ("host" is the runner's)
+                   "worker_host": platform.node(),  # optional field: where the job ran ("host" is the runner's)
+                   "cpu_model": cpu_model()})  # optional field: the worker's CPU (benchmark/estimate.py matches on it)
     record.setdefault("run_info", {"device": str(job.params.get("device", "cpu"))})
     write_record(settings.results_dir, key, record, scores, labels, extra_arrays if scores is not None else None)
     auroc = record["metrics"]["auroc"] if record["status"] == "ok" else None
@@ -386,7 +388,8 @@ def _install_sigterm_handler() -> None:
 
 
 def execute(jobs: list[Job], settings: RunSettings, n_parallel: int, progress: bool = True,
-            backend: str = "local", scheduler: Optional[str] = None, stack: int = 1) -> list[JobOutcome]:
+            backend: str = "local", scheduler: Optional[str] = None, stack: int = 1,
+            expected_seconds: Optional[dict] = None) -> list[JobOutcome]:
     """Run the jobs (already filtered for existing records).
 
     The jobs run in this process (local, one unit at a time), in `n_parallel` local worker processes, or on a
@@ -409,6 +412,9 @@ def execute(jobs: list[Job], settings: RunSettings, n_parallel: int, progress: b
         Address of a Dask scheduler (default: a LocalCluster started here).
     stack : int, default=1
         With stack > 1, jobs that can train together do so in groups of up to `stack` (benchmark/stacking.py).
+    expected_seconds : dict, optional
+        Job key -> estimated seconds (`--estimate`'s figures): the progress display's remaining time
+        comes from them (benchmark.estimate.RemainingTime), never from a count of jobs.
 
     Returns
     -------
@@ -424,13 +430,22 @@ def execute(jobs: list[Job], settings: RunSettings, n_parallel: int, progress: b
 
     _install_sigterm_handler()
     outcomes: list[JobOutcome] = []
-    bar = tqdm(total=len(jobs), desc="jobs", unit="job", disable=not progress, dynamic_ncols=True)
+    # No tqdm ETA: a count of jobs says nothing of a run whose jobs take 1 s to 1 h; the remaining
+    # time comes from the per-job estimates instead.
+    bar = tqdm(total=len(jobs), desc="jobs", unit="job", disable=not progress, dynamic_ncols=True,
+               bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]")
     units = group_jobs(jobs, stack)
+    remaining = RemainingTime(expected_seconds or {}, n_parallel)
+
+    def with_remaining(text: str) -> str:
+        left = remaining.text()
+        return f"{text}; {left}" if left else text
 
     def note(outcome: JobOutcome) -> None:
         bar.update(1)
+        remaining.finished(outcome.key, outcome.seconds)
         auroc = f"auroc={outcome.auroc:.4f}" if outcome.auroc is not None else outcome.status
-        bar.set_postfix_str(f"{outcome.key.label()} {auroc}")
+        bar.set_postfix_str(with_remaining(f"{outcome.key.label()} {auroc}"))
         if outcome.status in ("failed", "diverged", "lost"):
             first_line = outcome.message.splitlines()[0] if outcome.message else ""
             bar.write(f"[{outcome.status}] {outcome.key.label()}: {first_line}")
@@ -457,7 +472,7 @@ def execute(jobs: list[Job], settings: RunSettings, n_parallel: int, progress: b
             results = run_dask(run_unit, units, settings, n_parallel, devices, scheduler)
         elif n_parallel <= 1:
             def show(key: JobKey, stage: str, done: int, planned: int) -> None:
-                bar.set_postfix_str(f"{key.label()} {stage} epoch {done}/{planned}")
+                bar.set_postfix_str(with_remaining(f"{key.label()} {stage} epoch {done}/{planned}"))
 
             results = ((unit, run_unit(unit, settings, progress=show if progress else None)) for unit in units)
         else:

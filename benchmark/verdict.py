@@ -140,10 +140,10 @@ def format_cell(mean: float, sd: float, n: int, expected_n: int, digits: int = 4
 
 
 def _labels(frame: pd.DataFrame) -> list[str]:
+    """The detectors of `frame` in the one order of every table (`benchmark.reports.method_order`)."""
     from benchmark.reports import method_order
 
-    present = set(frame["label"])
-    return [m for m in method_order(frame) if m in present]
+    return method_order(frame)
 
 
 def _paper(dataset: str) -> pd.DataFrame:
@@ -526,7 +526,8 @@ def load_memory_health(results_dir: Path, profile: str, protocol: Optional[str] 
 
 
 def memory_health_table(health: pd.DataFrame, dataset: str) -> Optional[pd.DataFrame]:
-    """Per detector and class, the last epoch's memory health averaged over seeds.
+    """Per detector (in `_labels`' order, that of every table) and class, the last epoch's memory health
+    averaged over seeds.
 
     Parameters
     ----------
@@ -543,8 +544,10 @@ def memory_health_table(health: pd.DataFrame, dataset: str) -> Optional[pd.DataF
     subset = health[health["dataset"] == dataset]
     if subset.empty:
         return None
+    rank = {label: i for i, label in enumerate(_labels(subset))}
     rows = []
-    for (label, normal_class), group in subset.groupby(["label", "normal_class"]):
+    groups = sorted(subset.groupby(["label", "normal_class"]), key=lambda item: (rank[item[0][0]], item[0][1]))
+    for (label, normal_class), group in groups:
         slots = group["slots"].iloc[0]
         row = {"detector": label, "normal class": CLASS_NAMES[dataset][int(normal_class)], "seeds": len(group),
                "epochs": int(group["epochs"].max()),

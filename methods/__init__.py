@@ -4,6 +4,12 @@ per-profile, per-dataset settings (the module's `PROFILES` dict).
 Adding a detector = one new file in `methods/` (a `Detector` subclass and a `PROFILES` dict)
 plus one `register(...)` line below. Any pyod model is also available as `pyod:<module>`,
 e.g. `pyod:knn`, `pyod:lof`, `pyod:ecod`, through `methods.pyod_adapter`.
+
+`PROFILES` maps profile -> dataset -> constructor arguments, and every profile declares a default,
+the `DEFAULT` (``"*"``) entry, with a comment saying why: the settings of each dataset without an
+entry of its own. So a new dataset needs no edit to any detector, and no dataset silently gets the
+constructor's (paper) defaults: a profile with neither the dataset nor ``"*"`` is an error.
+tests/test_detector_contract.py checks that every registered detector declares the default.
 """
 from __future__ import annotations
 
@@ -12,6 +18,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from methods.base import Detector
+
+#: The key of a profile's declared default in `PROFILES`: the settings of every dataset that has no
+#: entry of its own under that profile.
+DEFAULT = "*"
 
 
 @dataclass(frozen=True)
@@ -41,7 +51,7 @@ class MethodSpec:
         return getattr(importlib.import_module(module_name), class_name)
 
     def profiles(self) -> dict[str, dict[str, dict[str, Any]]]:
-        """The module's ``PROFILES``: profile -> dataset (or ``"*"``) -> constructor arguments."""
+        """The module's ``PROFILES``: profile -> dataset (or `DEFAULT`, ``"*"``) -> constructor arguments."""
         module = importlib.import_module(self.target.split(":")[0])
         return getattr(module, "PROFILES", {})
 
@@ -54,7 +64,8 @@ class MethodSpec:
         profile : str
             A profile name (``paper``, ``quick``, ``smoke``: benchmark/profiles.py).
         dataset : str
-            A dataset name; the method's entry for it, else its ``"*"`` entry.
+            A dataset name; the profile's entry for it, else the profile's declared default
+            (`DEFAULT`, ``"*"``). The two are alternatives, never merged.
 
         Returns
         -------
@@ -63,20 +74,22 @@ class MethodSpec:
         Raises
         ------
         ValueError
-            When the method's ``PROFILES`` has no such profile, or neither an entry for the
-            dataset nor a ``"*"`` one: a missing entry is never read as "no settings", which
-            would silently mean the full paper budget.
+            When the method's ``PROFILES`` has no such profile, or the profile has neither an
+            entry for the dataset nor a ``"*"`` default: a missing entry is never read as "no
+            settings", which would silently mean the full paper budget.
         """
         profiles = self.profiles()
+        module = self.target.split(":")[0]
         if profile not in profiles:
             raise ValueError(f"method {self.name!r} has no settings for profile {profile!r} (its PROFILES in "
-                             f"{self.target.split(':')[0]} lists {', '.join(profiles) or 'none'})")
+                             f"{module} lists {', '.join(profiles) or 'none'})")
         by_dataset = profiles[profile]
-        if dataset not in by_dataset and "*" not in by_dataset:
+        if dataset not in by_dataset and DEFAULT not in by_dataset:
             raise ValueError(f"method {self.name!r} has no settings for dataset {dataset!r} under profile {profile!r} "
-                             f"(its PROFILES[{profile!r}] lists {', '.join(by_dataset) or 'none'} and no '*' entry); "
-                             f"add an entry for {dataset!r} to PROFILES in {self.target.split(':')[0]}")
-        return {**self.fixed_params, **by_dataset.get(dataset, by_dataset.get("*", {}))}
+                             f"(its PROFILES[{profile!r}] lists {', '.join(by_dataset) or 'none'} and no "
+                             f"{DEFAULT!r} default); add a {DEFAULT!r} default for the profile (or an entry for "
+                             f"{dataset!r}) to PROFILES in {module}")
+        return {**self.fixed_params, **by_dataset.get(dataset, by_dataset.get(DEFAULT, {}))}
 
 
 REGISTRY: dict[str, MethodSpec] = {}

@@ -53,6 +53,9 @@ PROFILES: dict = {
         "fashion_mnist": MNIST_PAPER,
         "cifar10": {"epochs": 150, "lr_milestones": (50,), "ae_epochs": 350, "ae_lr_milestones": (250,),
                     "ae_weight_decay": 5e-7},
+        # "*" (methods.DEFAULT): unknown datasets get MNIST's budget, the shorter AE pretraining
+        # (the networks exist for 1x28x28 and 3x32x32 images only: other shapes fail in fit).
+        "*": MNIST_PAPER,
     },
     # CPU budget (~30 s per MNIST class for fit + scoring ~6000 test images, 2 threads). So few
     # epochs are far from convergence, so there is no lr decay (a milestone at 1/3 of the budget,
@@ -64,7 +67,9 @@ PROFILES: dict = {
         "fashion_mnist": {**MNIST_QUICK},
         "cifar10": {"epochs": 2, "lr_milestones": (), "ae_epochs": 2, "ae_lr_milestones": (),
                     "ae_weight_decay": 5e-7},
+        "*": {**MNIST_QUICK},  # MNIST's, as under paper
     },
+    # Every dataset: a few steps per stage, for the end-to-end tests.
     "smoke": {"*": {"epochs": 1, "lr_milestones": (), "ae_epochs": 1, "ae_lr_milestones": (),
                     "max_steps": 5, "ae_max_steps": 5}},
 }

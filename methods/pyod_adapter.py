@@ -11,6 +11,8 @@ import numpy as np
 
 from methods.base import Detector, EpochCallback, check_images, check_random_state
 
+# pyod's defaults in every profile, as the "*" default (methods.DEFAULT) of every dataset: a
+# `pyod:<model>` has no tuned budget of its own (each model's cost is pyod's business).
 PROFILES: dict = {profile: {"*": {}} for profile in ("paper", "quick", "smoke")}
 
 

@@ -301,6 +301,10 @@ class TorchDetector(Detector, abc.ABC):
     """
 
     progress_callback: Optional[Callable[[str, int, int], None]] = None
+    # Not a hyperparameter; None by default. A list makes `_train_stage` append (stage name, seconds)
+    # for every optimiser step, the step call alone (synchronised on a GPU): the estimate's
+    # calibration reads it (benchmark/estimate.py). Timing never changes what is computed.
+    step_clock: Optional[list] = None
     # "fp32" (default) or "bf16": training steps under torch.autocast(bfloat16) (the runner's
     # --precision; not a hyperparameter, recorded in run_info). Scoring stays fp32.
     precision: str = "fp32"
@@ -413,8 +417,13 @@ class TorchDetector(Detector, abc.ABC):
             for idx in iterate_minibatches(n_train, stage.batch_size, stage.drop_last, self.generator_, self.device_):
                 result.steps += 1
                 n_steps += 1
+                clock = self.step_clock
+                if clock is not None:
+                    step_started = self._clock_now()
                 with self._autocast():
                     values = step(idx, result.steps).detach()
+                if clock is not None:
+                    clock.append((stage.name, self._clock_now() - step_started))
                 monitor.update_values(result.steps, values)
                 sums = values if sums is None else sums + values
                 if stage.max_steps is not None and result.steps >= stage.max_steps:
@@ -437,6 +446,12 @@ class TorchDetector(Detector, abc.ABC):
         result.seconds = time.perf_counter() - started
         self.stage_seconds_[stage.name] = result.seconds
         return result
+
+    def _clock_now(self) -> float:
+        """perf_counter() after the device has finished its queued work (a step's time on a GPU)."""
+        if self.device_.type == "cuda":
+            torch.cuda.synchronize(self.device_)
+        return time.perf_counter()
 
     # ---- shared ---------------------------------------------------------------------------
     def _check_torch_params(self) -> None:

@@ -3,7 +3,8 @@ detector gets these tests by registering) and for the README's example detector:
 score per image, finite; bit-identical scores for a fixed seed on the CPU (and, where the seed is
 plumbed by a shared base class, other scores for another seed); anomalies scoring higher on
 obviously separable images; a bad hyperparameter rejected by an error that names it; every
-PROFILES entry valid for every profile and dataset.
+PROFILES entry valid for every profile and dataset, and a declared default (``"*"``) in every
+profile, so a newly registered dataset gets settings from every detector.
 
 Each check runs the method's `smoke` settings (networks narrowed where the smoke profile keeps the
 paper's widths). Where that budget is too small to learn even the separable task, SEPARABLE gives
@@ -20,7 +21,7 @@ from sklearn.metrics import roc_auc_score
 from benchmark.datasets import dataset_names
 from benchmark.profiles import PROFILE_NAMES
 from conftest import make_separable_task
-from methods import REGISTRY, get_method
+from methods import DEFAULT, REGISTRY, get_method
 from methods.pyod_adapter import PyODDetector
 from methods.torch_base import TorchDetector
 from test_readme_example import register_readme_example
@@ -121,9 +122,11 @@ def test_every_profiles_entry_is_valid(name):
     profiles = spec.profiles()
     assert set(profiles) <= set(PROFILE_NAMES), f"{name}: unknown profile in PROFILES"
     for profile, by_dataset in profiles.items():
-        assert set(by_dataset) <= {"*", *dataset_names()}, f"{name}: unknown dataset in PROFILES[{profile!r}]"
+        assert set(by_dataset) <= {DEFAULT, *dataset_names()}, f"{name}: unknown dataset in PROFILES[{profile!r}]"
     for profile in PROFILE_NAMES:
-        for dataset in dataset_names():
+        # The declared default stands for every dataset registered later (README, "Adding a dataset").
+        assert DEFAULT in profiles.get(profile, {}), f"{name}: PROFILES[{profile!r}] declares no {DEFAULT!r} default"
+        for dataset in [*dataset_names(), "a_dataset_registered_later"]:
             params = spec.settings(profile, dataset)
             assert "random_state" not in params and "device" not in params  # the runner's to set
             cls(**params).check_params()

@@ -3,6 +3,8 @@ min-max constants, weight + BatchNorm-statistics copy, shapes, determinism, scor
 hyperparameter validation and divergence handling. Tiny data, CPU, seconds."""
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -69,6 +71,38 @@ def test_centre_eps_rule_on_a_hand_made_example():
     # means: 0.04 -> 0.1, -0.03 -> -0.1, 0.25 kept, exactly 0 kept (no sign, as the authors'), -0.1 kept.
     c = init_center(phi, eps=0.1)
     torch.testing.assert_close(c, torch.tensor([0.1, -0.1, 0.25, 0.0, -0.1]))
+
+
+def test_centre_is_the_mean_embedding_of_every_training_image(separable_task, monkeypatch):
+    """c = mean of phi(x) over ALL training images (eval mode, the network as it is right after
+    pretraining and the encoder copy), then the eps rule; recomputed here from a snapshot of that network."""
+    normal, others, _ = separable_task(n_train=16, n_test_normal=0, n_test_anomalous=32, seed=3)
+    # 48 images; the 32 after the first 16 show the inverted pattern, so a centre taken over a
+    # prefix of the set is far from the full-set centre.
+    X_train = np.concatenate([normal, others])
+    snapshot: dict = {}
+    original = DeepSVDD._init_center
+
+    def spy(self, x_train):
+        snapshot["net"] = copy.deepcopy(self.net_)
+        original(self, x_train)
+
+    monkeypatch.setattr(DeepSVDD, "_init_center", spy)
+    eps = 1e-3  # the embeddings here are ~0.05: a small eps leaves most entries to the mean
+    det = DeepSVDD(**TINY, max_steps=2, ae_max_steps=2, center_eps=eps).fit(X_train)
+
+    net = snapshot["net"].eval()
+    with torch.no_grad():
+        phi = net(det._preprocess(torch.from_numpy(X_train)))
+    assert phi.shape == (48, 32)
+
+    def centre(rows: torch.Tensor) -> torch.Tensor:
+        c = rows.mean(dim=0)
+        return torch.where(c.abs() < eps, torch.sign(c) * eps, c)  # sign(0) = 0: an exact 0 stays 0
+
+    expected = centre(phi)
+    assert (centre(phi[:16]) - expected).abs().max() > 1e-3  # 1000 x atol: a prefix's centre cannot pass
+    torch.testing.assert_close(det.c_, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_scheduler_quirk():

@@ -2,9 +2,12 @@
 training (G and the critic frozen in stage 2), determinism, score direction, errors."""
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import methods.f_anogan as fa
 from methods.base import DivergedError
@@ -64,6 +67,84 @@ def test_critic_has_no_batch_norm_and_returns_features() -> None:
     critic = Critic(32, 1, 8, "layer_norm")
     x = torch.randn(6, 1, 32, 32)
     torch.testing.assert_close(critic(x)[0][:2], critic(x[:2])[0])
+
+
+# One critic step in stage 1, one encoder step in stage 2: the encoder-loss tests need the three
+# networks, not well-trained ones.
+ENCODER = dict(TINY, image_size=16, gan_max_steps=1, encoder_max_steps=1)
+
+
+def _izif_loss_by_hand(G: torch.nn.Module, D: torch.nn.Module, E: torch.nn.Module,
+                       x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two izi_f terms of a batch, MSE(x, G(E(x))) and MSE(f(x), f(G(E(x)))), f = D's features.
+
+    Parameters
+    ----------
+    G, D, E : torch.nn.Module
+        Generator, critic (returns (value, features)) and encoder, in the modes wanted.
+    x : torch.Tensor
+        (B, C, H, W) preprocessed images.
+
+    Returns
+    -------
+    (img, feat) : tuple of torch.Tensor
+        The two scalar mean squared errors, each over the whole batch.
+    """
+    rec = G(E(x))
+    return F.mse_loss(rec, x), F.mse_loss(D(rec)[1], D(x)[1])
+
+
+def test_encoder_loss_is_image_mse_plus_kappa_feature_mse(separable_task) -> None:
+    X_train, X_test, _ = separable_task(16, 8, 8, channels=1, size=28, seed=6)
+    model = FAnoGAN(**ENCODER).fit(X_train)
+    model._set_mode(train=False)  # E's BatchNorm on running statistics: the loss is a function of the batch
+    x = model._preprocess(torch.from_numpy(X_test))
+    with torch.no_grad():
+        img, feat = (t.item() for t in _izif_loss_by_hand(model.netG_, model.netD_, model.netE_, x))
+        losses = {}
+        for kappa in (0.0, 1.0, 2.5):
+            model.kappa = kappa
+            loss, values = model._encoder_loss(x)
+            losses[kappa] = loss.item()
+            assert loss.item() == pytest.approx(img + kappa * feat, rel=1e-5)
+            np.testing.assert_allclose(values.numpy(), [img + kappa * feat, img, feat], rtol=1e-5)
+    assert losses[2.5] - losses[1.0] == pytest.approx(1.5 * feat, rel=1e-4)
+    assert losses[1.0] - losses[0.0] == pytest.approx(feat, rel=1e-4)
+    assert feat > 0.01 * img > 0  # the feature term is not negligible here
+
+
+@pytest.mark.parametrize("kappa", [1.0, 4.0])
+def test_encoder_step_follows_the_gradient_of_the_izif_loss(separable_task, monkeypatch, kappa) -> None:
+    """The gradient RMSProp applies to E is that of img + kappa * feat, recomputed here from the
+    networks as they were at that step (G and D frozen in eval mode, E in train mode)."""
+    X_train, _, _ = separable_task(16, 0, 0, channels=1, size=28, seed=7)
+    model = FAnoGAN(**ENCODER, kappa=kappa)
+    seen: dict = {}
+    rmsprop_step = torch.optim.RMSprop.step
+
+    def spy(self, *args, **kwargs):
+        seen["grads"] = [p.grad.clone() for group in self.param_groups for p in group["params"]]
+        seen["nets"] = copy.deepcopy((model.netG_, model.netD_, model.netE_))  # before the update
+        return rmsprop_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.RMSprop, "step", spy)
+    model.fit(X_train)  # stage 2: one step on a batch of all 16 images
+    G, D, E = seen["nets"]
+    params = list(E.parameters())
+    assert len(params) == len(seen["grads"])
+    # The batch is every image; the loss (BatchNorm batch statistics included) does not depend on their order.
+    x = model._preprocess(torch.from_numpy(X_train))
+    img, feat = _izif_loss_by_hand(G.eval(), D.eval(), E.train(), x)
+    grad_img = torch.autograd.grad(img, params, retain_graph=True)
+    grad_feat = torch.autograd.grad(feat, params)
+
+    def relative_error(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:
+        return max(((g - w).norm() / w.norm()).item() for g, w in zip(got, want))
+
+    full = [a + kappa * b for a, b in zip(grad_img, grad_feat)]
+    assert relative_error(seen["grads"], full) < 1e-4
+    assert relative_error(grad_img, full) > 0.05  # without the feature term the gradient is far off
+    assert relative_error([a + (kappa + 1) * b for a, b in zip(grad_img, grad_feat)], full) > 0.01
 
 
 @pytest.fixture(scope="module", params=[(1, 28), (3, 32)], ids=["1x28x28", "3x32x32"])

@@ -120,7 +120,7 @@ def test_params_and_profiles():
     clone(MemGANomaly(preset="algorithm1"))
     paper = PROFILES["paper"]
     assert {k: (v["memory_size"], v["epochs"]) for k, v in paper.items()} == {
-        "mnist": (100, 60), "fashion_mnist": (1600, 100), "cifar10": (1400, 150)}
+        "mnist": (100, 60), "fashion_mnist": (1600, 100), "cifar10": (1400, 150), "*": (100, 60)}
     for profile in PROFILES.values():
         for settings in profile.values():
             assert "lr" not in settings  # every profile keeps the paper's lr 2e-3

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from benchmark.cli import main, prog_name
-from benchmark.data import CIFAR_BIN_SIZE, DataError, load_dataset
+from benchmark.data import CIFAR_BIN_SIZE, DATASETS, DataError, load_dataset
 from fault_methods import (
     cifar_arrays,
     cli_args,
@@ -24,6 +24,7 @@ from fault_methods import (
 )
 
 pytestmark = pytest.mark.usefixtures("in_process")  # from fault_methods, through conftest.py
+DATASET_CHOICES = f"{', '.join(DATASETS)}, all"  # the registry's, so a new dataset changes no test
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
@@ -37,7 +38,7 @@ def _nothing_written(results: Path) -> bool:
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--dataset", "svhn"], "unknown dataset 'svhn'; valid choices: mnist, fashion_mnist, cifar10, all"),
+    (["--dataset", "svhn"], f"unknown dataset 'svhn'; valid choices: {DATASET_CHOICES}"),
     (["--methods", "slow", "nope"], "unknown method 'nope'"),
     (["--methods", "pyod:no_such_model"], "unknown method 'pyod:no_such_model'"),
     (["--classes", "10"], "unknown class '10'; valid choices: 0-9 or 0, 1, 2"),
@@ -71,7 +72,7 @@ def test_usage_errors_exit_2_with_the_valid_choices_before_any_work(data, tmp_pa
 
 def test_missing_dataset_option_lists_the_datasets(tmp_path, capsys):
     assert main(["--results-dir", str(tmp_path / "results")]) == 2
-    assert "--dataset is required; valid choices: mnist, fashion_mnist, cifar10, all" in capsys.readouterr().err
+    assert f"--dataset is required; valid choices: {DATASET_CHOICES}" in capsys.readouterr().err
 
 
 # ---- data files ------------------------------------------------------------------------------

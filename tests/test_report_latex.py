@@ -72,7 +72,8 @@ def test_every_generated_table_compiles_and_fits(demo_reports, tmp_path):
 
 def test_latex_source_of_table1(demo_reports):
     text = (demo_reports / "table1_mnist_auroc.tex").read_text()
-    assert "Mem\\_" in text and "_G" not in text  # escaped (the header may break after "Mem\\_")
+    assert "Mem\\_" in text and "Mem_G" not in text  # escaped
+    assert "& Mem\\_GANomaly \\\\" in text and "Mem\\_\\\\" not in text  # a whole name in the header, never broken
     assert "\\label{tab:table1_mnist_auroc}" in text and "\\label{tab:table1_mnist_auroc_difference}" in text
     assert "\\centering" in text and text.count("\\begin{table}") == 2
     assert "Table 1:" not in text  # LaTeX numbers tables; no doubled "Table 1: Table 1:"

@@ -16,8 +16,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from sklearn.metrics import roc_auc_score, roc_curve
 
 from benchmark.figures import mean_roc, roc_points
+from benchmark.records import iter_records, read_scores
 from benchmark.reports import load_records, write_reports
 from report_demo import demo_results, synthetic_record
 
@@ -117,7 +119,6 @@ def test_roc_points_hand_worked():
     # scores 0.9 (anomaly), 0.8 (normal), 0.8 (anomaly), 0.1 (normal): thresholds 0.9, 0.8, 0.1
     fpr, tpr = roc_points(np.array([0.9, 0.8, 0.8, 0.1]), np.array([1, 0, 1, 0]))
     assert fpr.tolist() == [0.0, 0.0, 0.5, 1.0] and tpr.tolist() == [0.0, 0.5, 1.0, 1.0]
-    assert float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2)) == pytest.approx(0.875)  # = AUROC of these scores
     averaged = mean_roc(
         [(np.array([0.0, 1.0]), np.array([0.0, 1.0])), (np.array([0.0, 0.0, 1.0]), np.array([0.0, 1.0, 1.0]))]
     )
@@ -126,6 +127,53 @@ def test_roc_points_hand_worked():
         and averaged[100] == pytest.approx(0.75)
         and averaged[-1] == pytest.approx(1.0)
     )
+
+
+def test_roc_points_on_tied_scores_agree_with_sklearn():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 400)
+    scores = np.round(rng.normal(size=400) + labels, 1)  # ~60 distinct values: many ties across the classes
+    fpr, tpr = roc_points(scores, labels)
+    sk_fpr, sk_tpr, _ = roc_curve(labels, scores, drop_intermediate=False)
+    np.testing.assert_allclose(fpr, sk_fpr, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(tpr, sk_tpr, rtol=0, atol=1e-12)
+    area = float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))
+    assert area == pytest.approx(roc_auc_score(labels, scores), rel=1e-12)
+
+
+def _table_cells(page: str, table_id: str) -> dict:
+    """{(row header, column header): the first word of the cell's text} of one table of the page."""
+    table = page[page.index(f'id="{table_id}"'):]
+    table = table[: table.index("</table>")]
+    head, body = table.split("</thead>")
+    columns = [html.unescape(c) for c in re.findall(r"<th>([^<]*)</th>", head)][1:]
+    cells = {}
+    for row, tds in re.findall(r"<tr[^>]*><th>([^<]*)</th>(.*?)</tr>", body):
+        texts = [html.unescape(re.sub(r"<[^>]+>", " ", td)).split()[0] for td in re.findall(r"<td>(.*?)</td>", tds)]
+        assert len(texts) == len(columns)
+        cells.update({(row, column): text for column, text in zip(columns, texts)})
+    return cells
+
+
+def test_page_shows_the_auroc_of_the_recorded_scores(demo):
+    """Table 1 of the page against sklearn's AUROC of the score arrays stored with the records."""
+    root, folder, _ = demo
+    cells = _table_cells((folder / "index.html").read_text(), "tab-table1_mnist_auroc")
+    per_class: dict = {}
+    for path, record, problem in iter_records(root / "results" / "quick" / "paper" / "mnist"):
+        assert problem is None
+        key = (str(record["normal_class"]), record["method_label"])
+        if record["status"] == "ok":
+            scores, labels = read_scores(path)
+            per_class.setdefault(key, []).append(roc_auc_score(labels, scores))
+        else:
+            assert cells[key] == record["status"]  # failed / diverged, no number
+    assert len(per_class) == 10 * 8 - 2 and len(per_class[("0", "GANomaly")]) == 2
+    for key, aurocs in per_class.items():
+        assert cells[key] == f"{np.mean(aurocs):.4f}", key  # the mean over seeds
+    for label in {label for _, label in per_class}:
+        means = [np.mean(aurocs) for (_, other), aurocs in per_class.items() if other == label]
+        assert cells["mean", label] == f"{np.mean(means):.4f}", label  # DAGMM: over its 8 ok classes
 
 
 def test_report_layer_imports_neither_torch_nor_methods(tmp_path):
