@@ -55,7 +55,8 @@ WARMUP_STEPS = 2          # per stage, rounded up to whole periods; dropped from
 SCORE_REPEATS = 3
 LINEAR_SAMPLE = 512       # images timed for detectors without stages (fit and score scale linearly)
 BUSY_FRACTION = 0.25      # other processes' share of the CPU time above which a calibration is "busy"
-DISAGREEMENT = 2.0        # a calibration off by more than this factor from finished records is redone
+DISAGREEMENT = 2.0        # a calibration off by more than this factor from finished records is redone ...
+MIN_CHECKED_SECONDS = 10.0  # ... when the job takes this long (a second's job is all fixed costs)
 CALIBRATION_RANGE = (0.8, 1.5)  # printed range of a calibration-only figure (thin evidence)
 FEW_RECORDS = 3           # fewer matching records than this: the range is widened like a calibration's
 CALIBRATION_VERSION = 2   # cache entries of an older procedure are redone
@@ -664,7 +665,8 @@ def estimate_jobs(jobs: list, data_root: Optional[str], download: bool, n_parall
                 rec_planned = detector.planned_steps(rec_n_train) if stage_list and rec_n_train else {}
                 predicted = sum(predicted_seconds(cached, rec_planned, rec_n_train, rec_n_test))
                 measured = float(rec["train_seconds"]) + float(rec.get("score_seconds", 0.0))
-                if predicted > 0 and not 1 / DISAGREEMENT <= measured / predicted <= DISAGREEMENT:
+                if (predicted > 0 and max(predicted, measured) >= MIN_CHECKED_SECONDS
+                        and not 1 / DISAGREEMENT <= measured / predicted <= DISAGREEMENT):
                     notes.append(f"{key.method}: the cached calibration said {format_seconds(predicted)} for a job "
                                  f"that took {format_seconds(measured)}; it is dropped and redone when needed")
                     del entries[inner]
@@ -681,7 +683,9 @@ def estimate_jobs(jobs: list, data_root: Optional[str], download: bool, n_parall
 class RemainingTime:
     """A run's remaining wall time, for the progress display: the unfinished jobs' estimated seconds
     (the same per-job figures `--estimate` prints), scaled by how finished jobs compared with their
-    estimates, handed in order to `n_parallel` processes.
+    estimates, handed in order to `n_parallel` processes. The scale starts at 1 and moves with the
+    evidence: (measured + w) / (estimated + w) over finished jobs, w = a tenth of the run's
+    estimated work, so one short job does not swing the figure.
 
     Parameters
     ----------
@@ -718,7 +722,8 @@ class RemainingTime:
         """Expected seconds left (None without estimates)."""
         if not self.expected:
             return None
-        ratio = self.measured / self.predicted if self.predicted > 0 else 1.0
+        prior = 0.1 * sum(self.expected.values())
+        ratio = (self.measured + prior) / (self.predicted + prior) if self.predicted + prior > 0 else 1.0
         return makespan([self.expected[key] * ratio for key in self.pending], self.n_parallel)
 
     def text(self) -> str:
