@@ -15,6 +15,10 @@ function can be swapped in. Every worker process of a run starts, once:
 
 A job whose worker process died (killed, out of memory, segfault) has no result: the backend
 reports it as `Lost` and the run goes on; a rerun of the same command does it.
+
+Connecting to a Dask scheduler (`--scheduler`) gives up after MEMGAN_DASK_CONNECT_TIMEOUT seconds
+(default 30), whatever listens at the address: Dask's own Client waits forever on a server that
+accepts the connection but never answers as a scheduler (an HTTP server, the dashboard's port).
 """
 from __future__ import annotations
 
@@ -22,8 +26,10 @@ import contextlib
 import errno
 import fcntl
 import logging
+import math
 import os
 import shutil
+import socket
 import tempfile
 import threading
 import uuid
@@ -34,6 +40,8 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 BACKENDS = ("local", "dask")
 RUNNER_GONE_EXIT = 75          # exit status of a worker whose runner died
 WATCHDOG_POLL_SECONDS = 1.0
+CONNECT_TIMEOUT_ENV = "MEMGAN_DASK_CONNECT_TIMEOUT"
+DEFAULT_CONNECT_TIMEOUT = 30.0  # seconds
 
 _worker_lock = threading.Lock()
 _watchdog: Optional[threading.Thread] = None
@@ -384,6 +392,143 @@ def dask_available() -> bool:
     return True
 
 
+def dask_connect_timeout() -> float:
+    """Seconds to wait for a Dask scheduler to answer: $MEMGAN_DASK_CONNECT_TIMEOUT, else 30.
+
+    Returns
+    -------
+    float
+        The timeout.
+
+    Raises
+    ------
+    BackendUnavailable
+        When the variable is set to something other than a positive number.
+    """
+    text = os.environ.get(CONNECT_TIMEOUT_ENV, "").strip()
+    if not text:
+        return DEFAULT_CONNECT_TIMEOUT
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise BackendUnavailable(f"{CONNECT_TIMEOUT_ENV} must be a positive number of seconds, got {text!r}")
+    return value
+
+
+def describe_address(address: str, seconds: float = 1.0) -> str:
+    """What is at a scheduler address that did not answer as a Dask scheduler, for the error message.
+
+    Connects once with a plain socket and, when something accepts, sends an HTTP HEAD request to
+    tell an HTTP server (a web page, Dask's dashboard) from a server that never answers.
+
+    Parameters
+    ----------
+    address : str
+        The scheduler address as given (``tcp://host:port``; other protocols are not probed).
+    seconds : float, default=1.0
+        How long to wait for the connection and for an answer.
+
+    Returns
+    -------
+    str
+        A short description, e.g. "nothing listens on port 8786 of host (connection refused)".
+    """
+    try:
+        from distributed.comm.addressing import parse_address, parse_host_port
+
+        protocol, location = parse_address(address)
+        host, port = parse_host_port(location)
+    except Exception:  # noqa: BLE001 - a malformed address: Dask's own error says it
+        return "the address could not be parsed"
+    if protocol != "tcp":
+        return f"a {protocol}:// address (not probed)"
+    try:
+        sock = socket.create_connection((host, port), timeout=seconds)
+    except ConnectionRefusedError:
+        return f"nothing listens on port {port} of {host} (connection refused)"
+    except socket.timeout:
+        return f"no connection to port {port} of {host} within {seconds:g} s (a firewall, or no such host)"
+    except OSError as exc:
+        return f"no connection to port {port} of {host} ({exc.strerror or exc})"
+    with sock:
+        try:
+            sock.sendall(b"HEAD / HTTP/1.0\r\n\r\n")
+            answer: Optional[bytes] = sock.recv(64)
+        except socket.timeout:
+            answer = None
+        except OSError:
+            answer = b""
+    if answer and answer.startswith(b"HTTP/"):
+        return (f"an HTTP server answers on port {port} of {host}, not a Dask scheduler (Dask's dashboard is "
+                "an HTTP server, on port 8787 by default)")
+    if answer is None:
+        return f"something on port {port} of {host} accepts connections but never answers"
+    return f"something on port {port} of {host} accepts connections but does not speak Dask's protocol"
+
+
+def connect_to_scheduler(scheduler: str, timeout: float) -> Any:
+    """A Client of the scheduler at `scheduler`, or BackendUnavailable within about `timeout` seconds.
+
+    Dask's Client is created in a daemon thread: on a server that accepts the connection but does
+    not answer as a scheduler, Client() waits forever, its own timeout included. A Client that
+    connects after we gave up is closed at once.
+
+    Parameters
+    ----------
+    scheduler : str
+        Scheduler address.
+    timeout : float
+        Seconds to wait.
+
+    Returns
+    -------
+    dask.distributed.Client
+        The connected client.
+
+    Raises
+    ------
+    BackendUnavailable
+        When no Dask scheduler answered in time, or the Client failed.
+    """
+    from dask.distributed import Client
+
+    state: dict = {}
+    lock = threading.Lock()
+
+    def connect() -> None:
+        try:
+            client = Client(scheduler, timeout=timeout)
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
+            with lock:
+                state["error"] = exc
+            return
+        with lock:
+            abandoned = state.get("abandoned", False)
+            if not abandoned:
+                state["client"] = client
+        if abandoned:
+            client.close(timeout=5)
+
+    thread = threading.Thread(target=connect, name="memgan-dask-connect", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    with lock:
+        if "client" in state:
+            return state["client"]
+        state["abandoned"] = True
+        error = state.get("error")
+    if isinstance(error, KeyboardInterrupt):
+        raise error
+    reason = (f"{type(error).__name__}: {error}" if error is not None
+              else f"no answer as a Dask scheduler within {timeout:g} s")
+    raise BackendUnavailable(
+        f"cannot reach the Dask scheduler at {scheduler}: {reason}; at that address: {describe_address(scheduler)}. "
+        "Check that the scheduler runs and that the address is its own (the `Scheduler at:` line `dask scheduler` "
+        f"prints; port 8786 by default), reachable from here; {CONNECT_TIMEOUT_ENV} sets the wait in seconds")
+
+
 def open_dask_client(scheduler: Optional[str], n_workers: int) -> tuple[Any, Any]:
     """A Client of the cluster at `scheduler`, or of a new LocalCluster.
 
@@ -404,17 +549,15 @@ def open_dask_client(scheduler: Optional[str], n_workers: int) -> tuple[Any, Any
     Raises
     ------
     BackendUnavailable
-        When dask.distributed is missing or the scheduler cannot be reached.
+        When dask.distributed is missing or no Dask scheduler answers at `scheduler` within
+        `dask_connect_timeout()` seconds.
     """
     if not dask_available():
         raise BackendUnavailable('--backend dask needs dask.distributed: pip install -e ".[dask]"')
     from dask.distributed import Client, LocalCluster
 
     if scheduler:
-        try:
-            return Client(scheduler, timeout="30s"), None
-        except (OSError, TimeoutError) as exc:
-            raise BackendUnavailable(f"cannot reach the Dask scheduler at {scheduler}: {exc}") from exc
+        return connect_to_scheduler(scheduler, dask_connect_timeout()), None
     cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=None,
                            silence_logs=logging.ERROR)
     return Client(cluster), cluster

@@ -18,7 +18,15 @@ from benchmark.backends import BackendUnavailable
 from benchmark.data import CLASS_NAMES, DATASETS, DataError, load_dataset, resolve_data_root
 from benchmark.datasets import did_you_mean
 from benchmark.profiles import PROFILE_NAMES
-from benchmark.records import JobKey, ResultsWriteError, existing_record, iter_records, remove_idle_stray_temp_files
+from benchmark.records import (
+    JobKey,
+    ResultsWriteError,
+    existing_record,
+    iter_records,
+    missing_folders,
+    remove_empty_folders,
+    remove_idle_stray_temp_files,
+)
 from benchmark.reports import write_reports
 from benchmark.runner import DEFAULT_VAL_FRACTION, Job, RunSettings, execute, provenance
 from benchmark.splits import PROTOCOLS
@@ -413,7 +421,7 @@ def validate_jobs(jobs: list[Job]) -> None:
             raise UsageError(f"bad hyperparameters for {job.key.method} on {job.key.dataset}: {exc}") from None
 
 
-def check_writable(directory: Path) -> None:
+def check_writable(directory: Path) -> list[Path]:
     """Create the results folder and probe it; on failure remove the folders it created.
 
     Parameters
@@ -421,40 +429,77 @@ def check_writable(directory: Path) -> None:
     directory : Path
         The results folder.
 
+    Returns
+    -------
+    list of Path
+        The folders it created (deepest first), for `remove_empty_folders` when the run then stops
+        before writing anything.
+
     Raises
     ------
     UsageError
         When the folder cannot be created or written.
     """
-    created = [p for p in (directory, *directory.parents) if not p.exists()]  # deepest first
+    created = missing_folders(directory)
     try:
         directory.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(prefix=".tmp-probe-", dir=directory):
             pass
     except OSError as exc:
-        for folder in created:
-            try:
-                folder.rmdir()
-            except OSError:
-                break
+        remove_empty_folders(created)
         raise UsageError(f"cannot write into the results folder {directory}: {exc.strerror or exc}; "
                          "choose another with --results-dir") from None
+    return created
 
 
-def _report(args: argparse.Namespace) -> None:
-    for variant in sweep_variants(args):
-        for _, _, problem in iter_records(Path(args.results_dir) / variant.profile_dir):
-            if problem:
-                print(f"warning: {problem}; treated as missing in the tables", file=sys.stderr)
-        files = write_reports(Path(args.results_dir), Path(args.reports_dir), variant.profile_dir, args.protocol)
-        print(f"reports written to {Path(args.reports_dir) / variant.profile_dir} ({len(files)} files)")
+def _report(args: argparse.Namespace, report_only: bool = False) -> int:
+    """Write the reports of every variant (and a sweep's sensitivity table).
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        The parsed configuration.
+    report_only : bool, default=False
+        A --report-only run: a write error is printed here (returning 1) instead of raised.
+
+    Returns
+    -------
+    int
+        0, or 1 when a --report-only run could not write the reports.
+
+    Raises
+    ------
+    OSError
+        When a report cannot be written (not with `report_only`). Either way the report folders
+        this call created and left empty are removed.
+    """
+    reports_dir = Path(args.reports_dir)
+    targets = [reports_dir / variant.profile_dir for variant in sweep_variants(args)]
     if args.sweep_spec is not None:
-        files = write_sensitivity(Path(args.results_dir), Path(args.reports_dir), args.profile, args.sweep_spec,
-                                  args.sweep_tag, args.protocol)
-        for path in files:
-            print(f"sensitivity: {path}")
-        if not files:
-            print(f"sensitivity: no records of the sweep {args.sweep_spec.name} yet", file=sys.stderr)
+        targets.append(reports_dir / (f"{args.profile}+{args.sweep_tag}" if args.sweep_tag else args.profile))
+    created = [folder for target in targets for folder in missing_folders(target)]
+    try:
+        for variant in sweep_variants(args):
+            for _, _, problem in iter_records(Path(args.results_dir) / variant.profile_dir):
+                if problem:
+                    print(f"warning: {problem}; treated as missing in the tables", file=sys.stderr)
+            files = write_reports(Path(args.results_dir), reports_dir, variant.profile_dir, args.protocol)
+            print(f"reports written to {reports_dir / variant.profile_dir} ({len(files)} files)")
+        if args.sweep_spec is not None:
+            files = write_sensitivity(Path(args.results_dir), reports_dir, args.profile, args.sweep_spec,
+                                      args.sweep_tag, args.protocol)
+            for path in files:
+                print(f"sensitivity: {path}")
+            if not files:
+                print(f"sensitivity: no records of the sweep {args.sweep_spec.name} yet", file=sys.stderr)
+    except OSError as exc:
+        remove_empty_folders(created)
+        if not report_only:
+            raise
+        print(f"{prog_name()}: could not write the reports: {exc}; the records are intact, rerun with --report-only",
+              file=sys.stderr)
+        return 1
+    return 0
 
 
 def _print_estimate(args: argparse.Namespace, pending: list[Job], settings: RunSettings) -> tuple[int, Any]:
@@ -520,18 +565,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return int(exit_.code or 0)
         variants = sweep_variants(args)
         if args.report_only and args.sweep_spec is None:
-            _report(args)
-            return 0
+            return _report(args, report_only=True)
         jobs_per_variant = [build_jobs(variant) for variant in variants]
         for jobs in jobs_per_variant:  # every swept value checked before anything is written
             validate_jobs(jobs)
         if args.report_only:
-            _report(args)
-            return 0
+            return _report(args, report_only=True)
         results_dir = Path(args.results_dir)
         for dataset in args.datasets:  # every data file checked before any training starts
             load_dataset(dataset, args.data_root, download=not args.no_download)
-        check_writable(results_dir)  # last: a usage or data error leaves nothing on disk
+        created = check_writable(results_dir)  # last: a usage or data error leaves nothing on disk
     except UsageError as exc:
         print(f"{prog_name()}: error: {exc}", file=sys.stderr)
         return 2
@@ -544,6 +587,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         code = _run_jobs(variant, jobs, argv)
         if code == 130:
             return 130
+        if code == 2:  # refused before training (records of another training set, no backend): no reports
+            remove_empty_folders(created)  # and no results folder this run created and left empty
+            return 2
         exit_code = max(exit_code, code)
     if args.estimate:  # an estimate trains nothing, so there is nothing new to report
         return exit_code

@@ -10,6 +10,7 @@ Both return PNG bytes (the caller writes them atomically) and show only methods 
 from __future__ import annotations
 
 import io
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -149,14 +150,17 @@ def roc_figure(
     Returns
     -------
     bytes or None
-        The PNG, or None when no ok record has readable scores.
+        The PNG, or None when no ok record has readable scores. A record whose scores cannot be read
+        is left out with a warning on stderr naming the file (the report loaders have normally
+        excluded it already: `read_record` checks the scores file).
     """
     ok = frame[frame["status"] == "ok"]
     curves: dict[tuple[str, str], list] = {}
     for row in ok.itertuples():
         try:
             scores, labels = read_scores(Path(results_dir) / row.record)
-        except UnreadableRecord:
+        except UnreadableRecord as exc:
+            print(f"warning: {exc}; its ROC curve is left out of the figure", file=sys.stderr)
             continue
         if np.all(np.isfinite(scores)) and len(np.unique(labels)) == 2:
             curves.setdefault((row.class_name, row.label), []).append(roc_points(scores, labels))

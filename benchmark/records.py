@@ -5,12 +5,16 @@ Layout: <results>/<profile>/<protocol>/<dataset>/<method>/class<k>_seed<s>.{json
 class<k>_seed<s>.lock while a runner works on the job (deleted when it lets go, Ctrl-C included; only
 a runner killed outright leaves one, which blocks nothing) (<profile> carries a "+tag" suffix for runs
 with overridden hyperparameters).
-The JSON is written last: a record exists only once its scores are safely on disk.
+The JSON is written last: a record exists only once its scores are safely on disk. The record
+carries the sha256 of its scores file, so a scores file damaged later (a flipped bit the zip directory
+does not show) is caught when the record is read, and the job is redone by the next run.
 """
 from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
+import io
 import json
 import math
 import os
@@ -18,7 +22,7 @@ import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 import numpy as np
 
@@ -137,7 +141,8 @@ def write_record(results_dir: Path, key: JobKey, record: dict, scores: Optional[
 
     A random ``scores_id`` in both pairs them: a run killed between the two renames (with
     --force, over an older record) leaves a JSON whose scores file is not its own, which
-    `read_record` rejects.
+    `read_record` rejects. The record also carries ``scores_sha256``, the checksum of the scores
+    file's bytes, which `read_record` checks.
 
     Parameters
     ----------
@@ -165,11 +170,13 @@ def write_record(results_dir: Path, key: JobKey, record: dict, scores: Optional[
     if scores is not None:
         scores_id = uuid.uuid4().hex
         extra = {name: np.asarray(value) for name, value in (extra_arrays or {}).items()}
-        _atomic_write(key.scores_path(results_dir),
-                      lambda handle: np.savez_compressed(handle, scores=np.asarray(scores, np.float64),
-                                                         labels=np.asarray(labels, np.int8),
-                                                         scores_id=np.array(scores_id), **extra))
-        record = {**record, "scores_file": key.scores_path(results_dir).name, "scores_id": scores_id}
+        buffer = io.BytesIO()  # in memory first, to checksum exactly the bytes written
+        np.savez_compressed(buffer, scores=np.asarray(scores, np.float64), labels=np.asarray(labels, np.int8),
+                            scores_id=np.array(scores_id), **extra)
+        content = buffer.getvalue()
+        _atomic_write(key.scores_path(results_dir), lambda handle: handle.write(content))
+        record = {**record, "scores_file": key.scores_path(results_dir).name, "scores_id": scores_id,
+                  "scores_sha256": hashlib.sha256(content).hexdigest()}
     text = json.dumps(_json_safe(record), indent=2, allow_nan=False, sort_keys=False) + "\n"
     _atomic_write(key.json_path(results_dir), lambda handle: handle.write(text.encode()))
     return key.json_path(results_dir)
@@ -200,7 +207,9 @@ def read_record(path: Path) -> dict:
     ------
     UnreadableRecord
         Saying what is wrong with it (truncated, missing fields, another schema version, an ``ok``
-        record without finite metrics, a scores file from another run).
+        record without finite metrics, a scores file from another run, or one whose bytes do not
+        match the record's ``scores_sha256``; records written before the checksum have none and
+        are not checked for it).
     """
     try:
         record = json.loads(Path(path).read_text())
@@ -240,10 +249,51 @@ def read_record(path: Path) -> dict:
         if "scores_id" in record and scores_id != record["scores_id"]:
             raise UnreadableRecord(f"{path}: its scores file {scores_file.name} belongs to another run "
                                    "(interrupted rewrite)")
+        if "scores_sha256" in record and scores_checksum(scores_file) != record["scores_sha256"]:
+            raise UnreadableRecord(f"scores file {scores_file} does not match its record's checksum: damaged")
     return record
 
 
+def scores_checksum(path: Path) -> Optional[str]:
+    """The sha256 of a file's bytes, as `write_record` stores it in ``scores_sha256``.
+
+    Parameters
+    ----------
+    path : Path
+        A scores file (.npz).
+
+    Returns
+    -------
+    str or None
+        The hex digest, or None when the file cannot be read.
+    """
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    except OSError:
+        return None
+    return digest.hexdigest()
+
+
 def read_scores(json_path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The per-image scores and labels of a record (call after `read_record` accepted it).
+
+    Parameters
+    ----------
+    json_path : Path
+        The JSON record's path; the scores are in the .npz beside it.
+
+    Returns
+    -------
+    scores, labels : ndarray
+
+    Raises
+    ------
+    UnreadableRecord
+        When the scores file cannot be read (missing, truncated, a bad CRC).
+    """
     try:
         with np.load(Path(json_path).with_suffix(".npz")) as archive:
             return archive["scores"], archive["labels"]
@@ -274,6 +324,21 @@ def iter_records(results_dir: Path) -> Iterator[tuple[Path, Optional[dict], Opti
 
 
 def existing_record(results_dir: Path, key: JobKey) -> tuple[Optional[dict], Optional[str]]:
+    """A job's record, if it has a usable one.
+
+    Parameters
+    ----------
+    results_dir : Path
+        The results folder.
+    key : JobKey
+        The job.
+
+    Returns
+    -------
+    tuple
+        ``(record, None)`` for a usable record, ``(None, None)`` when there is none, ``(None, message)``
+        when it is unusable (`read_record`'s reason, its scores' checksum included).
+    """
     path = key.json_path(results_dir)
     if not path.exists():
         return None, None
@@ -281,6 +346,46 @@ def existing_record(results_dir: Path, key: JobKey) -> tuple[Optional[dict], Opt
         return read_record(path), None
     except UnreadableRecord as exc:
         return None, str(exc)
+
+
+def missing_folders(directory: Path) -> list[Path]:
+    """`directory` and those of its parents that do not exist yet, deepest first.
+
+    Parameters
+    ----------
+    directory : Path
+        A folder about to be created.
+
+    Returns
+    -------
+    list of Path
+        The folders creating it would create (what `remove_empty_folders` may remove afterwards).
+    """
+    return [p for p in (Path(directory), *Path(directory).parents) if not p.exists()]
+
+
+def remove_empty_folders(folders: Iterable[Path]) -> list[Path]:
+    """Remove those of `folders` that are empty, deepest first (so a folder emptied by removing its
+    subfolders goes too); the others are left as they are.
+
+    Parameters
+    ----------
+    folders : iterable of Path
+        Folders this process created (`missing_folders` before creating them).
+
+    Returns
+    -------
+    list of Path
+        The folders removed.
+    """
+    removed = []
+    for folder in sorted({Path(f) for f in folders}, key=lambda f: len(f.parts), reverse=True):
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (something was written there), or already gone
+            continue
+        removed.append(folder)
+    return removed
 
 
 class JobLock:

@@ -25,12 +25,13 @@ def test_records_of_another_training_set_are_refused_not_mixed(capsys, tmp_path,
     assert held_path.parts[-5] == "smoke+val0.1" and held["sampling"]["val_fraction"] == 0.1
     # A folder of the default profile holding records made with the old default (10% held out):
     (results / "smoke+val0.1").rename(results / "smoke")
-    before = {p: p.read_bytes() for p in results.rglob("*") if p.is_file()}
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     capsys.readouterr()
     assert main(cli_args(data, results, reports, classes=(0, 1))) == 2
     err = capsys.readouterr().err
     assert "--val-fraction 0.1" in err and "mix two training sets" in err and "mv " in err
-    assert {p: p.read_bytes() for p in results.rglob("*") if p.is_file()} == before  # nothing trained or lost
+    # Nothing trained, nothing lost, no report written.
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
     # Moved where the message says, the default run trains on every normal image beside them.
     (results / "smoke").rename(results / "smoke+val0.1")
     assert main(cli_args(data, results, reports, classes=(0,))) == 0
