@@ -602,17 +602,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return exit_code
 
 
-def _records_of_another_training_set(results_dir: Path, jobs: list[Job], val_fraction: float) -> list[tuple]:
-    """(job label, held-out share) of the jobs' existing records made with another --val-fraction."""
-    found = []
-    for job in jobs:
-        record, _ = existing_record(results_dir, job.key)
-        if record is None:
-            continue
-        recorded = float((record.get("sampling") or {}).get("val_fraction") or 0.0)
-        if recorded != val_fraction:
-            found.append((job.key.label(), recorded))
-    return found
+def _held_out_share(record: dict) -> float:
+    """The --val-fraction a record was trained with (0 for records made before the option)."""
+    return float((record.get("sampling") or {}).get("val_fraction") or 0.0)
 
 
 def _run_jobs(args: argparse.Namespace, jobs: list[Job], argv: list[str]) -> int:
@@ -620,9 +612,13 @@ def _run_jobs(args: argparse.Namespace, jobs: list[Job], argv: list[str]) -> int
     job failed, diverged or was lost, or the results folder became unwritable), 2 (the backend could not
     start) or 130 (interrupted)."""
     results_dir = Path(args.results_dir)
-    pending, already, unreadable = [], [], []
+    pending, already, unreadable, mixed = [], [], [], []
     for job in jobs:
-        record, problem = (None, None) if args.force else existing_record(results_dir, job.key)
+        record, problem = existing_record(results_dir, job.key)  # read once: the skip and the check below
+        if record is not None and _held_out_share(record) != args.val_fraction:
+            mixed.append((job.key.label(), _held_out_share(record)))  # --force included: never mixed either
+        if args.force:
+            record, problem = None, None
         if problem:
             unreadable.append(problem)
         if record is not None and record["status"] in ("ok", "diverged"):
@@ -632,7 +628,6 @@ def _run_jobs(args: argparse.Namespace, jobs: list[Job], argv: list[str]) -> int
             pending.append(job)
     for problem in unreadable:
         print(f"warning: {problem}; the job will be rerun", file=sys.stderr)
-    mixed = _records_of_another_training_set(results_dir, jobs, args.val_fraction)
     if mixed:
         folder = results_dir / args.profile_dir
         held = sorted({fraction for _, fraction in mixed})

@@ -217,6 +217,29 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def device_identity(device: str) -> tuple[str, str, int]:
+    """(device type, GPU name or CPU model, torch threads) of this process's `device`: what makes
+    seconds comparable, as `record_device` reads it from a record.
+
+    Parameters
+    ----------
+    device : str
+        Torch device.
+
+    Returns
+    -------
+    tuple
+        The device's type, its name and the thread count.
+    """
+    import torch
+
+    from methods.torch_base import resolve_device
+
+    resolved = resolve_device(device)
+    name = torch.cuda.get_device_name(resolved) if resolved.type == "cuda" else cpu_model()
+    return resolved.type, name, torch.get_num_threads()
+
+
 def device_description(device: str) -> str:
     """Device, torch version and thread count: the calibration cache's outer key.
 
@@ -232,11 +255,8 @@ def device_description(device: str) -> str:
     """
     import torch
 
-    from methods.torch_base import resolve_device
-
-    resolved = resolve_device(device)
-    name = torch.cuda.get_device_name(resolved) if resolved.type == "cuda" else cpu_model()
-    return f"{resolved.type}:{name}|torch {torch.__version__}|{torch.get_num_threads()} threads"
+    kind, name, threads = device_identity(device)
+    return f"{kind}:{name}|torch {torch.__version__}|{threads} threads"
 
 
 def busy_fraction(window: float = 0.5) -> Optional[float]:
@@ -578,18 +598,13 @@ def estimate_jobs(jobs: list, data_root: Optional[str], download: bool, n_parall
     """
     import importlib
 
-    import torch
-
     from benchmark.data import load_dataset
     from benchmark.profiles import PROFILE_SUBSAMPLE
     from methods import get_method
-    from methods.torch_base import resolve_device
 
     steps = calibration_steps()
     outer = device_description(device)
-    resolved = resolve_device(device)
-    this_device = (resolved.type, torch.cuda.get_device_name(resolved) if resolved.type == "cuda" else cpu_model(),
-                   torch.get_num_threads())
+    this_device = device_identity(device)
     timings = RecordTimings.from_results(results_dir)
     cache = _load_cache()
     entries = cache.setdefault(outer, {})
@@ -640,12 +655,13 @@ def estimate_jobs(jobs: list, data_root: Optional[str], download: bool, n_parall
         target = job.target or get_method(key.method).target
         module_name, class_name = target.split(":")
         detector = getattr(importlib.import_module(module_name), class_name)(**job.params)
-        stage_list = detector._stages(n_train) if hasattr(detector, "_stages") else []
+        staged = bool(detector._stages(n_train)) if hasattr(detector, "_stages") else False
 
-        def steps_of(n: int, detector: Any = detector, staged: bool = bool(stage_list)) -> int:
+        def steps_of(n: int, detector: Any = detector, staged: bool = staged) -> int:
+            """Planned optimiser steps on n images (0 for a detector without stages)."""
             return sum(detector.planned_steps(n).values()) if staged and n > 0 else 0
 
-        planned = detector.planned_steps(n_train) if stage_list else {}
+        planned = detector.planned_steps(n_train) if staged else {}
         calib_params = {k: v for k, v in job.params.items() if k != "random_state"}
         inner = json.dumps([target, list(shape), calib_params], sort_keys=True, default=repr)
         records = timings.matching(key.method, key.dataset, detector.get_params(), precision, this_device)
@@ -662,7 +678,7 @@ def estimate_jobs(jobs: list, data_root: Optional[str], download: bool, n_parall
                 rec = records[0]
                 sizes = rec.get("sizes") or {}
                 rec_n_train, rec_n_test = int(sizes.get("n_train", 0)), int(sizes.get("n_test", 0))
-                rec_planned = detector.planned_steps(rec_n_train) if stage_list and rec_n_train else {}
+                rec_planned = detector.planned_steps(rec_n_train) if staged and rec_n_train else {}
                 predicted = sum(predicted_seconds(cached, rec_planned, rec_n_train, rec_n_test))
                 measured = float(rec["train_seconds"]) + float(rec.get("score_seconds", 0.0))
                 if (predicted > 0 and max(predicted, measured) >= MIN_CHECKED_SECONDS
