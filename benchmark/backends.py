@@ -14,7 +14,11 @@ function can be swapped in. Every worker process of a run starts, once:
   CUDA_VISIBLE_DEVICES, so `cuda` in that process is its own GPU.
 
 A job whose worker process died (killed, out of memory, segfault) has no result: the backend
-reports it as `Lost` and the run goes on; a rerun of the same command does it.
+reports it as `Lost` and the run goes on; a rerun of the same command does it. On Dask, jobs are
+handed out one per free worker thread and pinned to their worker (`_DaskDispatch`), so a dead
+worker loses only what it was running, and a worker is probed before its first job: a cluster
+whose workers cannot import the package, or that has lost them all, ends the run (`ClusterUnusable`)
+within MEMGAN_DASK_WORKER_TIMEOUT seconds (default 60) instead of waiting forever.
 
 Connecting to a Dask scheduler (`--scheduler`) gives up after MEMGAN_DASK_CONNECT_TIMEOUT seconds
 (default 30), whatever listens at the address: Dask's own Client waits forever on a server that
@@ -30,18 +34,28 @@ import math
 import os
 import shutil
 import socket
+import sys
 import tempfile
 import threading
+import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
+
+from benchmark.records import ResultsWriteError
 
 BACKENDS = ("local", "dask")
 RUNNER_GONE_EXIT = 75          # exit status of a worker whose runner died
 WATCHDOG_POLL_SECONDS = 1.0
 CONNECT_TIMEOUT_ENV = "MEMGAN_DASK_CONNECT_TIMEOUT"
 DEFAULT_CONNECT_TIMEOUT = 30.0  # seconds
+WORKER_TIMEOUT_ENV = "MEMGAN_DASK_WORKER_TIMEOUT"
+DEFAULT_WORKER_TIMEOUT = 60.0   # seconds without a worker that can take jobs
+POLL_SECONDS = 0.5              # how often a Dask run looks at its workers
+_INSTALL_HINT = ("Every worker must run a Python that has this package and its dependencies: install it there "
+                 "(pip install -e <this repository>) or start `dask worker` (and `dask scheduler`) from the Python that runs this "
+                 "command")
 
 _worker_lock = threading.Lock()
 _watchdog: Optional[threading.Thread] = None
@@ -50,6 +64,10 @@ _gpu_slot_fd: Optional[int] = None
 
 class BackendUnavailable(RuntimeError):
     """The backend cannot start (Dask not installed, scheduler unreachable): nothing was run."""
+
+
+class ClusterUnusable(BackendUnavailable):
+    """No worker of a Dask cluster could take jobs for a while: all gone, or none imports the package."""
 
 
 @dataclass(frozen=True)
@@ -563,35 +581,283 @@ def open_dask_client(scheduler: Optional[str], n_workers: int) -> tuple[Any, Any
     return Client(cluster), cluster
 
 
+def dask_worker_timeout() -> float:
+    """Seconds a Dask run waits while no worker can take its jobs: $MEMGAN_DASK_WORKER_TIMEOUT, else 60.
+
+    Returns
+    -------
+    float
+        The timeout.
+
+    Raises
+    ------
+    BackendUnavailable
+        When the variable is set to something other than a positive number.
+    """
+    text = os.environ.get(WORKER_TIMEOUT_ENV, "").strip()
+    if not text:
+        return DEFAULT_WORKER_TIMEOUT
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise BackendUnavailable(f"{WORKER_TIMEOUT_ENV} must be a positive number of seconds, got {text!r}")
+    return value
+
+
+def probe_expression(modules: Sequence[str]) -> str:
+    """What each Dask worker evaluates (with Python's own `eval`) before it is given a job.
+
+    Only the builtin `eval` and a string are pickled, so the probe runs even on a worker whose
+    Python cannot import this package, and its exception says why. It imports `modules` and
+    returns the number of CPU cores the worker process may use.
+
+    Parameters
+    ----------
+    modules : sequence of str
+        Modules every job needs on the worker.
+
+    Returns
+    -------
+    str
+        A Python expression.
+    """
+    return (f"(lambda importlib, os: ([importlib.import_module(m) for m in {list(modules)!r}], "
+            "len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1)[1])"
+            "(__import__('importlib'), __import__('os'))")
+
+
+@dataclass
+class _DaskWorker:
+    """What the runner knows of one worker of the cluster."""
+    address: str
+    nthreads: int
+    host: str
+    probe: Any = None             # the probe's future while it runs
+    cores: Optional[int] = None   # CPU cores of the worker process, once the probe succeeded
+    problem: Optional[str] = None  # why it cannot take jobs (the probe or a job failed to import)
+
+    @property
+    def usable(self) -> bool:
+        return self.cores is not None and self.problem is None
+
+
+class _DaskDispatch:
+    """Hands the jobs of a run to the workers of a Dask cluster, one per free worker thread.
+
+    Each job is a task pinned to one worker (`workers=[address]`), submitted only when that worker
+    has a free thread, so no job waits in a worker's queue: a worker that dies loses only the jobs
+    it was running. Those are handed out again, up to `distributed.scheduler.allowed-failures`
+    (the runner's Dask config, default 3) deaths per job, then reported `Lost`; the jobs never
+    handed out are untouched. A worker is probed (`probe_expression`) before its first job; one
+    that cannot import the package is named on stderr and never given a job. When no worker can
+    take jobs (none left, or none imports the package) for `timeout` seconds, `ClusterUnusable`
+    is raised, saying why.
+    """
+
+    def __init__(self, client: Any, call: Callable, items: Sequence[Any], settings: Any, modules: Sequence[str],
+                 timeout: float, where: str) -> None:
+        import dask
+
+        self.client, self.call, self.items, self.settings = client, call, items, settings
+        self.probe_code = probe_expression(modules)
+        self.timeout, self.where = timeout, where
+        self.allowed_failures = int(dask.config.get("distributed.scheduler.allowed-failures", 3))
+        self.pending: list[int] = list(range(len(items)))
+        self.running: dict = {}          # future -> (index, worker address)
+        self.deaths: dict[int, int] = {}
+        self.workers: dict[str, _DaskWorker] = {}
+        self.gone: list[str] = []
+        self.idle_since: Optional[float] = None
+
+    # -- workers ---------------------------------------------------------------------------------
+    def _refresh_workers(self) -> list[str]:
+        """Probe new workers; returns the addresses of workers that have left."""
+        from distributed.comm.addressing import get_address_host
+
+        current = self.client.nthreads()
+        for address, nthreads in current.items():
+            if address not in self.workers:
+                worker = _DaskWorker(address, int(nthreads), get_address_host(address))
+                worker.probe = self.client.submit(eval, self.probe_code, key=f"memgan-probe-{uuid.uuid4().hex}",
+                                                  workers=[address], allow_other_workers=False, pure=False)
+                self.workers[address] = worker
+        left = [address for address in self.workers if address not in current]
+        for address in left:
+            self.gone.append(address)
+            probe = self.workers.pop(address).probe
+            if probe is not None:
+                self.client.cancel([probe], force=True)
+        return left
+
+    def _check_probes(self) -> None:
+        for worker in self.workers.values():
+            probe = worker.probe
+            if probe is None or not probe.done():
+                continue
+            worker.probe = None
+            if probe.status == "finished":
+                worker.cores = int(probe.result())
+            else:
+                exc = probe.exception() if probe.status == "error" else None
+                self._unusable(worker, f"{type(exc).__name__}: {exc}" if exc is not None else probe.status)
+
+    def _unusable(self, worker: _DaskWorker, why: str) -> None:
+        if worker.problem is None:
+            worker.problem = why
+            print(f"warning: Dask worker {worker.address} cannot run the jobs ({why}); no job goes to it. "
+                  f"{_INSTALL_HINT}", file=sys.stderr, flush=True)
+
+    def _threads_for(self, worker: _DaskWorker) -> int:
+        if getattr(self.settings, "threads_fixed", False):
+            return int(self.settings.threads_per_job)
+        # The worker host's cores shared by every Dask thread of the workers on that host, so two
+        # single-thread workers on 2 cores run 1 torch thread each, not 2.
+        sharing = sum(w.nthreads for w in self.workers.values() if w.host == worker.host and w.problem is None)
+        return max(1, (worker.cores or 1) // max(1, sharing))
+
+    def _hand_out(self) -> None:
+        busy: dict[str, int] = {}
+        for _, address in self.running.values():
+            busy[address] = busy.get(address, 0) + 1
+        free = [w for w in self.workers.values() if w.usable and busy.get(w.address, 0) < w.nthreads]
+        while self.pending and free:
+            for worker in list(free):
+                if not self.pending:
+                    break
+                index = self.pending.pop(0)
+                settings = self.settings
+                threads = self._threads_for(worker)
+                if hasattr(settings, "threads_per_job") and settings.threads_per_job != threads:
+                    settings = replace(settings, threads_per_job=threads)
+                future = self.client.submit(self.call, index, self.items[index], settings, pure=False,
+                                            key=f"{self.call.__name__}-{index}-{uuid.uuid4().hex}",
+                                            workers=[worker.address], allow_other_workers=False)
+                self.running[future] = (index, worker.address)
+                busy[worker.address] = busy.get(worker.address, 0) + 1
+                if busy[worker.address] >= worker.nthreads:
+                    free.remove(worker)
+
+    def _check_usable(self) -> None:
+        if any(w.usable or (w.probe is not None and w.problem is None) for w in self.workers.values()):
+            self.idle_since = None
+            return
+        now = time.monotonic()
+        if self.idle_since is None:
+            self.idle_since = now
+        if now - self.idle_since < self.timeout:
+            return
+        unusable = [w for w in self.workers.values() if w.problem is not None]
+        if unusable:
+            why = "; ".join(f"worker {w.address}: {w.problem}" for w in unusable)
+            raise ClusterUnusable(f"no worker of the Dask cluster {self.where} can run the jobs ({why}). "
+                                  f"{_INSTALL_HINT}")
+        lost = f" (it lost {', '.join(self.gone)})" if self.gone else ""
+        raise ClusterUnusable(f"the Dask cluster {self.where} has had no worker for {self.timeout:g} s{lost}. "
+                              "Start workers (dask worker <scheduler address>) and run the same command again: "
+                              f"finished jobs are kept; {WORKER_TIMEOUT_ENV} sets the wait in seconds")
+
+    # -- jobs ------------------------------------------------------------------------------------
+    def _died(self, index: int, why: str) -> Iterator[tuple[Any, Any]]:
+        self.deaths[index] = self.deaths.get(index, 0) + 1
+        if self.deaths[index] > self.allowed_failures:
+            times = "" if self.deaths[index] == 1 else f" ({self.deaths[index]} times)"
+            yield self.items[index], Lost(f"{why}{times}")
+        else:
+            self.pending.insert(0, index)
+
+    def run(self) -> Iterator[tuple[Any, Any]]:
+        from distributed import wait
+
+        while self.pending or self.running:
+            for address in self._refresh_workers():
+                for future, (index, where) in list(self.running.items()):
+                    if where == address and not future.done():
+                        del self.running[future]
+                        self.client.cancel([future], force=True)
+                        yield from self._died(index, f"worker {address} died while running it")
+            self._check_probes()
+            self._hand_out()
+            self._check_usable()
+            waiting = list(self.running) + [w.probe for w in self.workers.values() if w.probe is not None]
+            if waiting:
+                try:
+                    wait(waiting, timeout=POLL_SECONDS, return_when="FIRST_COMPLETED")
+                except TimeoutError:
+                    pass
+            else:
+                time.sleep(POLL_SECONDS)
+            for future in [f for f in self.running if f.done()]:
+                index, address = self.running.pop(future)
+                if future.status == "cancelled":
+                    yield from self._died(index, f"cancelled by the Dask scheduler (worker {address})")
+                    continue
+                exc = future.exception() if future.status == "error" else None
+                if _dask_worker_death(exc):
+                    yield from self._died(index, f"worker {address} died while running it")
+                elif isinstance(exc, ImportError):  # the worker cannot unpickle the job: its Python lacks a module
+                    if address in self.workers:
+                        self._unusable(self.workers[address], f"{type(exc).__name__}: {exc}")
+                    self.pending.insert(0, index)
+                elif exc is not None and not isinstance(exc, ResultsWriteError):
+                    # The unit records every error of its own but write errors, so this one is the
+                    # cluster's: e.g. a scheduler that cannot unpickle the job (its Python lacks the package).
+                    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                    raise ClusterUnusable(f"the Dask cluster {self.where} could not run a job ({type(exc).__name__}: "
+                                          f"{first}; cause: {exc.__cause__!r}). The scheduler and every worker need "
+                                          f"the Python environment of this command. {_INSTALL_HINT}") from exc
+                else:
+                    _, result = future.result()  # results-folder write errors propagate
+                    yield self.items[index], result
+
+    def cancel(self) -> None:
+        futures = list(self.running) + [w.probe for w in self.workers.values() if w.probe is not None]
+        if futures:
+            self.client.cancel(futures, force=True)
+        self.running.clear()
+
+
 def run_dask(unit: Callable, items: Sequence[Any], settings: Any, n_parallel: int, devices: Iterable[str] = (),
-             scheduler: Optional[str] = None, client: Any = None) -> Iterator[tuple[Any, Any]]:
+             scheduler: Optional[str] = None, client: Any = None,
+             modules: Sequence[str] = ()) -> Iterator[tuple[Any, Any]]:
     """Run `unit(item, settings)` for every item on a Dask cluster: the one at `scheduler` (or the
     given `client`'s), else a LocalCluster of `n_parallel` worker processes started here and
-    closed at the end. Yields (item, result) in completion order, result a `Lost` for an item
-    whose worker died more often than the scheduler's `distributed.scheduler.allowed-failures`
-    (Dask reruns a task whose worker died on another worker until then).
+    closed at the end. Yields (item, result) in completion order.
 
-    Each job is its own Dask task, handed out when a worker thread is free: a worker that dies
-    loses only the job it was running, and the others go on.
+    Jobs are handed out one per free worker thread, each pinned to its worker (`_DaskDispatch`):
+    a worker that dies loses only the jobs it was running, which go to another worker until they
+    have lost `distributed.scheduler.allowed-failures` workers (then the result is a `Lost`).
+    Every worker is first probed for `modules` and its CPU cores; one that cannot import them gets
+    no job and is named on stderr. Each job's torch threads are its worker host's cores over the
+    Dask threads of the workers on that host (unless `settings.threads_fixed`: `--threads`).
 
     Parameters
     ----------
     unit, items, settings, devices
-        As for `run_local`.
+        As for `run_local`; `settings` is a dataclass with a `threads_per_job` field.
     n_parallel : int
         Worker processes of the LocalCluster (ignored with `scheduler` or `client`).
     scheduler : str or None
         Address of a running scheduler (e.g. tcp://host:8786).
     client : dask.distributed.Client or None
         An existing client to use instead (tests).
+    modules : sequence of str
+        Modules the jobs need on a worker (probed before it gets a job).
 
     Yields
     ------
     (item, result or Lost)
+
+    Raises
+    ------
+    ClusterUnusable
+        When no worker could take jobs for `dask_worker_timeout()` seconds.
     """
     own_cluster = scheduler is None and client is None
     n_workers = max(1, min(n_parallel, len(items)))
     gpus = gpus_to_spread(devices, visible_gpus(), n_workers) if own_cluster else ()
+    timeout = dask_worker_timeout()
     with _gpu_slots(gpus) as slots:
         cluster = None
         if client is None:
@@ -600,44 +866,15 @@ def run_dask(unit: Callable, items: Sequence[Any], settings: Any, n_parallel: in
         # Workers of a cluster the runner did not start are not ended with it; a cluster set up
         # for several GPUs (dask-cuda) has already given each worker its GPU.
         setup = _setup(own_cluster, gpus, slots)
-        futures: dict = {}
+        dispatch = _DaskDispatch(client, InWorker(unit, setup), items, settings, modules, timeout,
+                                 "started here" if own_cluster else f"at {scheduler or client.scheduler.address}")
         try:
-            from dask.distributed import as_completed
-
             if own_cluster:  # idle workers too (a worker restarted later does it before its first job)
                 client.wait_for_workers(n_workers, timeout=300)
                 client.run(prepare_worker, setup)
-            unit_in_worker = InWorker(unit, setup)
-            pending = list(enumerate(items))
-            done = as_completed()
-
-            def submit_while_free() -> None:
-                # On our own cluster, one job per worker thread at a time: a job is handed out only
-                # when a thread is free, so a worker that dies takes no queued job down with it. A
-                # cluster of unknown (or adaptive) size gets every job at once and queues them.
-                capacity = max(1, sum(client.nthreads().values())) if own_cluster else len(items)
-                while pending and len(futures) < capacity:
-                    index, item = pending.pop(0)
-                    future = client.submit(unit_in_worker, index, item, settings, pure=False,
-                                           key=f"{getattr(unit, '__name__', 'unit')}-{index}-{uuid.uuid4().hex}")
-                    futures[future] = item
-                    done.add(future)
-
-            submit_while_free()
-            for future in done:
-                item = futures.pop(future)
-                submit_while_free()
-                if future.status == "cancelled":
-                    yield item, Lost("cancelled by the Dask scheduler")
-                    continue
-                if future.status == "error" and _dask_worker_death(future.exception()):
-                    yield item, Lost(f"{type(future.exception()).__name__}: {future.exception()}")
-                    continue
-                _, result = future.result()  # the unit's own exceptions (e.g. ResultsWriteError) propagate
-                yield item, result
+            yield from dispatch.run()
         finally:
-            if futures:
-                client.cancel(list(futures), force=True)
+            dispatch.cancel()
             if close_client:
                 client.close(timeout=10)
             if cluster is not None:

@@ -28,7 +28,7 @@ from benchmark.records import (
     remove_idle_stray_temp_files,
 )
 from benchmark.reports import write_reports
-from benchmark.runner import DEFAULT_VAL_FRACTION, Job, RunSettings, execute, provenance
+from benchmark.runner import DEFAULT_VAL_FRACTION, NOT_STARTED, Job, JobOutcome, RunSettings, execute, provenance
 from benchmark.splits import PROTOCOLS
 from benchmark.sweeps import SweepError, SweepSpec, parse_sweep, write_sensitivity
 from benchmark.sweeps import set_tag as sweep_set_tag
@@ -84,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--protocol", default="paper", help=f"split protocol: {', '.join(PROTOCOLS)} (default: paper)")
     parser.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda or cuda:N")
     parser.add_argument("--jobs", default="1", help="jobs in parallel (default: 1)")
+    parser.add_argument("--threads", metavar="N",
+                        help="torch / BLAS threads of each job (default: this machine's cores / --jobs; on a Dask "
+                             "cluster, each worker host's cores / the Dask threads of its workers). Results are "
+                             "bit-identical only at one thread count, so reports name records made at another")
     parser.add_argument("--backend", default="local", help="where jobs run: local (worker processes of this machine) "
                         "or dask (a Dask cluster: --scheduler's, else a local one of --jobs workers) (default: local)")
     parser.add_argument("--scheduler", metavar="ADDRESS",
@@ -235,6 +239,7 @@ def parse_config(argv: Sequence[str]) -> argparse.Namespace:
     args.class_ids = _parse_classes(args.classes, args.datasets)
     args.seed_values = sorted({_parse_int(s, "seed", 0, MAX_SEED) for s in args.seeds})
     args.n_jobs = _parse_int(args.jobs, "--jobs", 1, 512)
+    args.n_threads = None if args.threads is None else _parse_int(args.threads, "--threads", 1, 1024)
     args.stack_size = None if args.stack == "auto" else _parse_int(args.stack, "--stack", 1, 256)
     try:
         device = resolve_device(args.device)
@@ -612,7 +617,7 @@ def _run_jobs(args: argparse.Namespace, jobs: list[Job], argv: list[str]) -> int
     job failed, diverged or was lost, or the results folder became unwritable), 2 (the backend could not
     start) or 130 (interrupted)."""
     results_dir = Path(args.results_dir)
-    pending, already, unreadable, mixed = [], [], [], []
+    pending, already, unreadable, mixed, already_records = [], [], [], [], []
     for job in jobs:
         record, problem = existing_record(results_dir, job.key)  # read once: the skip and the check below
         if record is not None and _held_out_share(record) != args.val_fraction:
@@ -623,6 +628,7 @@ def _run_jobs(args: argparse.Namespace, jobs: list[Job], argv: list[str]) -> int
             unreadable.append(problem)
         if record is not None and record["status"] in ("ok", "diverged"):
             already.append(record["status"])
+            already_records.append(record)
             remove_idle_stray_temp_files(job.key, results_dir)
         else:
             pending.append(job)
@@ -640,8 +646,13 @@ def _run_jobs(args: argparse.Namespace, jobs: list[Job], argv: list[str]) -> int
         return 2
     print(f"{len(jobs)} jobs: {len(already)} already recorded, {len(pending)} to run "
           f"(profile {args.profile_dir}, protocol {args.protocol}, data {resolve_data_root(args.data_root)})")
-    settings = RunSettings(results_dir=results_dir, data_root=args.data_root, download=not args.no_download,
-                           threads_per_job=max(1, (os.cpu_count() or 1) // min(args.n_jobs, max(1, len(pending)))),
+    # The thread count depends on --jobs / --threads only, never on how many jobs are pending, so a
+    # rerun of a few jobs trains them as the first run did (bit-identical results need one count).
+    threads = args.n_threads or max(1, (os.cpu_count() or 1) // args.n_jobs)
+    _warn_other_thread_counts(already_records, threads, args)
+    # Workers never download: main() checked (or fetched) every data file before this point.
+    settings = RunSettings(results_dir=results_dir, data_root=args.data_root, download=False,
+                           threads_per_job=threads, threads_fixed=args.n_threads is not None,
                            track_auroc=args.track_auroc, overrides=args.override_map,
                            provenance=provenance([prog_name(), *argv]),
                            force=args.force, started_at=time.time(), val_fraction=args.val_fraction,
@@ -672,10 +683,48 @@ def _run_jobs(args: argparse.Namespace, jobs: list[Job], argv: list[str]) -> int
     except ResultsWriteError as exc:
         print(f"{prog_name()}: cannot write results: {exc}; records already written are intact", file=sys.stderr)
         return 1
-    bad = [o for o in outcomes if o.status in ("failed", "diverged", "lost")] + [s for s in already if s == "diverged"]
-    lost = [o.key.label() for o in outcomes if o.status == "lost"]
-    print(f"ran {len(outcomes)} jobs in {time.perf_counter() - started:.1f} s: "
-          f"{sum(o.status == 'ok' for o in outcomes)} ok, {sum(o.status == 'failed' for o in outcomes)} failed, "
-          f"{sum(o.status == 'diverged' for o in outcomes)} diverged"
-          + (f", {len(lost)} lost (worker died; rerun to do them: {', '.join(lost)})" if lost else ""))
+    print(summary(outcomes, time.perf_counter() - started))
+    bad = [o for o in outcomes if o.status in ("failed", "diverged", "lost", NOT_STARTED)
+           and not o.by_another_runner] + [s for s in already if s == "diverged"]
     return 1 if bad else 0
+
+
+def summary(outcomes: list[JobOutcome], seconds: float) -> str:
+    """The run's last line: what this runner trained, and what another runner finished meanwhile.
+
+    Parameters
+    ----------
+    outcomes : list of JobOutcome
+        The run's outcomes.
+    seconds : float
+        Its wall time.
+
+    Returns
+    -------
+    str
+        E.g. "ran 5 jobs in 12.0 s: 4 ok, 0 failed, 0 diverged, 1 lost (...); 4 finished by another runner ...".
+    """
+    here = [o for o in outcomes if not o.by_another_runner]
+    other = [o.key.label() for o in outcomes if o.by_another_runner]
+    lost = [o.key.label() for o in here if o.status == "lost"]
+    not_started = [o.key.label() for o in here if o.status == NOT_STARTED]
+    trained = [o for o in here if o.status not in ("lost", NOT_STARTED)]
+    return (f"ran {len(trained)} jobs in {seconds:.1f} s: "
+            f"{sum(o.status == 'ok' for o in here)} ok, {sum(o.status == 'failed' for o in here)} failed, "
+            f"{sum(o.status == 'diverged' for o in here)} diverged"
+            + (f", {len(lost)} lost (worker died; rerun to do them: {', '.join(lost)})" if lost else "")
+            + (f", {len(not_started)} not started (rerun to do them: {', '.join(not_started)})" if not_started else "")
+            + (f"; {len(other)} finished by another runner meanwhile (not counted above): {', '.join(other)}"
+               if other else ""))
+
+
+def _warn_other_thread_counts(records: list[dict], threads: int, args: argparse.Namespace) -> None:
+    """Say so when this folder holds records of these jobs made at another thread count (the reports name them)."""
+    if args.backend == "dask" and args.scheduler and args.n_threads is None:
+        return  # each worker decides; the reports say if the counts differ
+    others = sorted({int(r["threads"]) for r in records if r.get("threads") is not None} - {threads})
+    if others:
+        print(f"note: {sum(r.get('threads') in others for r in records)} records of these jobs were trained with "
+              f"{', '.join(map(str, others))} threads per job and this run uses {threads}; results are bit-identical "
+              f"only at one thread count, so the reports name the records of the other count. To match them, rerun "
+              f"with --threads {others[0]}", file=sys.stderr)

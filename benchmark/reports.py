@@ -70,6 +70,7 @@ COLUMNS = [
     "n_train",
     "n_test",
     "device",
+    "threads",
     "git_commit",
     "error",
     "best_epoch_auroc_on_test",
@@ -178,6 +179,7 @@ def load_records(results_dir: Path, profile: str, protocol: Optional[str] = None
                 "n_train": sizes.get("n_train"),
                 "n_test": sizes.get("n_test"),
                 "device": (record.get("run_info") or {}).get("device"),
+                "threads": record.get("threads"),
                 "git_commit": (record.get("git") or {}).get("commit"),
                 "error": (record.get("error") or {}).get("message"),
                 "best_epoch_auroc_on_test": (
@@ -187,6 +189,39 @@ def load_records(results_dir: Path, profile: str, protocol: Optional[str] = None
             }
         )
     return pd.DataFrame(rows, columns=COLUMNS), problems
+
+
+def thread_counts_note(frame: pd.DataFrame, listed: int = 8) -> str:
+    """A sentence naming the records made at a thread count other than the most common one, or "".
+
+    Scores are bit-identical only at one torch / BLAS thread count, so a table mixing counts (a rerun
+    with another --jobs or --threads) says so rather than mixing them silently.
+
+    Parameters
+    ----------
+    frame : pandas.DataFrame
+        Record rows (`load_records`' columns).
+    listed : int, default=8
+        How many records to name before "and N more".
+
+    Returns
+    -------
+    str
+        The note.
+    """
+    known = frame[frame["threads"].notna()] if "threads" in frame else frame.iloc[0:0]
+    counts = known["threads"].astype(int).value_counts()
+    if len(counts) < 2:
+        return ""
+    usual = int(counts.index[0])
+    others = known[known["threads"].astype(int) != usual]
+    names = [f"{r.dataset}/{r.method}/class{r.normal_class}/seed{r.seed} ({int(r.threads)})"
+             for r in others.sort_values(["dataset", "method", "normal_class", "seed"]).itertuples()]
+    more = f" and {len(names) - listed} more" if len(names) > listed else ""
+    return (f"Mixed thread counts: {int(counts.iloc[0])} records were trained with {usual} threads per job, "
+            f"{len(others)} with another count (threads in brackets): {', '.join(names[:listed])}{more}. "
+            "Scores are bit-identical only at one thread count: to make the table uniform, delete those records "
+            f"and run the same command again with --threads {usual}.")
 
 
 def method_order(labels: Union[pd.DataFrame, Iterable[str]]) -> list[str]:
@@ -381,6 +416,7 @@ def auroc_tables(
             f"Ours: the final model's AUROC, mean over seeds; (paper): the paper's value, {DASH} where it has none. "
             f"Bold: best of ours in the row among complete values; a mean is complete when it covers every class "
             f"and seed. [k/n]: only part of the classes or seeds; failed / diverged: no ok seed."
+            + (f" {note}" if (note := thread_counts_note(subset)) else "")
         ),
     )
 
@@ -551,6 +587,8 @@ def write_reports(results_dir: Path, reports_dir: Path, profile: str, protocol: 
         f"From {len(frame)} records under `{Path(results_dir) / profile}` (profile `{profile}`, protocol "
         f"`{protocol}`); each number is the final model's after a fixed budget.\n"
     )
+    if thread_counts_note(frame):
+        footer += f"\n{thread_counts_note(frame)}\n"
     if problems:
         footer += "\nUnreadable records, treated as missing:\n" + "\n".join(f"- {p}" for p in problems) + "\n"
 

@@ -21,7 +21,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from benchmark.data import load_dataset, resolve_data_root
+from benchmark.data import DataError, load_dataset, resolve_data_root
 from benchmark.estimate import RemainingTime, cpu_model
 from benchmark.metrics import VAL_PERCENTILE, evaluate, validation_threshold_metrics
 from benchmark.profiles import PROFILE_SUBSAMPLE
@@ -62,7 +62,7 @@ class RunSettings:
     results_dir: Path
     data_root: Optional[str]
     download: bool
-    threads_per_job: int
+    threads_per_job: int       # torch / BLAS threads of each job (a Dask worker sets its own: backends.py)
     track_auroc: bool
     overrides: dict
     provenance: dict           # versions, git commit, host, command
@@ -71,6 +71,7 @@ class RunSettings:
     val_fraction: float = DEFAULT_VAL_FRACTION  # held-out normal training images (0: none)
     precision: str = "fp32"    # --precision: "bf16" trains the deep detectors under bfloat16 autocast
     cuda_graphs: bool = False  # --cuda-graphs: capture the training steps of stacked-capable detectors
+    threads_fixed: bool = False  # --threads given: every job uses threads_per_job, on any worker
 
 
 @dataclass
@@ -78,10 +79,15 @@ class JobOutcome:
     """What became of one job: its status, message, AUROC and seconds."""
     key: JobKey
     status: str                # ok / failed / diverged / claimed (another runner holds it) /
-                               # lost (its worker process died: no record, a rerun does it)
+                               # lost (its worker process died: no record, a rerun does it) /
+                               # not started (the run stopped before handing it out: no record)
     message: str = ""
     auroc: Optional[float] = None
     seconds: float = 0.0
+    by_another_runner: bool = False  # recorded by another runner while this run waited for it
+
+
+NOT_STARTED = "not started"
 
 
 def library_versions() -> dict:
@@ -201,7 +207,8 @@ def _claim(job: Job, settings: RunSettings, blocking: bool) -> tuple[Optional[Jo
         if done is not None and done["status"] in ("ok", "diverged") and not (
                 settings.force and key.json_path(results_dir).stat().st_mtime < settings.started_at):
             lock.release()
-            return None, JobOutcome(key, done["status"], "already recorded", (done.get("metrics") or {}).get("auroc"))
+            return None, JobOutcome(key, done["status"], "recorded by another runner meanwhile",
+                                    (done.get("metrics") or {}).get("auroc"), by_another_runner=True)
     except BaseException:
         lock.release()
         raise
@@ -221,8 +228,17 @@ def _new_record(job: Job, settings: RunSettings) -> dict[str, Any]:
 def _prepare(job: Job, settings: RunSettings, record: dict, progress: Optional[Callable]) -> tuple[Task, Any]:
     """The job's task and detector, their facts written into the record."""
     key = job.key
-    task = _task(key.dataset, settings.data_root, settings.download, key.normal_class, key.protocol, job.base_profile,
-                 settings.val_fraction)
+    try:
+        task = _task(key.dataset, settings.data_root, settings.download, key.normal_class, key.protocol,
+                     job.base_profile, settings.val_fraction)
+    except DataError as exc:
+        if settings.download:
+            raise
+        # The runner read these files before handing out the job: this process sees another disk.
+        raise DataError(f"{exc.args[0].split('; ', 1)[0]} on host {platform.node()}: the runner found the data "
+                        f"but this process cannot read it, and jobs never download. Make the data root readable "
+                        f"at the same path on every worker (a shared file system), or pass --data-root a path "
+                        f"that every worker sees") from exc
     subsample = PROFILE_SUBSAMPLE[job.base_profile]
     record["sizes"] = task.sizes
     record["sampling"] = {"sample_seed": task.sample_seed, "max_train": subsample.max_train,
@@ -425,7 +441,7 @@ def execute(jobs: list[Job], settings: RunSettings, n_parallel: int, progress: b
 
     from tqdm.auto import tqdm
 
-    from benchmark.backends import Lost, run_dask, run_local
+    from benchmark.backends import ClusterUnusable, Lost, run_dask, run_local
     from benchmark.stacking import group_jobs, run_unit
 
     _install_sigterm_handler()
@@ -469,7 +485,9 @@ def execute(jobs: list[Job], settings: RunSettings, n_parallel: int, progress: b
         if not units:
             results: Any = (pair for pair in ())
         elif backend == "dask":
-            results = run_dask(run_unit, units, settings, n_parallel, devices, scheduler)
+            # What a worker must import to unpickle and run a job (probed before it gets one).
+            modules = sorted({run_unit.__module__} | {job.target.split(":")[0] for job in jobs if job.target})
+            results = run_dask(run_unit, units, settings, n_parallel, devices, scheduler, modules=modules)
         elif n_parallel <= 1:
             def show(key: JobKey, stage: str, done: int, planned: int) -> None:
                 bar.set_postfix_str(with_remaining(f"{key.label()} {stage} epoch {done}/{planned}"))
@@ -477,11 +495,21 @@ def execute(jobs: list[Job], settings: RunSettings, n_parallel: int, progress: b
             results = ((unit, run_unit(unit, settings, progress=show if progress else None)) for unit in units)
         else:
             results = run_local(run_unit, units, settings, n_parallel, devices)
-        with closing(results):
-            for unit, result in results:
-                if isinstance(result, Lost):  # the worker died: every job of the unit is lost
-                    result = [JobOutcome(job.key, "lost", f"its worker process died: {result.error}") for job in unit]
-                take(result)
+        try:
+            with closing(results):
+                for unit, result in results:
+                    if isinstance(result, Lost):  # the worker died: every job of the unit is lost
+                        result = [JobOutcome(job.key, "lost", f"its worker process died: {result.error}")
+                                  for job in unit]
+                    take(result)
+        except ClusterUnusable as exc:
+            if not outcomes and not deferred:
+                raise  # nothing done: a backend error (exit 2)
+            bar.write(f"error: {exc}")
+            seen = {o.key for o in outcomes} | {job.key for job in deferred}
+            for job in (job for unit in units for job in unit if job.key not in seen):
+                outcomes.append(JobOutcome(job.key, NOT_STARTED, str(exc)))
+            deferred.clear()
         for job in deferred:
             bar.write(f"waiting for another runner to finish {job.key.label()}")
             outcome = run_job(job, settings, blocking=True)

@@ -113,7 +113,9 @@ class Slow(Detector):
         return distance + 0.01 * (X * self.projection_).sum(axis=(1, 2, 3), dtype=np.float64)
 
     def run_info(self) -> dict:
-        return {"device": "cpu", "determinism": "numpy only: bit-identical for the same seed"}
+        # torch_threads: what the job's process really ran with (tests of the runner's thread counts)
+        return {"device": "cpu", "determinism": "numpy only: bit-identical for the same seed",
+                "torch_threads": torch.get_num_threads()}
 
 
 class Boom(Slow):

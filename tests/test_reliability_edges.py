@@ -7,7 +7,11 @@
   prints one line and exits 1, as the normal path does, and leaves no empty report folder behind;
 - item 6: a scores file damaged after it was written (one flipped bit, its zip directory intact)
   is caught by the record's checksum: a rerun redoes the job, the reports warn about it;
-- item 7: an unreachable scheduler leaves nothing on disk after exit 2.
+- item 7: an unreachable scheduler leaves nothing on disk after exit 2;
+- item 8: a rerun at another thread count says so, and the tables name the records made at it.
+
+Items 1, 4, 5 (external cluster), 9 and 10 are in tests/test_dask_external.py; item 5 also in
+tests/test_reliability_processes.py (two runners on one folder).
 """
 from __future__ import annotations
 
@@ -269,3 +273,31 @@ def test_record_without_checksum_is_accepted_and_a_damaged_curve_is_not_dropped_
     err = capsys.readouterr().err
     assert f"warning: {path.with_suffix('.npz')}: unreadable scores" in err, err
     assert "ROC curve is left out" in err, err
+
+
+# ---- item 8: thread counts ----------------------------------------------------------------------
+def test_a_rerun_at_another_thread_count_says_so_and_the_tables_name_its_records(data, tmp_path, processes):
+    results, reports = tmp_path / "results", tmp_path / "reports"
+    first = launch(cli_args(data, results, reports, "--threads", "2"), tmp_path)
+    processes.append(first)
+    assert first.wait(timeout=STARTUP) == 0, output_of(first)
+    for suffix in (".json", ".npz"):  # one job lost, say, and redone later with another --jobs
+        (results / "smoke" / "paper" / "mnist" / "slow" / f"class3_seed0{suffix}").unlink()
+    rerun = launch(cli_args(data, results, reports, "--threads", "1"), tmp_path)
+    processes.append(rerun)
+    assert rerun.wait(timeout=STARTUP) == 0, output_of(rerun)
+    out = output_of(rerun)
+    assert ("note: 3 records of these jobs were trained with 2 threads per job and this run uses 1; results are "
+            "bit-identical only at one thread count") in out and "rerun with --threads 2" in out, out
+    records = {json.loads(p.read_text())["normal_class"]: json.loads(p.read_text())
+               for p in (results / "smoke" / "paper" / "mnist" / "slow").glob("*.json")}
+    assert {k: (r["threads"], r["run_info"]["torch_threads"]) for k, r in records.items()} == \
+        {0: (2, 2), 1: (2, 2), 2: (2, 2), 3: (1, 1)}
+    expected = ("Mixed thread counts: 3 records were trained with 2 threads per job, 1 with another count "
+                "(threads in brackets): mnist/slow/class3/seed0 (1).")
+    for name in ("table1_mnist_auroc.md", "index.html"):
+        assert expected in (reports / "smoke" / name).read_text(), name
+    assert "Mixed thread counts" in (reports / "smoke" / "table1_mnist_auroc.tex").read_text()
+    # One count: no note.
+    assert main(cli_args(data, tmp_path / "uniform", tmp_path / "uniform-reports", "--threads", "1")) == 0
+    assert "Mixed thread counts" not in (tmp_path / "uniform-reports" / "smoke" / "table1_mnist_auroc.md").read_text()

@@ -158,3 +158,15 @@ def test_two_runners_on_one_folder_train_each_job_once(data, reference, tmp_path
         mine = [(event, pid) for event, pid, name in events if name == job]
         assert [e for e, _ in mine] == ["start", "end"] and mine[0][1] == mine[1][1], f"class {normal_class}: {mine}"
     assert_same_outcomes(outcomes(results), reference[0])
+    # Each runner's summary counts what it trained and names what the other finished meanwhile.
+    trainer = {names[job]: pid for event, pid, job in events if event == "start"}
+    for runner, classes in ((first, (0, 1, 2)), (second, CLASSES)):
+        mine = sorted(k for k in classes if trainer[k] == runner.pid)
+        others = sorted(k for k in classes if trainer[k] != runner.pid)
+        line = output_of(runner).splitlines()[-2]
+        assert line.startswith(f"ran {len(mine)} jobs in ") and f": {len(mine)} ok, 0 failed" in line, line
+        if others:
+            listed = line.split("finished by another runner meanwhile (not counted above): ")[1]
+            assert sorted(int(x.split("/class")[1].split("/")[0]) for x in listed.split(", ")) == others, line
+        else:
+            assert "another runner" not in line, line
