@@ -278,6 +278,10 @@ class StageResult:
 # tensor of values to log (losses first); it does the forward pass, backward and optimiser update.
 StepFn = Callable[[torch.Tensor, int], torch.Tensor]
 
+# TorchDetector.memory_format's values -> the torch layout (None: the detector's own, nothing converted).
+MEMORY_FORMATS: dict[str, Optional[torch.memory_format]] = {
+    "default": None, "nchw": torch.contiguous_format, "channels_last": torch.channels_last}
+
 
 class TorchDetector(Detector, abc.ABC):
     """Base class of the PyTorch detectors: the training engine, device handling and batched scoring.
@@ -298,6 +302,12 @@ class TorchDetector(Detector, abc.ABC):
         False by default (the runner's --cuda-graphs; not a hyperparameter, recorded in run_info):
         on a CUDA device, train through the stacked engine (a stack of one job when fitted alone)
         with each training step captured in a CUDA graph (methods/graphs.py).
+    memory_format : str
+        "default" (default: the detector's own layout, nothing converted; GANomaly and Mem_GANomaly
+        choose channels_last on the CPU, the others NCHW), "nchw" or "channels_last": the layout of
+        the networks' 4-D weights and of the 4-D image batches, trained and scored (a speed lever,
+        benchmark/speed.py; not a hyperparameter, recorded in run_info). The stacked engine
+        (methods/stacking.py) lays out only the batches this way, not its stacked weights.
     """
 
     progress_callback: Optional[Callable[[str, int, int], None]] = None
@@ -309,6 +319,8 @@ class TorchDetector(Detector, abc.ABC):
     # --precision; not a hyperparameter, recorded in run_info). Scoring stays fp32.
     precision: str = "fp32"
     cuda_graphs: bool = False
+    # "default" (the detector's own layout), "nchw" or "channels_last"; see the class docstring.
+    memory_format: str = "default"
 
     def _autocast(self) -> Any:
         """The training step's precision context (autocast to bfloat16, or nothing)."""
@@ -317,6 +329,38 @@ class TorchDetector(Detector, abc.ABC):
         # A captured graph must not depend on autocast's cache of cast weights (torch.cuda.graphs docs).
         return torch.autocast(self.device_.type, dtype=torch.bfloat16, enabled=self.precision == "bf16",
                               cache_enabled=not self.cuda_graphs)
+
+    def _in_memory_format(self, item: Any) -> Any:
+        """The one place `memory_format` acts: a module's 4-D weights, or a 4-D batch, in that layout.
+
+        The networks are converted as each training stage starts (`_train_stage`); the training set
+        once it is preprocessed (`_begin_fit`), so every minibatch indexed from it keeps the layout;
+        each scoring chunk once it is preprocessed (`decision_function`). "default" returns `item`
+        untouched, so the default path is today's, bit for bit.
+
+        Parameters
+        ----------
+        item : nn.Module or torch.Tensor
+            A network (converted in place) or a batch.
+
+        Returns
+        -------
+        nn.Module or torch.Tensor
+            The module, or the batch in the layout (other ranks unchanged).
+
+        Raises
+        ------
+        ValueError
+            If `memory_format` is not one of MEMORY_FORMATS.
+        """
+        if self.memory_format not in MEMORY_FORMATS:
+            raise ValueError(f"memory_format must be one of {sorted(MEMORY_FORMATS)}, got {self.memory_format!r}")
+        layout = MEMORY_FORMATS[self.memory_format]
+        if layout is None:
+            return item
+        if isinstance(item, nn.Module):
+            return item.to(memory_format=layout)  # only 4-D parameters and buffers change
+        return item.contiguous(memory_format=layout) if item.dim() == 4 else item
 
     random_state: int
     device: str
@@ -404,6 +448,8 @@ class TorchDetector(Detector, abc.ABC):
         DivergedError
             If a logged value was non-finite in an epoch.
         """
+        for net in [value for value in vars(self).values() if isinstance(value, nn.Module)]:
+            self._in_memory_format(net)  # every network the detector holds (Deep SVDD's autoencoder too)
         monitor = DivergenceMonitor(self.device_)
         result = StageResult()
         started = time.perf_counter()
@@ -458,6 +504,7 @@ class TorchDetector(Detector, abc.ABC):
         check_positive_int("score_batch_size", self.score_batch_size)
         check_random_state(self.random_state)
         resolve_device(self.device)
+        self._in_memory_format(torch.empty(0))  # rejects an unknown memory_format
 
     def check_params(self) -> "TorchDetector":
         """Validate the hyperparameters (shared torch ones, then the detector's own).
@@ -549,7 +596,7 @@ class TorchDetector(Detector, abc.ABC):
         self.stage_seconds_: dict[str, float] = {}
         self.per_epoch_facts_: dict[str, list[float]] = {}
         self.__dict__.pop("graph_stats_", None)
-        x_train = self._preprocess(torch.from_numpy(np.ascontiguousarray(X)).to(self.device_))
+        x_train = self._in_memory_format(self._preprocess(torch.from_numpy(np.ascontiguousarray(X)).to(self.device_)))
         self._facts_sample_ = x_train[:self._epoch_facts_sample_size]  # a view, dropped after training
         return x_train
 
@@ -611,7 +658,8 @@ class TorchDetector(Detector, abc.ABC):
         with torch.inference_mode():
             for start in range(0, len(X), self.score_batch_size):
                 chunk = torch.from_numpy(np.ascontiguousarray(X[start:start + self.score_batch_size]))
-                scores.append(self._score_batch(self._preprocess(chunk.to(self.device_))).float())
+                batch = self._in_memory_format(self._preprocess(chunk.to(self.device_)))
+                scores.append(self._score_batch(batch).float())
         return torch.cat(scores).cpu().numpy().astype(np.float64)
 
     def run_info(self) -> dict:
@@ -620,8 +668,8 @@ class TorchDetector(Detector, abc.ABC):
         Returns
         -------
         dict
-            Device, torch thread count, deterministic-algorithms flag, precision, a determinism
-            note and, on a GPU, its name.
+            Device, torch thread count, deterministic-algorithms flag, precision, memory format, a
+            determinism note and, on a GPU, its name.
         """
         device = getattr(self, "device_", resolve_device(self.device))
         info = {
@@ -630,6 +678,7 @@ class TorchDetector(Detector, abc.ABC):
             "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
             "precision": self.precision,
             "cuda_graphs": self.cuda_graphs,
+            "memory_format": self.memory_format,
             "determinism": ("bit-identical on CPU for the same seed, torch version and thread count"
                             if device.type == "cpu"
                             else "GPU kernels (cuDNN autotuning, atomics) may differ run to run"),
