@@ -1,7 +1,7 @@
 """Where the runner's jobs run: local worker processes (joblib's loky backend) or a Dask cluster,
 and what every worker process does first.
 
-A backend only ever calls `unit(item, settings)` (the runner's `run_job`), so another unit
+A backend only ever calls `unit(item, settings)` (the runner's `run_unit`), so another unit
 function can be swapped in. Every worker process of a run starts, once:
 
 - a watchdog thread that ends the process when the runner that started it has died (a SIGKILLed
@@ -39,9 +39,13 @@ import tempfile
 import threading
 import time
 import uuid
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
+
+from joblib import Parallel, delayed
+from joblib.externals.loky.process_executor import TerminatedWorkerError
 
 from benchmark.records import ResultsWriteError
 
@@ -54,8 +58,8 @@ WORKER_TIMEOUT_ENV = "MEMGAN_DASK_WORKER_TIMEOUT"
 DEFAULT_WORKER_TIMEOUT = 60.0   # seconds without a worker that can take jobs
 POLL_SECONDS = 0.5              # how often a Dask run looks at its workers
 _INSTALL_HINT = ("Every worker must run a Python that has this package and its dependencies: install it there "
-                 "(pip install -e <this repository>) or start `dask worker` (and `dask scheduler`) from the Python that runs this "
-                 "command")
+                 "(pip install -e <this repository>) or start `dask worker` (and `dask scheduler`) from the "
+                 "Python that runs this command")
 
 _worker_lock = threading.Lock()
 _watchdog: Optional[threading.Thread] = None
@@ -341,10 +345,6 @@ def _setup(watch: bool, gpus: tuple, slots: Optional[str]) -> WorkerSetup:
 
 def _worker_death(exc: BaseException) -> bool:
     """Whether an exception from a pool means a worker process died (not the job's own error)."""
-    from concurrent.futures.process import BrokenProcessPool
-
-    from joblib.externals.loky.process_executor import TerminatedWorkerError
-
     return isinstance(exc, (TerminatedWorkerError, BrokenProcessPool))
 
 
@@ -370,8 +370,6 @@ def run_local(unit: Callable, items: Sequence[Any], settings: Any, n_parallel: i
     ------
     (item, result or Lost)
     """
-    from joblib import Parallel, delayed
-
     n_workers = max(1, min(n_parallel, len(items)))
     gpus = gpus_to_spread(devices, visible_gpus(), n_workers)
     with _gpu_slots(gpus) as slots:

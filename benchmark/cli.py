@@ -11,12 +11,16 @@ import re
 import sys
 import tempfile
 import time
+from importlib import metadata
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from benchmark.backends import BackendUnavailable
+from benchmark import __version__
+from benchmark.backends import BACKENDS, BackendUnavailable, dask_available
 from benchmark.data import CLASS_NAMES, DATASETS, DataError, load_dataset, resolve_data_root
 from benchmark.datasets import did_you_mean
+from benchmark.estimate import describe, estimate_jobs, format_seconds
+from benchmark.jobs import DEFAULT_VAL_FRACTION, NOT_STARTED, Job, JobOutcome, RunSettings, limit_threads
 from benchmark.profiles import PROFILE_NAMES
 from benchmark.records import (
     JobKey,
@@ -28,10 +32,13 @@ from benchmark.records import (
     remove_idle_stray_temp_files,
 )
 from benchmark.reports import write_reports
-from benchmark.runner import DEFAULT_VAL_FRACTION, NOT_STARTED, Job, JobOutcome, RunSettings, execute, provenance
+from benchmark.runner import execute, provenance
 from benchmark.splits import PROTOCOLS
+from benchmark.stacking import auto_stack
 from benchmark.sweeps import SweepError, SweepSpec, parse_sweep, write_sensitivity
 from benchmark.sweeps import set_tag as sweep_set_tag
+from methods import REGISTRY, get_method
+from methods.base import resolve_device
 
 PROFILES = PROFILE_NAMES
 MAX_SEED = 2**32 - 1
@@ -51,13 +58,9 @@ def prog_name() -> str:
 
 def package_version() -> str:
     """The installed distribution's version, else the package's ``__version__``."""
-    import importlib.metadata as md
-
     try:
-        return md.version("memgan-bench")
-    except md.PackageNotFoundError:
-        from benchmark import __version__
-
+        return metadata.version("memgan-bench")
+    except metadata.PackageNotFoundError:
         return __version__
 
 
@@ -130,8 +133,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _registry_names() -> list[str]:
-    from methods import REGISTRY
-
     return list(REGISTRY)
 
 
@@ -216,13 +217,10 @@ def parse_config(argv: Sequence[str]) -> argparse.Namespace:
     val_tag = "" if args.val_fraction == DEFAULT_VAL_FRACTION else f"+val{args.val_fraction:g}"
     args.val_tag = val_tag
     if args.report_only and not args.overrides and not args.tag and not args.sweep:
-        # The reports need no detector code: no method (or torch) import, so this starts fast.
+        # The reports need no detector code: no detector module (or torch) is imported, so this starts fast.
         args.profile_dir = args.profile + val_tag
         args.sweep_spec = None
         return args
-    from methods import get_method
-    from methods.torch_base import resolve_device
-
     args.sweep_spec = _parse_sweep(args)
     args.methods = args.methods or _registry_names()
     for name in args.methods:
@@ -315,8 +313,6 @@ def sweep_variants(args: argparse.Namespace) -> list[argparse.Namespace]:
 
 
 def _check_backend(args: argparse.Namespace) -> None:
-    from benchmark.backends import BACKENDS, dask_available
-
     if args.backend not in BACKENDS:
         raise UsageError(f"unknown backend {args.backend!r}; valid choices: {', '.join(BACKENDS)}")
     if args.scheduler and args.backend != "dask":
@@ -328,8 +324,6 @@ def _check_backend(args: argparse.Namespace) -> None:
 def _parse_overrides(items: list[str], methods: list[str]) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
     """'[method.]param=value' -> ({method: {param: value}}, {as written: value}); each param must
     exist for its method(s)."""
-    from methods import get_method
-
     per_method: dict[str, dict[str, Any]] = {m: {} for m in methods}
     flat: dict[str, Any] = {}
     for item in items:
@@ -376,8 +370,6 @@ def build_jobs(args: argparse.Namespace) -> list[Job]:
     UsageError
         When a method has no settings for the profile and dataset.
     """
-    from methods import get_method
-
     jobs = []
     for dataset in args.datasets:
         classes = args.class_ids if args.class_ids is not None else range(len(CLASS_NAMES[dataset]))
@@ -412,8 +404,6 @@ def validate_jobs(jobs: list[Job]) -> None:
     UsageError
         When a setting's hyperparameters are bad.
     """
-    from methods import get_method
-
     seen = set()
     for job in jobs:
         signature = (job.key.method, job.key.dataset, repr(sorted(job.params.items())))
@@ -512,11 +502,7 @@ def _print_estimate(args: argparse.Namespace, pending: list[Job], settings: RunS
     run), from finished records in the results folder where there are some, else a calibration.
     On a CPU, past an hour, also the quick profile's. Returns the exit code for --estimate and the
     estimate (None when it failed), whose per-job figures the progress display uses."""
-    from benchmark.estimate import describe, estimate_jobs, format_seconds
-    from benchmark.runner import _limit_threads
-    from methods.torch_base import resolve_device
-
-    _limit_threads(settings.threads_per_job)  # calibrate at the thread count the jobs will use
+    limit_threads(settings.threads_per_job)  # calibrate at the thread count the jobs will use
     n_parallel = min(args.n_jobs, max(1, len(pending)))
 
     def log(text: str) -> None:
@@ -666,8 +652,6 @@ def _run_jobs(args: argparse.Namespace, jobs: list[Job], argv: list[str]) -> int
             expected = {job.key: job_estimate.seconds for job, job_estimate in zip(pending, estimate.jobs)}
     started = time.perf_counter()
     try:
-        from benchmark.stacking import auto_stack
-
         stack = args.stack_size if args.stack_size is not None else auto_stack(args.device)
         if args.precision != "fp32" and stack > 1:  # methods/stacking.py: stacked training is fp32 only
             print(f"note: --precision {args.precision} jobs train one at a time (stacking is fp32 only)")

@@ -36,6 +36,7 @@ taking the next job when it is free (joblib's and Dask's order). Left out: the p
 from __future__ import annotations
 
 import heapq
+import importlib
 import json
 import os
 import platform
@@ -47,6 +48,12 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import numpy as np
+
+from benchmark.data import load_dataset
+from benchmark.profiles import PROFILE_SUBSAMPLE
+from benchmark.records import iter_records
+from methods import get_method
+from methods.base import resolve_device
 
 CACHE_ENV = "MEMGAN_CALIBRATION_CACHE"
 STEPS_ENV = "MEMGAN_CALIBRATION_STEPS"
@@ -233,8 +240,6 @@ def device_identity(device: str) -> tuple[str, str, int]:
     """
     import torch
 
-    from methods.torch_base import resolve_device
-
     resolved = resolve_device(device)
     name = torch.cuda.get_device_name(resolved) if resolved.type == "cuda" else cpu_model()
     return resolved.type, name, torch.get_num_threads()
@@ -359,9 +364,7 @@ def calibrate(target: str, params: dict, shape: tuple, steps: int) -> dict:
         {"kind": "stages", "step_seconds": {stage: s}, "score_seconds_per_image", "overhead_seconds",
         "steps_timed": {stage: n}} or {"kind": "linear", "fit_seconds_per_image", "score_seconds_per_image"}.
     """
-    import importlib
-
-    from methods.torch_base import TorchDetector
+    from methods.torch_base import TorchDetector  # loads torch: this module imports without it (the command line's)
 
     module_name, class_name = target.split(":")
     cls = getattr(importlib.import_module(module_name), class_name)
@@ -497,8 +500,6 @@ class RecordTimings:
         -------
         RecordTimings
         """
-        from benchmark.records import iter_records
-
         timings = cls()
         if results_dir is None or not Path(results_dir).is_dir():
             return timings
@@ -572,7 +573,7 @@ def estimate_jobs(jobs: list, data_root: Optional[str], download: bool, n_parall
 
     Parameters
     ----------
-    jobs : list of benchmark.runner.Job
+    jobs : list of benchmark.jobs.Job
         The jobs.
     data_root : str or None
         Dataset folder.
@@ -596,12 +597,6 @@ def estimate_jobs(jobs: list, data_root: Optional[str], download: bool, n_parall
     RunEstimate
         The estimate.
     """
-    import importlib
-
-    from benchmark.data import load_dataset
-    from benchmark.profiles import PROFILE_SUBSAMPLE
-    from methods import get_method
-
     steps = calibration_steps()
     outer = device_description(device)
     this_device = device_identity(device)

@@ -25,8 +25,13 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
+from sklearn.manifold import TSNE
 
+from benchmark.data import CLASS_NAMES, DataError, load_dataset
+from benchmark.datasets import TITLES
 from benchmark.records import _atomic_write, iter_records
+from benchmark.splits import to_float
+from methods import get_method
 
 FIG4_SEED_OFFSET = 4  # the subsample draws of Figs. 4 / 5 use np.random.default_rng(seed + offset)
 FIG5_SEED_OFFSET = 5
@@ -123,9 +128,6 @@ def fig6(results_dir: Path, profile_glob: str, out: Path, dataset: str = "cifar1
     ValueError
         When no record matches.
     """
-    from benchmark.data import CLASS_NAMES
-    from benchmark.reports import TITLES
-
     curves = fig6_curves(results_dir, profile_glob, dataset, normal_class, protocol)
     if not curves:
         raise ValueError(f"no ok record with a per-epoch AUROC (--track-auroc) under {results_dir}/{profile_glob}/"
@@ -209,8 +211,6 @@ def train_mem_ganomaly(x_train: np.ndarray, profile: str = "quick", dataset: str
     Any
         The fitted detector.
     """
-    from methods import get_method
-
     spec = get_method("mem_ganomaly")
     params = {**spec.settings(profile, dataset), "random_state": seed, "device": device}
     for name, value in (("epochs", epochs), ("lr", lr), ("max_steps", max_steps)):
@@ -220,8 +220,6 @@ def train_mem_ganomaly(x_train: np.ndarray, profile: str = "quick", dataset: str
 
 
 def _tsne(features: np.ndarray, seed: int) -> np.ndarray:
-    from sklearn.manifold import TSNE
-
     perplexity = float(min(30.0, max(2.0, (len(features) - 1) / 3)))
     return TSNE(n_components=2, random_state=seed, init="pca", perplexity=perplexity).fit_transform(features)
 
@@ -391,9 +389,6 @@ def run_fig45(data_root: Optional[str], out_dir: Path, profile: str = "quick", e
     list of Path
         The files written.
     """
-    from benchmark.data import load_dataset
-    from benchmark.splits import to_float
-
     data = load_dataset("mnist", data_root, download=download)
     x_test, digits = to_float(data.test_images), np.asarray(data.test_labels)
     written = []
@@ -450,8 +445,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exit_:
         return int(exit_.code or 0)
-    from benchmark.data import DataError
-
     try:
         if args.figure == "fig6":
             name = (f"fig6_{args.dataset}_class{args.normal_class}_auroc_per_epoch"

@@ -18,28 +18,37 @@ for a profile folder without a "+val" tag, from the opt-in held-out run beside i
 either, Table 4 has the Youden columns only and its notes say how to get the others. Finally
 records.csv (one row per record) and index.html (every table and figure on one self-contained page).
 
-Every table lists the detectors in one order, `method_order`'s: the paper's Table 1 columns, then any
-other detector alphabetically.
+Every table lists the detectors in one order, `method_order`'s (benchmark/labels.py): the paper's Table 1
+columns, then any other detector alphabetically.
 
 The report layer reads records and scores only: it imports neither `methods` nor torch. A method's
 display label comes from its record (`method_label`); older records fall back to the paper's
-label of the same name, else the method name. A missing cell is a dash, never a zero.
+label of the same name, else the method name (`display_label`, benchmark/labels.py). A missing cell
+is a dash, never a zero.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
-from typing import Iterable, Optional, Union
+from typing import Optional
 
 import numpy as np
 import pandas as pd
 
+from benchmark import figures
 from benchmark.data import CLASS_NAMES
 from benchmark.datasets import PAPER_TABLES as TABLES  # dataset -> ("table<k>", reference CSV)
 from benchmark.datasets import TITLES
+from benchmark.html_report import html_page
+
+# The names imported `as` themselves are defined in benchmark/labels.py (below this module and the verdict)
+# and re-exported: the reports' users import them from here.
+from benchmark.labels import display_label as display_label
+from benchmark.labels import method_order as method_order
+from benchmark.labels import paper_labels as paper_labels
+from benchmark.labels import reference_table as reference_table
 from benchmark.metrics import METRIC_NAMES, THRESHOLD_METRICS
 from benchmark.records import _atomic_write, iter_records
 from benchmark.render import DASH, Cell, ReportTable, format_value
@@ -76,53 +85,6 @@ COLUMNS = [
     "best_epoch_auroc_on_test",
     "record",
 ]
-
-
-def reference_table(csv_name: str) -> pd.DataFrame:
-    """The paper's numbers, shipped as package data (benchmark/reference/).
-
-    Parameters
-    ----------
-    csv_name : str
-        File name of the table under benchmark/reference/.
-
-    Returns
-    -------
-    pandas.DataFrame
-        The table.
-    """
-    with resources.files("benchmark").joinpath("reference", csv_name).open("r") as handle:
-        return pd.read_csv(handle, index_col=0)
-
-
-def paper_labels() -> list[str]:
-    """The paper's seven method labels in its column order (Tables 1-3)."""
-    return list(reference_table(TABLES["mnist"][1]).columns)
-
-
-def _key(name: str) -> str:
-    return re.sub(r"[^a-z0-9]", "", name.lower())
-
-
-def display_label(record: dict) -> str:
-    """The record's display label.
-
-    Parameters
-    ----------
-    record : dict
-        A job record.
-
-    Returns
-    -------
-    str
-        The record's `method_label`; for older records the paper's label of the same method
-        (`mem_ganomaly` -> `Mem_GANomaly`), else the method name.
-    """
-    label = record.get("method_label")
-    if isinstance(label, str) and label:
-        return label
-    by_key = {_key(label): label for label in paper_labels()}
-    return by_key.get(_key(record["method"]), record["method"])
 
 
 def load_records(results_dir: Path, profile: str, protocol: Optional[str] = None) -> tuple[pd.DataFrame, list[str]]:
@@ -222,27 +184,6 @@ def thread_counts_note(frame: pd.DataFrame, listed: int = 8) -> str:
             f"{len(others)} with another count (threads in brackets): {', '.join(names[:listed])}{more}. "
             "Scores are bit-identical only at one thread count: to make the table uniform, delete those records "
             f"and run the same command again with --threads {usual}.")
-
-
-def method_order(labels: Union[pd.DataFrame, Iterable[str]]) -> list[str]:
-    """The detector order of every table (Tables 1-4, seeds, verdicts, best epoch, memory health, records.csv).
-
-    Parameters
-    ----------
-    labels : pandas.DataFrame or iterable of str
-        Record rows (`load_records`' columns; their `label` column is used) or display labels.
-
-    Returns
-    -------
-    list of str
-        The labels present, each once: the paper's Table 1 column order first (iForest, DAGMM, f-AnoGAN,
-        MemAE, GANomaly, DSVDD, Mem_GANomaly), then any other detector alphabetically.
-    """
-    if isinstance(labels, pd.DataFrame):
-        labels = labels["label"] if len(labels) else []
-    present = set(labels)
-    first = paper_labels()
-    return [m for m in first if m in present] + sorted(present - set(first))
 
 
 def in_method_order(frame: pd.DataFrame) -> pd.DataFrame:
@@ -576,9 +517,6 @@ def write_reports(results_dir: Path, reports_dir: Path, profile: str, protocol: 
         succeed (the last rename wins) and a reader never sees a half-written file. Tables of
         datasets that no longer have records are removed.
     """
-    from benchmark import figures
-    from benchmark.html_report import html_page
-
     frame, problems = load_records(results_dir, profile, protocol)
     out_dir = Path(reports_dir) / profile
     suffix = "" if protocol == "paper" else f"_{protocol}"

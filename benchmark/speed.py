@@ -77,8 +77,9 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmark.estimate import format_seconds
+from benchmark.estimate import calibrate, format_seconds
 from methods import REGISTRY, get_method
+from methods.stacking import fit_stacked, supports_stacking
 from methods.torch_base import TorchDetector, resolve_device
 
 BATCH = 64
@@ -311,8 +312,6 @@ def paper_profile_seconds(name: str, device: str, steps: int) -> float:
     float
         Seconds.
     """
-    from benchmark.estimate import calibrate
-
     spec = get_method(name)
     total = 0.0
     for dataset, (n_train, n_test, shape) in NOMINAL.items():
@@ -415,8 +414,6 @@ def bench_method(name: str, args: argparse.Namespace, device: torch.device, rng:
         {"error": message}}; GFLOP per training and scoring image; "default_layout" ("nchw" / "cl");
         stacked (and on a GPU graphed) images/second by K; "paper_s" with --paper.
     """
-    from methods.stacking import fit_stacked, supports_stacking
-
     x_train = rng.random((args.n_train, 3, 32, 32), dtype=np.float32)
     x_score = rng.random((args.n_score, 3, 32, 32), dtype=np.float32)
     # A short fit at the defaults for the FLOPs (the same count for every variant).

@@ -4,7 +4,8 @@ as one batched model (methods/stacking.py), in one process; each job still write
 and scores, and its record's `stack` field names the jobs that trained together and how long
 the group's training took.
 
-A unit of work is a list of jobs: one job runs through `run_job`, a group through `run_group`.
+A unit of work is a list of jobs: one job runs through `run_job`, a group through `run_group`; both
+go through the same steps of benchmark/jobs.py.
 """
 from __future__ import annotations
 
@@ -12,22 +13,23 @@ import time
 from collections import OrderedDict
 from typing import Any, Callable, Optional
 
-from benchmark.records import ResultsWriteError
-from benchmark.runner import (
+from benchmark.jobs import (
     Job,
     JobOutcome,
     RunSettings,
-    _auroc_tracker,
-    _claim,
-    _limit_threads,
-    _new_record,
-    _prepare,
-    _record_error,
-    _score_into,
-    _write,
+    auroc_tracker,
     build_detector,
+    claim,
+    limit_threads,
+    new_record,
+    prepare,
+    record_error,
     run_job,
+    score_into,
+    write_result,
 )
+from benchmark.records import ResultsWriteError
+from methods.base import DivergedError, resolve_device, supports_stacking
 
 
 def auto_stack(device: str) -> int:
@@ -49,8 +51,6 @@ def auto_stack(device: str) -> int:
     """
     import torch
 
-    from methods.torch_base import resolve_device
-
     resolved = resolve_device(device)
     if resolved.type != "cuda":
         return 1
@@ -59,8 +59,6 @@ def auto_stack(device: str) -> int:
 
 
 def _stackable(job: Job) -> bool:
-    from methods.stacking import supports_stacking
-
     try:
         return supports_stacking(build_detector(job))
     except Exception:  # noqa: BLE001 - a job that cannot be built runs alone and is recorded failed
@@ -148,39 +146,38 @@ def run_group(jobs: list[Job], settings: RunSettings, progress: Optional[Callabl
     list of JobOutcome
         One outcome per job.
     """
-    from methods.base import DivergedError
-    from methods.stacking import fit_stacked
+    from methods.stacking import fit_stacked  # loads torch: this module imports without it (the command line's)
 
     outcomes: list[JobOutcome] = []
     claimed = []
     try:
         for job in jobs:
-            lock, outcome = _claim(job, settings, blocking=False)
+            lock, outcome = claim(job, settings, blocking=False)
             if lock is None:
                 outcomes.append(outcome)
             else:
                 claimed.append((job, lock))
         if not claimed:
             return outcomes
-        _limit_threads(settings.threads_per_job)
+        limit_threads(settings.threads_per_job)
         started = time.perf_counter()
         prepared = []  # (job, record, task, detector, epoch_aurocs)
         for job, _ in claimed:
-            record = _new_record(job, settings)
+            record = new_record(job, settings)
             try:
-                task, detector = _prepare(job, settings, record, progress)
+                task, detector = prepare(job, settings, record, progress)
             except (KeyboardInterrupt, ResultsWriteError):
                 raise
             except BaseException as exc:  # noqa: BLE001 - recorded like a solo job's failure
-                _record_error(record, exc)
-                outcomes.append(_write(job, settings, record, None, None, time.perf_counter() - started))
+                record_error(record, exc)
+                outcomes.append(write_result(job, settings, record, None, None, time.perf_counter() - started))
                 continue
             prepared.append((job, record, task, detector, []))
         if len(prepared) == 1:  # nothing left to stack with
             job, *_ = prepared[0]
             _release(claimed, [job])
             return outcomes + [run_job(job, settings, progress=progress)]
-        callbacks = [_auroc_tracker(task, aurocs) if settings.track_auroc else None
+        callbacks = [auroc_tracker(task, aurocs) if settings.track_auroc else None
                      for _, _, task, _, aurocs in prepared]
         t0 = time.perf_counter()
         try:
@@ -201,15 +198,15 @@ def run_group(jobs: list[Job], settings: RunSettings, progress: Optional[Callabl
             try:
                 if error is not None:
                     raise error
-                scores, labels, extra = _score_into(record, detector, task, settings, aurocs)
+                scores, labels, extra = score_into(record, detector, task, settings, aurocs)
             except (KeyboardInterrupt, ResultsWriteError):
                 raise
             except BaseException as exc:  # noqa: BLE001
-                _record_error(record, exc)
+                record_error(record, exc)
                 scores = labels = extra = None
                 if isinstance(exc, DivergedError):
                     record.setdefault("run_info", detector.run_info() if hasattr(detector, "device_") else {})
-            outcomes.append(_write(job, settings, record, scores, labels, time.perf_counter() - started, extra))
+            outcomes.append(write_result(job, settings, record, scores, labels, time.perf_counter() - started, extra))
         return outcomes
     finally:
         for _, lock in claimed:

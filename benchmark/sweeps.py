@@ -18,6 +18,7 @@ Nothing in a sweep picks a value: the table shows every value's test AUROC side 
 """
 from __future__ import annotations
 
+import ast
 import math
 import re
 from dataclasses import dataclass
@@ -28,7 +29,11 @@ import numpy as np
 import pandas as pd
 
 from benchmark.data import CLASS_NAMES
+from benchmark.datasets import TITLES
+from benchmark.records import _atomic_write
+from benchmark.reports import load_records
 from benchmark.verdict import DASH, format_cell, mean_sd
+from methods import REGISTRY, get_method
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.=+-]")
 
@@ -87,8 +92,6 @@ def parse_value(text: str) -> Any:
     Any
         The value.
     """
-    import ast
-
     try:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError):
@@ -112,8 +115,6 @@ def parse_sweep(text: str) -> SweepSpec:
     SweepError
         Saying what is wrong and what a valid specification looks like.
     """
-    from methods import REGISTRY, get_method
-
     example = "e.g. --sweep mem_ganomaly.lr=2e-3,1e-3,5e-4"
     name, sep, values_text = text.partition("=")
     method, dot, param = name.rpartition(".")
@@ -166,8 +167,6 @@ def load_sweep(results_dir: Path, profile: str, spec: SweepSpec, tag: str = "",
     pd.DataFrame
         `benchmark.reports.load_records`'s columns plus `value`; empty when nothing is recorded.
     """
-    from benchmark.reports import load_records
-
     frames = []
     for value in spec.values:
         frame, _ = load_records(Path(results_dir), spec.profile_dir(profile, value, tag), protocol)
@@ -194,8 +193,6 @@ def default_value(spec: SweepSpec, profile: str, dataset: str) -> Any:
     Any
         The profile's setting, else the constructor's default.
     """
-    from methods import get_method
-
     method = get_method(spec.method)
     settings = method.settings(profile, dataset)
     return settings[spec.param] if spec.param in settings else method.load()().get_params()[spec.param]
@@ -347,17 +344,12 @@ def write_sensitivity(results_dir: Path, reports_dir: Path, profile: str, spec: 
         The set tag of the sweep directories ("" for none).
     protocol : str
     """
-    from benchmark.records import _atomic_write
-    from benchmark.reports import TITLES
-
     frame = load_sweep(results_dir, profile, spec, tag, protocol)
     out_dir = Path(reports_dir) / (f"{profile}+{tag}" if tag else profile)
     suffix = "" if protocol == "paper" else f"_{protocol}"
     written: list[Path] = []
     if frame.empty:
         return written
-    from methods import get_method
-
     label = get_method(spec.method).label
     for dataset in CLASS_NAMES:
         table, footer = sensitivity_table(frame, spec, dataset)

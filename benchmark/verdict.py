@@ -32,6 +32,9 @@ import pandas as pd
 from scipy import stats
 
 from benchmark.data import CLASS_NAMES
+from benchmark.datasets import PAPER_TABLES as TABLES  # dataset -> ("table<k>", reference CSV)
+from benchmark.datasets import TITLES
+from benchmark.labels import display_label, method_order, reference_table
 from benchmark.records import iter_records
 
 DASH = "–"
@@ -140,15 +143,11 @@ def format_cell(mean: float, sd: float, n: int, expected_n: int, digits: int = 4
 
 
 def _labels(frame: pd.DataFrame) -> list[str]:
-    """The detectors of `frame` in the one order of every table (`benchmark.reports.method_order`)."""
-    from benchmark.reports import method_order
-
+    """The detectors of `frame` in the one order of every table (`benchmark.labels.method_order`)."""
     return method_order(frame)
 
 
 def _paper(dataset: str) -> pd.DataFrame:
-    from benchmark.reports import TABLES, reference_table
-
     classes = CLASS_NAMES[dataset]
     if dataset not in TABLES:  # a dataset the paper did not run: no paper values, no verdicts
         return pd.DataFrame(index=[*classes, "mean"])
@@ -507,8 +506,6 @@ def load_memory_health(results_dir: Path, profile: str, protocol: Optional[str] 
     pandas.DataFrame
         One row per record.
     """
-    from benchmark.reports import display_label
-
     rows = []
     for _, record, _ in iter_records(Path(results_dir) / profile):
         if record is None or record["status"] != "ok" or (protocol is not None and record["protocol"] != protocol):
@@ -588,8 +585,6 @@ def verdict_sections(frame: pd.DataFrame, results_dir: Path, profile: str, proto
     """
     sections: list[Section] = []
     health = load_memory_health(results_dir, profile, protocol)
-    from benchmark.reports import TITLES
-
     for dataset in CLASS_NAMES:
         if not (frame["dataset"] == dataset).any():
             continue

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from methods.base import Detector
+from methods.pyod_adapter import find_pyod_class
 
 #: The key of a profile's declared default in `PROFILES`: the settings of every dataset that has no
 #: entry of its own under that profile.
@@ -140,8 +141,6 @@ def get_method(name: str) -> MethodSpec:
     if name in REGISTRY:
         return REGISTRY[name]
     if name.startswith("pyod:"):
-        from methods.pyod_adapter import find_pyod_class
-
         model = name.split(":", 1)[1]
         find_pyod_class(model)  # raises KeyError with the reason if pyod has no such model
         return MethodSpec(name, f"pyod:{model}", "methods.pyod_adapter:PyODDetector", {"model": model})

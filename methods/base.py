@@ -7,6 +7,9 @@
 
 Input images are float32 arrays of shape (N, C, H, W) scaled to [0, 1] at native size;
 each detector does its own further preprocessing through `methods.preprocess`.
+
+This module imports without torch (the registry and the command line import it): its helpers that
+need torch (`iterate_minibatches`, `resolve_device`) import it when called.
 """
 from __future__ import annotations
 
@@ -199,3 +202,57 @@ def iterate_minibatches(n: int, batch_size: int, drop_last: bool, generator: Any
     stop = n - n % batch_size if (drop_last and n >= batch_size) else n
     for start in range(0, stop, batch_size):
         yield perm[start:start + batch_size]
+
+
+def resolve_device(device: str) -> Any:
+    """Resolve a device name to a torch device (torch is imported on the first call: the command line
+    checks --device without loading it before a job needs it).
+
+    Parameters
+    ----------
+    device : str
+        'auto' (the first GPU when there is one, else the CPU), 'cpu', 'cuda' or 'cuda:N'.
+
+    Returns
+    -------
+    torch.device
+        The resolved device.
+
+    Raises
+    ------
+    ValueError
+        If the name is not one of the above or the device is unavailable (a usage error for the CLI).
+    """
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}") from exc
+    if resolved.type == "cpu":
+        return resolved
+    if resolved.type != "cuda":
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    if not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but no CUDA GPU is available; use --device cpu or auto")
+    index = resolved.index or 0
+    if index >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r} does not exist: this machine has {torch.cuda.device_count()} GPU(s)")
+    return resolved
+
+
+def supports_stacking(detector: Any) -> bool:
+    """Whether the detector's class can train stacked (implements `_fit_stacked`).
+
+    Parameters
+    ----------
+    detector : Detector
+        The detector.
+
+    Returns
+    -------
+    bool
+    """
+    return callable(getattr(type(detector), "_fit_stacked", None))

@@ -49,6 +49,7 @@ from methods.base import (
     check_positive_int,
 )
 from methods.preprocess import flatten
+from methods.stacking import StackedAdam, StackedModules, clip_grad_norm_per_job, job_draws, train_stacked_stage
 from methods.torch_base import Stage, StageResult, TorchDetector
 
 # paper: the budget published for KDDCUP (200 epochs, batch 1024), used for every dataset here
@@ -426,8 +427,6 @@ class DAGMM(TorchDetector):
         norm; a non-positive-definite covariance makes its loss NaN and ends it alone; after
         training, its GMM is estimated over its whole training set.
         """
-        from methods.stacking import StackedAdam, StackedModules, clip_grad_norm_per_job, job_draws, train_stacked_stage
-
         first = detectors[0]
         for det in detectors:
             det.training_log_ = {}

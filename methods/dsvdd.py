@@ -38,6 +38,7 @@ from methods.base import (
     check_positive_int,
 )
 from methods.preprocess import global_contrast_normalization
+from methods.stacking import StackedAdam, StackedModules, train_stacked_stage
 from methods.torch_base import Stage, TorchDetector
 
 BN_EPS = 1e-4
@@ -545,8 +546,6 @@ class DeepSVDD(TorchDetector):
         the loss and, after the warm-up epochs, set after each optimiser step to the (1 - nu)
         quantile of sqrt(dist) over that job's batch (distances from before the update, as the
         solo step). The jobs' training sets must have one size (the last batch's rule depends on it)."""
-        from methods.stacking import StackedAdam, StackedModules, train_stacked_stage
-
         first = detectors[0]
         if len({len(x) for x in xs}) > 1:
             raise ValueError("stacked Deep SVDD jobs need training sets of one size")

@@ -50,6 +50,7 @@ from methods.base import (
 )
 from methods.blocks import DCGANDecoder, DCGANFeatures, batch_norm, layer_norm
 from methods.preprocess import resize, to_minus_one_one
+from methods.stacking import StackedAdam, StackedModules, StackedRMSprop, graphed_step, job_draws, train_stacked_stage
 from methods.torch_base import Stage, StageResult, TorchDetector, init_dcgan_weights
 
 # paper: the authors' budgets, 7 critic-batch epochs of WGAN-GP and 50,000 encoder iterations,
@@ -478,8 +479,6 @@ class FAnoGAN(TorchDetector):
         Every random draw (flips, z, alpha) comes from the job's own generator, in the solo step's
         order and shapes, made outside vmap and passed in.
         """
-        from methods.stacking import StackedAdam, StackedModules, graphed_step, job_draws, train_stacked_stage
-
         first, k_jobs = detectors[0], len(detectors)
         for det in detectors:
             det.training_log_ = {"stage1": {}, "stage2": {}}
@@ -563,8 +562,6 @@ class FAnoGAN(TorchDetector):
     def _fit_stacked_encoder(detectors: list["FAnoGAN"], xs: list[torch.Tensor],
                              callbacks: list[Optional[EpochCallback]], stage: Stage) -> list[Optional[DivergedError]]:
         """Stage 2 of `_fit_stacked` for jobs whose stage 1 ended in the same epoch."""
-        from methods.stacking import StackedModules, StackedRMSprop, job_draws, train_stacked_stage
-
         first = detectors[0]
         for det in detectors:
             det._stage_name = "encoder"

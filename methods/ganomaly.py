@@ -42,6 +42,7 @@ from methods.base import (
 )
 from methods.blocks import DCGANDecoder, DCGANDiscriminator, DCGANEncoder
 from methods.preprocess import resize, to_minus_one_one
+from methods.stacking import StackedAdam, StackedModules, train_stacked_stage
 from methods.torch_base import Stage, StageResult, TorchDetector, init_dcgan_weights
 
 IMAGE_SIZE = 32  # the authors' isize; MNIST and Fashion-MNIST are resized 28 -> 32
@@ -333,8 +334,6 @@ class GANomaly(TorchDetector):
                      callbacks: list[Optional[EpochCallback]], rng: Any) -> list[Optional[DivergedError]]:
         """K jobs as one batched model: the solo loop's step (one shared forward pass, G and D
         Adam steps, D re-init on a collapsed D loss), per job in its own slice."""
-        from methods.stacking import StackedAdam, StackedModules, train_stacked_stage
-
         first, k_jobs = detectors[0], len(detectors)
         device = first.device_
         for det in detectors:

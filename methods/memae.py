@@ -45,6 +45,7 @@ from methods.base import (
 )
 from methods.memory import MemoryModule, addressing_entropy, check_memory_params, memory_health
 from methods.preprocess import to_minus_one_one
+from methods.stacking import StackedAdam, StackedModules, train_stacked_stage
 from methods.torch_base import Stage, TorchDetector, init_dcgan_weights
 
 MNIST_LIKE = {"num_slots": 100, "widths": (16, 32, 64), "memory_layout": "position"}
@@ -332,8 +333,6 @@ class MemAE(TorchDetector):
                      rng: Any) -> list[Optional[DivergedError]]:
         """K jobs as one batched model (methods/stacking.py): the solo step, per job in its own slice.
         The last incomplete batch is kept, so the jobs' training sets must have one size."""
-        from methods.stacking import StackedAdam, StackedModules, train_stacked_stage
-
         first = detectors[0]
         for det in detectors:
             det.net_.train()

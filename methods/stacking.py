@@ -36,7 +36,8 @@ import torch
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
-from methods.base import DivergedError, EpochCallback
+from methods.base import DivergedError, EpochCallback, supports_stacking
+from methods.graphs import GraphedStep
 
 
 class _StackedOptimiser:
@@ -558,21 +559,6 @@ def check_stackable(detectors: Sequence[Any]) -> None:
             raise ValueError("stacked jobs must share every hyperparameter but random_state")
 
 
-def supports_stacking(detector: Any) -> bool:
-    """Whether the detector's class can train stacked (implements `_fit_stacked`).
-
-    Parameters
-    ----------
-    detector : Detector
-        The detector.
-
-    Returns
-    -------
-    bool
-    """
-    return callable(getattr(type(detector), "_fit_stacked", None))
-
-
 def fit_stacked(detectors: Sequence[Any], Xs: Sequence[np.ndarray],
                 callbacks: Optional[Sequence[Optional[EpochCallback]]] = None) -> list[Optional[DivergedError]]:
     """Train K detectors of one class together (see the module docstring). Each detector ends up
@@ -649,8 +635,6 @@ def graphed_step(detectors: Sequence[Any], step: Callable[..., Any], stage_name:
     """
     if not getattr(detectors[0], "cuda_graphs", False):
         return step
-    from methods.graphs import GraphedStep
-
     graphed = GraphedStep(step, detectors[0].device_)
     for det in detectors:
         det.graph_stats_ = {**getattr(det, "graph_stats_", {}), stage_name: graphed.stats}

@@ -1,5 +1,6 @@
-"""Shared machinery of the PyTorch detectors: device choice, seeding, data on the device once,
-divergence detection without per-step host syncs, and batched scoring under inference mode."""
+"""Shared machinery of the PyTorch detectors: device choice (`resolve_device`, defined in methods/base.py),
+seeding, data on the device once, divergence detection without per-step host syncs, and batched scoring
+under inference mode."""
 from __future__ import annotations
 
 import abc
@@ -20,43 +21,10 @@ from methods.base import (
     check_positive_int,
     check_random_state,
     iterate_minibatches,
+    resolve_device,
+    supports_stacking,
 )
-
-
-def resolve_device(device: str) -> torch.device:
-    """Resolve a device name to a torch device.
-
-    Parameters
-    ----------
-    device : str
-        'auto' (the first GPU when there is one, else the CPU), 'cpu', 'cuda' or 'cuda:N'.
-
-    Returns
-    -------
-    torch.device
-        The resolved device.
-
-    Raises
-    ------
-    ValueError
-        If the name is not one of the above or the device is unavailable (a usage error for the CLI).
-    """
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}") from exc
-    if resolved.type == "cpu":
-        return resolved
-    if resolved.type != "cuda":
-        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
-    if not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but no CUDA GPU is available; use --device cpu or auto")
-    index = resolved.index or 0
-    if index >= torch.cuda.device_count():
-        raise ValueError(f"device {device!r} does not exist: this machine has {torch.cuda.device_count()} GPU(s)")
-    return resolved
+from methods.stacking import fit_stacked
 
 
 def seed_everything(seed: int) -> None:
@@ -546,8 +514,6 @@ class TorchDetector(Detector, abc.ABC):
             If training produced a non-finite loss.
         """
         if self._graphed():
-            from methods.stacking import fit_stacked
-
             (error,) = fit_stacked([self], [X], [epoch_callback])
             if error is not None:
                 raise error
@@ -571,8 +537,6 @@ class TorchDetector(Detector, abc.ABC):
         """
         if not self.cuda_graphs:
             return False
-        from methods.stacking import supports_stacking
-
         device = resolve_device(self.device)
         if device.type != "cuda":
             raise ValueError(f"cuda_graphs needs a CUDA device, but {type(self).__name__} trains on {device}; "

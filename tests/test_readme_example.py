@@ -63,11 +63,11 @@ def test_readme_detector_example(monkeypatch, separable_task, tmp_path):
     assert scores.shape == (len(X_test),) and roc_auc_score(y_test, scores) > 0.9
 
     # ...and the runner accepts it like any other method.
-    import benchmark.runner as runner
+    import benchmark.jobs as jobs
 
     task = types.SimpleNamespace(x_train=X_train, x_test=X_test, y_test=y_test, sample_seed=1,
                                  sizes={"n_train": len(X_train), "n_test": len(X_test)})
-    monkeypatch.setattr(runner, "_task", lambda *args: task)
+    monkeypatch.setattr(jobs, "_task", lambda *args: task)
     key = JobKey("mnist", 0, "mean_distance", 0, "smoke", "paper")
     settings = RunSettings(results_dir=tmp_path, data_root=None, download=False, threads_per_job=1,
                            track_auroc=False, overrides={}, provenance={})

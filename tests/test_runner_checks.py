@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import benchmark.runner as runner
+import benchmark.jobs as jobs
 from benchmark.cli import main
 from benchmark.data import Dataset
 from benchmark.records import JobKey, iter_records, read_record, read_scores
@@ -40,15 +40,15 @@ def _dark_and_bright(n: int = 30) -> Dataset:
 
 
 def test_runner_keeps_normal_and_anomalous_labels_the_right_way_round(tmp_path, monkeypatch):
-    monkeypatch.setattr(runner, "load_dataset", lambda *args, **kwargs: _dark_and_bright())
-    runner._task.cache_clear()
+    monkeypatch.setattr(jobs, "load_dataset", lambda *args, **kwargs: _dark_and_bright())
+    jobs._task.cache_clear()
     key = JobKey("mnist", 0, "brightness", 0, "paper", "paper")
     settings = RunSettings(results_dir=tmp_path, data_root=None, download=False, threads_per_job=1,
                            track_auroc=False, overrides={}, provenance={})
     try:
         outcome = run_job(Job(key, "paper", {"random_state": 0}, f"{__name__}:Brightness"), settings)
     finally:
-        runner._task.cache_clear()
+        jobs._task.cache_clear()
     assert outcome.status == "ok", outcome.message
     record = read_record(key.json_path(tmp_path))
     # Swapped labels would give AUROC 0 and every rate inverted.
