@@ -408,29 +408,41 @@ def dask_available() -> bool:
     return True
 
 
-def dask_connect_timeout() -> float:
-    """Seconds to wait for a Dask scheduler to answer: $MEMGAN_DASK_CONNECT_TIMEOUT, else 30.
+def seconds_from_env(name: str, default: float) -> float:
+    """A positive number of seconds from environment variable `name`, else `default`.
+
+    Parameters
+    ----------
+    name : str
+        The variable (MEMGAN_DASK_CONNECT_TIMEOUT, MEMGAN_DASK_WORKER_TIMEOUT).
+    default : float
+        The value when it is unset or empty.
 
     Returns
     -------
     float
-        The timeout.
+        The seconds.
 
     Raises
     ------
     BackendUnavailable
         When the variable is set to something other than a positive number.
     """
-    text = os.environ.get(CONNECT_TIMEOUT_ENV, "").strip()
+    text = os.environ.get(name, "").strip()
     if not text:
-        return DEFAULT_CONNECT_TIMEOUT
+        return default
     try:
         value = float(text)
     except ValueError:
         value = math.nan
     if not (math.isfinite(value) and value > 0):
-        raise BackendUnavailable(f"{CONNECT_TIMEOUT_ENV} must be a positive number of seconds, got {text!r}")
+        raise BackendUnavailable(f"{name} must be a positive number of seconds, got {text!r}")
     return value
+
+
+def dask_connect_timeout() -> float:
+    """Seconds to wait for a Dask scheduler to answer: $MEMGAN_DASK_CONNECT_TIMEOUT, else 30."""
+    return seconds_from_env(CONNECT_TIMEOUT_ENV, DEFAULT_CONNECT_TIMEOUT)
 
 
 def describe_address(address: str, seconds: float = 1.0) -> str:
@@ -580,28 +592,8 @@ def open_dask_client(scheduler: Optional[str], n_workers: int) -> tuple[Any, Any
 
 
 def dask_worker_timeout() -> float:
-    """Seconds a Dask run waits while no worker can take its jobs: $MEMGAN_DASK_WORKER_TIMEOUT, else 60.
-
-    Returns
-    -------
-    float
-        The timeout.
-
-    Raises
-    ------
-    BackendUnavailable
-        When the variable is set to something other than a positive number.
-    """
-    text = os.environ.get(WORKER_TIMEOUT_ENV, "").strip()
-    if not text:
-        return DEFAULT_WORKER_TIMEOUT
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value > 0):
-        raise BackendUnavailable(f"{WORKER_TIMEOUT_ENV} must be a positive number of seconds, got {text!r}")
-    return value
+    """Seconds a Dask run waits while no worker can take its jobs: $MEMGAN_DASK_WORKER_TIMEOUT, else 60."""
+    return seconds_from_env(WORKER_TIMEOUT_ENV, DEFAULT_WORKER_TIMEOUT)
 
 
 def probe_expression(modules: Sequence[str]) -> str:
