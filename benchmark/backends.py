@@ -71,7 +71,12 @@ class BackendUnavailable(RuntimeError):
 
 
 class ClusterUnusable(BackendUnavailable):
-    """No worker of a Dask cluster could take jobs for a while: all gone, or none imports the package."""
+    """No worker of a Dask cluster could take jobs for a while: all gone, or none imports the package.
+
+    `interrupted` lists the items whose worker died while running them (set when the run ends), so
+    the runner reports them `lost` and the rest "not started".
+    """
+    interrupted: list = []
 
 
 @dataclass(frozen=True)
@@ -758,6 +763,14 @@ class _DaskDispatch:
             self.pending.insert(0, index)
 
     def run(self) -> Iterator[tuple[Any, Any]]:
+        try:
+            yield from self._run()
+        except ClusterUnusable as exc:
+            started = [index for index in self.pending if self.deaths.get(index)]
+            exc.interrupted = [self.items[index] for index in started + [i for i, _ in self.running.values()]]
+            raise
+
+    def _run(self) -> Iterator[tuple[Any, Any]]:
         from distributed import wait
 
         while self.pending or self.running:

@@ -193,8 +193,10 @@ def execute(jobs: list[Job], settings: RunSettings, n_parallel: int, progress: b
                 raise  # nothing done: a backend error (exit 2)
             bar.write(f"error: {exc}")
             seen = {o.key for o in outcomes} | {job.key for job in deferred}
+            interrupted = {job.key for unit in exc.interrupted for job in unit}
             for job in (job for unit in units for job in unit if job.key not in seen):
-                outcomes.append(JobOutcome(job.key, NOT_STARTED, str(exc)))
+                outcomes.append(JobOutcome(job.key, "lost", f"its worker process died, then: {exc}")
+                                if job.key in interrupted else JobOutcome(job.key, NOT_STARTED, str(exc)))
             deferred.clear()
         for job in deferred:
             bar.write(f"waiting for another runner to finish {job.key.label()}")
