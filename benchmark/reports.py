@@ -525,8 +525,8 @@ def write_reports(results_dir: Path, reports_dir: Path, profile: str, protocol: 
         f"From {len(frame)} records under `{Path(results_dir) / profile}` (profile `{profile}`, protocol "
         f"`{protocol}`); each number is the final model's after a fixed budget.\n"
     )
-    if thread_counts_note(frame):
-        footer += f"\n{thread_counts_note(frame)}\n"
+    if threads_note := thread_counts_note(frame):
+        footer += f"\n{threads_note}\n"
     if problems:
         footer += "\nUnreadable records, treated as missing:\n" + "\n".join(f"- {p}" for p in problems) + "\n"
 
