@@ -14,7 +14,7 @@ need torch (`iterate_minibatches`, `resolve_device`) import it when called.
 from __future__ import annotations
 
 import abc
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, ClassVar, Iterator, Optional
 
 import numpy as np
 from sklearn.base import BaseEstimator
@@ -152,6 +152,10 @@ class Detector(BaseEstimator, abc.ABC):
 
     #: seconds-free, JSON-serialisable facts about training (losses, D re-inits, ...), set by fit.
     training_log_: dict
+
+    #: The constructor argument that sets the size (number of slots) of the detector's memory module,
+    #: or None for a detector without one. The verdict asks this to find the memory detectors.
+    memory_size_param: ClassVar[Optional[str]] = None
 
     def check_params(self) -> "Detector":
         """Raise ValueError naming the bad hyperparameter. The runner calls this for every job

@@ -114,6 +114,8 @@ class MemGANomaly(GANomaly):
     _d_loss_scale = 1.0  # eq. 32 sums the two BCE terms (GANomaly halves them)
     _epoch_facts_sample_size = 512  # the memory's health per epoch, on the first 512 training images
 
+    memory_size_param = "memory_size"
+
     def __init__(self, epochs: int = 60, batch_size: int = 64, lr: float = 2e-3, beta1: float = 0.5,
                  beta2: float = 0.999, nz: int = 100, ngf: int = 64, ndf: int = 64,
                  memory_size: int = 100, shrink_threshold: Optional[float] = None, addressing: str = "dot",

@@ -241,6 +241,8 @@ class MemAE(TorchDetector):
         Images per scoring batch (default 1024).
     """
 
+    memory_size_param = "num_slots"
+
     def __init__(self, num_slots: int = 100, shrink_threshold: Optional[float] = None,
                  addressing: str = "dot", entropy_weight: float = 0.0002,
                  widths: Sequence[int] = (16, 32, 64), output_activation: str = "tanh",
