@@ -14,10 +14,47 @@ need torch (`iterate_minibatches`, `resolve_device`) import it when called.
 from __future__ import annotations
 
 import abc
+from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Iterator, Optional
 
 import numpy as np
 from sklearn.base import BaseEstimator
+
+#: The training precisions: "fp32", or "bf16" (training steps under torch.autocast(bfloat16); scoring stays fp32).
+PRECISIONS = ("fp32", "bf16")
+#: The memory formats: "default" (the detector's own layout), "nchw" or "channels_last".
+MEMORY_FORMAT_NAMES = ("default", "nchw", "channels_last")
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """How the runner asks for jobs to be trained, beside the hyperparameters: options that change
+    speed, not what a detector is, so they are not constructor arguments. The engine receives them
+    in this one object (never as attributes set on a detector) and the job record states them
+    (run_info).
+
+    Parameters
+    ----------
+    precision : str
+        One of `PRECISIONS` (the runner's --precision).
+    memory_format : str
+        One of `MEMORY_FORMAT_NAMES` (a speed lever, benchmark/speed.py).
+    cuda_graphs : bool
+        Capture each training step in a CUDA graph (the runner's --cuda-graphs; CUDA only).
+    """
+
+    precision: str = "fp32"
+    memory_format: str = "default"
+    cuda_graphs: bool = False
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
+        if self.memory_format not in MEMORY_FORMAT_NAMES:
+            raise ValueError(f"memory_format must be one of {list(MEMORY_FORMAT_NAMES)}, got {self.memory_format!r}")
+        if not isinstance(self.cuda_graphs, bool):
+            raise ValueError(f"cuda_graphs must be True or False, got {self.cuda_graphs!r}")
+
 
 # Called after every training epoch as callback(epoch_index_from_1, detector). The runner uses
 # it only for the optional per-epoch AUROC diagnostic; it never changes what is trained.
