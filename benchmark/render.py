@@ -24,6 +24,10 @@ scaled with `\\resizebox`. The font size (`\\small`, `\\footnotesize` or `\\scri
 separation are chosen from an estimate of the table's width so it fits the 345 pt text width of a
 one-column 10 pt article. A header wider than its column's cells may be set on two lines, broken at a
 space only: a method name ("Mem_GANomaly", "f-AnoGAN") always stays whole.
+
+Report files: a `Section` is one report file (its tables, `Figure`s and footer) and one part of the HTML
+page; a `Producer` makes the sections of one kind from a `ReportContext` (one profile's records, read
+once) and names the file stems it can write. `benchmark.reports.write_reports` writes them all.
 """
 
 from __future__ import annotations

@@ -21,10 +21,17 @@ records.csv (one row per record) and index.html (every table and figure on one s
 Every table lists the detectors in one order, `method_order`'s (benchmark/labels.py): the paper's Table 1
 columns, then any other detector alphabetically.
 
-The report layer reads records and scores only: it imports neither `methods` nor torch. A method's
-display label comes from its record (`method_label`); older records fall back to the paper's
-label of the same name, else the method name (`display_label`, benchmark/labels.py). A missing cell
-is a dash, never a zero.
+How it is built: the records are read once (`load_records`, benchmark/records.py) into a
+`benchmark.render.ReportContext`; each of `PRODUCERS` (Tables 1-3, the verdict of benchmark/verdict.py,
+Table 4) makes `benchmark.render.Section` objects from it, and `write_reports` writes every section the
+same way (Markdown, LaTeX where it has it, its PNG figures, one part of index.html) and removes the files
+of the producers' stems that it did not write. Another table or figure (published results of other
+papers, a Friedman test with its critical-difference diagram) is one more `Producer`.
+
+The report layer reads records and scores only: it imports no detector module and no torch (the
+registry, `methods`, which is torch-free, tells which detectors have a memory). A method's display label
+comes from its record (`method_label`); older records fall back to the paper's label of the same name,
+else the method name (`display_label`, benchmark/labels.py). A missing cell is a dash, never a zero.
 """
 
 from __future__ import annotations
