@@ -1,18 +1,28 @@
-"""The paper's reference tables (benchmark/reference/), the detectors' display labels and the one
-detector order of every table (Tables 1-4, seeds, verdicts, best epoch, memory health, records.csv).
+"""The paper's reference tables (benchmark/reference/), the detectors' display labels, the one
+detector order of every table (Tables 1-4, seeds, verdicts, best epoch, memory health, records.csv) and
+which detectors have a memory (`memory_size_param`).
 
 Below both the reports (benchmark/reports.py) and the verdict (benchmark/verdict.py), which import it.
-Like them, it reads records only: it imports neither `methods` nor torch.
+Like them, it never loads torch: it reads the detector registry (`methods`, torch-free) but no detector
+module, whose imports load torch.
 """
 from __future__ import annotations
 
+import ast
+import functools
+import importlib.util
 import re
 from importlib import resources
-from typing import Iterable, Union
+from typing import Iterable, Optional, Union
 
 import pandas as pd
 
 from benchmark.datasets import PAPER_TABLES as TABLES  # dataset -> ("table<k>", reference CSV)
+from methods import REGISTRY
+
+#: The class attribute through which a detector says which constructor argument sizes its memory
+#: (`methods.base.Detector.memory_size_param`).
+MEMORY_SIZE_ATTRIBUTE = "memory_size_param"
 
 
 def reference_table(csv_name: str) -> pd.DataFrame:
@@ -82,3 +92,77 @@ def method_order(labels: Union[pd.DataFrame, Iterable[str]]) -> list[str]:
     present = set(labels)
     first = paper_labels()
     return [m for m in first if m in present] + sorted(present - set(first))
+
+
+def memory_size_param(method: str) -> Optional[str]:
+    """The constructor argument that sets the size of `method`'s memory module, None without one.
+
+    The detector's own answer, its class attribute `methods.base.Detector.memory_size_param` (MemAE:
+    "num_slots", Mem_GANomaly: "memory_size"), read from the class's source rather than by importing it:
+    the detector modules import torch at module level, and the report path must not load torch
+    (tests/test_report_page.py). The class is the registry's target (`methods.MethodSpec.target`); the
+    attribute is looked up as Python would, in the class body, then its bases in order, following
+    ``from <module> import <Class>`` within the package, down to `methods.base.Detector`'s None.
+    tests/test_report_producers.py checks that this agrees with the imported classes for every
+    registered detector.
+
+    Parameters
+    ----------
+    method : str
+        A method's registry name, as in a record's ``method``.
+
+    Returns
+    -------
+    str or None
+        The argument's name; None for a detector without a memory and for a name the registry does not
+        hold (``pyod:<model>``, whose wrapper has no memory, or a detector since removed).
+    """
+    spec = REGISTRY.get(method)
+    if spec is None:
+        return None
+    module, class_name = spec.target.split(":")
+    return _declared_attribute(module, class_name, MEMORY_SIZE_ATTRIBUTE)
+
+
+@functools.lru_cache(maxsize=None)
+def _module_tree(module: str) -> Optional[ast.Module]:
+    found = importlib.util.find_spec(module)  # imports the parent package only, never `module` itself
+    if found is None or found.origin is None or not found.origin.endswith(".py"):
+        return None
+    with open(found.origin, encoding="utf-8") as handle:
+        return ast.parse(handle.read(), filename=found.origin)
+
+
+def _declared_attribute(module: str, class_name: str, attribute: str) -> Optional[str]:
+    found, value = _lookup(module, class_name, attribute)
+    return value if found else None
+
+
+def _lookup(module: str, class_name: str, attribute: str) -> tuple[bool, Optional[str]]:
+    """(found, value): the constant assigned to `attribute` in the body of class `module`:`class_name`, else
+    in its bases in order (depth first, as Python's lookup for single inheritance), following the bases
+    defined in the module or imported from the same package; (False, None) when none assigns it."""
+    tree = _module_tree(module)
+    classes = {node.name: node for node in tree.body if isinstance(node, ast.ClassDef)} if tree else {}
+    if class_name not in classes:
+        return False, None
+    for statement in classes[class_name].body:
+        if isinstance(statement, ast.Assign) and len(statement.targets) == 1:
+            target = statement.targets[0]
+        elif isinstance(statement, ast.AnnAssign):
+            target = statement.target
+        else:
+            continue
+        if isinstance(target, ast.Name) and target.id == attribute:
+            value = statement.value.value if isinstance(statement.value, ast.Constant) else None
+            return True, value if isinstance(value, str) else None
+    package = module.split(".")[0]
+    imported = {alias.asname or alias.name: (node.module, alias.name) for node in tree.body
+                if isinstance(node, ast.ImportFrom) and node.module and not node.level
+                and node.module.split(".")[0] == package for alias in node.names}
+    for base in classes[class_name].bases:
+        if isinstance(base, ast.Name) and (base.id in classes or base.id in imported):
+            found, value = _lookup(*((module, base.id) if base.id in classes else imported[base.id]), attribute)
+            if found:
+                return True, value
+    return False, None

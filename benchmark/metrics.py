@@ -9,17 +9,55 @@ of normal images flagged anomalous (eq. 36), miss rate = share of anomalies acce
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
 from sklearn.metrics import roc_auc_score, roc_curve
 
+
+@dataclass(frozen=True)
+class Metric:
+    """One metric of a job record: what `evaluate` returns under `name`, what the tables call it and
+    which way is better.
+
+    Attributes
+    ----------
+    name : str
+        The key in a record's ``metrics`` and in the report rows (`benchmark.records.load_records`).
+    label : str
+        Its name in the tables' headers.
+    higher_is_better : bool or None
+        Which values win (bold in the tables, rank 1 in the verdict); None for a number that is no
+        score (the threshold).
+    required : bool
+        Whether an ``ok`` record must hold it as a finite number (`benchmark.records.read_record`).
+    at_threshold : bool
+        Measured at a decision threshold (the paper's Table 4; eqs. 35-37) rather than over all of them.
+    """
+
+    name: str
+    label: str
+    higher_is_better: Optional[bool]
+    required: bool
+    at_threshold: bool = False
+
+
+#: Every metric `evaluate` returns, by name, in the paper's order: the records store these, the reports
+#: and the verdict read their labels and directions from here.
+METRICS: dict[str, Metric] = {metric.name: metric for metric in (
+    Metric("auroc", "AUROC", higher_is_better=True, required=True),
+    Metric("gmean", "gmean", higher_is_better=True, required=True, at_threshold=True),  # eq. 35
+    Metric("false_alarm_rate", "false-alarm rate", higher_is_better=False, required=True, at_threshold=True),  # 36
+    Metric("miss_rate", "miss rate", higher_is_better=False, required=True, at_threshold=True),  # eq. 37
+    Metric("threshold", "threshold", higher_is_better=None, required=False),  # None when no ROC point beats J = 0
+)}
 #: The metrics at the Youden threshold (Table 4), in the paper's order.
-THRESHOLD_METRICS: tuple[str, ...] = ("gmean", "false_alarm_rate", "miss_rate")
-#: Every metric `evaluate` returns, in order: the records store these and the reports read them.
-METRIC_NAMES: tuple[str, ...] = ("auroc", *THRESHOLD_METRICS, "threshold")
+THRESHOLD_METRICS: tuple[str, ...] = tuple(name for name, metric in METRICS.items() if metric.at_threshold)
+#: Every metric `evaluate` returns, in order.
+METRIC_NAMES: tuple[str, ...] = tuple(METRICS)
 #: The metrics an ``ok`` record must hold as finite numbers (the threshold may be None).
-REQUIRED_METRICS: tuple[str, ...] = ("auroc", *THRESHOLD_METRICS)
+REQUIRED_METRICS: tuple[str, ...] = tuple(name for name, metric in METRICS.items() if metric.required)
 
 
 def _check(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -29,6 +29,7 @@ from sklearn.manifold import TSNE
 
 from benchmark.data import CLASS_NAMES, DataError, load_dataset
 from benchmark.datasets import TITLES
+from benchmark.labels import memory_size_param
 from benchmark.records import _atomic_write, iter_records
 from benchmark.splits import to_float
 from methods import get_method
@@ -74,11 +75,12 @@ def fig6_curves(results_dir: Path, profile_glob: str, dataset: str = "cifar10", 
     Returns
     -------
     list of dict
-        memory_size, epochs, lr, seed, profile, base_profile, aurocs (per epoch; None where
-        scores were not finite), final (the final model's AUROC); only ok records with a
-        per-epoch diagnostic.
+        memory_size (the method's memory size N, None without a memory), epochs, lr, seed, profile,
+        base_profile, aurocs (per epoch; None where scores were not finite), final (the final model's
+        AUROC); only ok records with a per-epoch diagnostic.
     """
     curves = []
+    size_param = memory_size_param(method)  # the constructor argument that is N (Detector.memory_size_param)
     for directory in sorted(Path(results_dir).iterdir()) if Path(results_dir).is_dir() else []:
         if not directory.is_dir() or not fnmatch.fnmatchcase(directory.name, profile_glob):
             continue
@@ -90,7 +92,7 @@ def fig6_curves(results_dir: Path, profile_glob: str, dataset: str = "cifar10", 
             if not per_epoch:
                 continue
             hyper = record.get("hyperparameters") or {}
-            curves.append({"memory_size": hyper.get("memory_size"), "epochs": hyper.get("epochs"),
+            curves.append({"memory_size": hyper.get(size_param) if size_param else None, "epochs": hyper.get("epochs"),
                            "lr": hyper.get("lr"),
                            "seed": record["seed"], "profile": record["profile"],
                            "base_profile": record.get("base_profile", record["profile"].split("+")[0]),

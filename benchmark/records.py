@@ -8,6 +8,9 @@ with overridden hyperparameters).
 The JSON is written last: a record exists only once its scores are safely on disk. The record
 carries the sha256 of its scores file, so a scores file damaged later (a flipped bit the zip directory
 does not show) is caught when the record is read, and the job is redone by the next run.
+
+`load_records` reads a profile's records into one long frame, the only reading behind the reports and
+the verdict.
 """
 from __future__ import annotations
 
@@ -25,14 +28,48 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional
 
 import numpy as np
+import pandas as pd
 
-from benchmark.metrics import REQUIRED_METRICS
+from benchmark.data import CLASS_NAMES
+from benchmark.labels import display_label, memory_size_param
+from benchmark.metrics import METRIC_NAMES, REQUIRED_METRICS, THRESHOLD_METRICS
 
 SCHEMA_VERSION = 1
 TMP_PREFIX = ".tmp-"
 REQUIRED_FIELDS = ("schema_version", "dataset", "normal_class", "method", "seed", "profile", "protocol", "status",
                    "metrics")
 STATUSES = ("ok", "failed", "diverged")
+#: The label-free threshold metrics (a held-out percentile; `benchmark.metrics.validation_threshold_metrics`).
+VAL_METRICS = tuple(f"val_{m}" for m in THRESHOLD_METRICS)
+#: The columns of a report's records.csv, one row per record (`load_records`).
+COLUMNS = [
+    "dataset",
+    "normal_class",
+    "class_name",
+    "method",
+    "label",
+    "seed",
+    "profile",
+    "protocol",
+    "status",
+    *METRIC_NAMES,
+    *VAL_METRICS,
+    "val_percentile",
+    "val_threshold",
+    "n_val",
+    "train_seconds",
+    "score_seconds",
+    "n_train",
+    "n_test",
+    "device",
+    "threads",
+    "git_commit",
+    "error",
+    "best_epoch_auroc_on_test",
+    "record",
+]
+#: The frame's columns after `COLUMNS`, for the tables only (not in records.csv).
+DETECTOR_COLUMNS = ["memory_size_param", "memory_size", "per_epoch"]
 
 
 class ResultsWriteError(OSError):
@@ -321,6 +358,83 @@ def iter_records(results_dir: Path) -> Iterator[tuple[Path, Optional[dict], Opti
             yield path, read_record(path), None
         except UnreadableRecord as exc:
             yield path, None, str(exc)
+
+
+def load_records(results_dir: Path, profile: str, protocol: Optional[str] = None) -> tuple[pd.DataFrame, list[str]]:
+    """All readable records of one profile as a long frame: the one reading of the records behind
+    every report table and the verdict (benchmark/reports.py, benchmark/verdict.py).
+
+    Unreadable records are treated as missing.
+
+    Parameters
+    ----------
+    results_dir : Path
+        The results root.
+    profile : str
+        The profile's directory name.
+    protocol : str, optional
+        Keep only records of this protocol (default: all).
+
+    Returns
+    -------
+    frame : pandas.DataFrame
+        One row per record: the `COLUMNS` (records.csv's), then the `DETECTOR_COLUMNS`: the
+        detector's `memory_size_param` (`benchmark.labels`; None without a memory), that argument's
+        value in the record's hyperparameters, and the record's training_log.per_epoch (a dict, or None).
+    problems : list of str
+        The unreadable records, by name.
+    """
+    rows, problems = [], []
+    base = Path(results_dir) / profile
+    for path, record, error in iter_records(base):
+        if record is None:
+            problems.append(error)
+            continue
+        if protocol is not None and record["protocol"] != protocol:
+            continue
+        metrics = record.get("metrics") or {}
+        val = record.get("metrics_val_threshold") or {}
+        sizes = record.get("sizes") or {}
+        names = CLASS_NAMES.get(record["dataset"], [str(i) for i in range(10)])
+        memory_param = memory_size_param(record["method"])
+        per_epoch = (record.get("training_log") or {}).get("per_epoch")
+        rows.append(
+            {
+                "dataset": record["dataset"],
+                "normal_class": int(record["normal_class"]),
+                "class_name": names[int(record["normal_class"])],
+                "method": record["method"],
+                "label": display_label(record),
+                "seed": record["seed"],
+                "profile": record["profile"],
+                "protocol": record["protocol"],
+                "status": record["status"],
+                **{m: metrics.get(m) for m in METRIC_NAMES},
+                **{f"val_{m}": val.get(m) for m in THRESHOLD_METRICS},
+                "val_percentile": val.get("percentile"),
+                "val_threshold": val.get("threshold"),
+                "n_val": sizes.get("n_val"),
+                "train_seconds": record.get("train_seconds"),
+                "score_seconds": record.get("score_seconds"),
+                "n_train": sizes.get("n_train"),
+                "n_test": sizes.get("n_test"),
+                "device": (record.get("run_info") or {}).get("device"),
+                "threads": record.get("threads"),
+                "git_commit": (record.get("git") or {}).get("commit"),
+                "error": (record.get("error") or {}).get("message"),
+                "best_epoch_auroc_on_test": (
+                    (record.get("diagnostics") or {}).get("best_epoch_on_test_OPTIMISTIC") or {}
+                ).get("auroc"),
+                "record": str(path.relative_to(Path(results_dir))),
+                "memory_size_param": memory_param,
+                "memory_size": (record.get("hyperparameters") or {}).get(memory_param) if memory_param else None,
+                "per_epoch": per_epoch if isinstance(per_epoch, dict) else None,
+            }
+        )
+    frame = pd.DataFrame(rows, columns=[*COLUMNS, *DETECTOR_COLUMNS])
+    for column in DETECTOR_COLUMNS:  # as recorded: a size of 100 stays the int 100, not a float beside None
+        frame[column] = pd.Series([row[column] for row in rows], index=frame.index, dtype=object)
+    return frame, problems
 
 
 def existing_record(results_dir: Path, key: JobKey) -> tuple[Optional[dict], Optional[str]]:

@@ -24,6 +24,10 @@ scaled with `\\resizebox`. The font size (`\\small`, `\\footnotesize` or `\\scri
 separation are chosen from an estimate of the table's width so it fits the 345 pt text width of a
 one-column 10 pt article. A header wider than its column's cells may be set on two lines, broken at a
 space only: a method name ("Mem_GANomaly", "f-AnoGAN") always stays whole.
+
+Report files: a `Section` is one report file (its tables, `Figure`s and footer) and one part of the HTML
+page; a `Producer` makes the sections of one kind from a `ReportContext` (one profile's records, read
+once) and names the file stems it can write. `benchmark.reports.write_reports` writes them all.
 """
 
 from __future__ import annotations
@@ -32,7 +36,8 @@ import html
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from pathlib import Path
+from typing import Any, Callable, Optional
 
 import pandas as pd
 
@@ -492,3 +497,123 @@ def _html_cell(cell: Cell) -> str:
     if cell.ref is not None:
         text += f'<br><span class="ref">({html.escape(cell.ref or DASH)})</span>'
     return text
+
+
+# ---- report files ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Figure:
+    """One figure of a report section: written to ``<stem><suffix>.png`` beside its Markdown file and
+    embedded in index.html with its caption.
+
+    Parameters
+    ----------
+    stem : str
+        The file name without the protocol suffix and extension, e.g. ``"roc_mnist"``.
+    caption : str
+        The caption on the page.
+    png : bytes
+        The image.
+    """
+
+    stem: str
+    caption: str
+    png: bytes
+
+
+@dataclass
+class Section:
+    """One report file and one section of index.html: a title, its tables, its figures and a footer.
+
+    Written as ``<stem><suffix>.md`` (plus ``<stem><suffix>.tex`` with every table when `latex`), each
+    figure as ``<figure stem><suffix>.png``; `suffix` is the protocol's (`ReportContext.suffix`).
+
+    Parameters
+    ----------
+    stem : str
+        The file name without the protocol suffix and extension, e.g. ``"seeds_mnist"``.
+    title : str
+        The Markdown file's heading and the page section's.
+    tables : list of ReportTable
+        In order.
+    footer : str
+        The Markdown text after the tables (usually ends with `ReportContext.footer`, the provenance);
+        not on the page, which shows the provenance once.
+    figures : list of Figure
+        In order, after the tables on the page.
+    latex : bool
+        Whether the tables are also written as a LaTeX file.
+    """
+
+    stem: str
+    title: str
+    tables: list[ReportTable] = field(default_factory=list)
+    footer: str = ""
+    figures: list[Figure] = field(default_factory=list)
+    latex: bool = False
+
+    def to_markdown(self) -> str:
+        """The Markdown file: heading, tables, footer."""
+        return "\n".join([f"# {self.title}\n"] + [table.to_markdown() for table in self.tables] + [self.footer])
+
+    def to_latex(self) -> str:
+        """The LaTeX file: one `table` float per table."""
+        return "\n".join(table.to_latex() for table in self.tables)
+
+
+@dataclass(frozen=True)
+class ReportContext:
+    """What every section producer reads: one profile's records of one protocol, read once.
+
+    Parameters
+    ----------
+    results_dir : Path
+        The results root (holding `profile`/).
+    profile : str
+        The profile folder's name, with any "+tag".
+    protocol : str
+        The records' protocol.
+    frame : pandas.DataFrame
+        The records, `benchmark.records.load_records(results_dir, profile, protocol)[0]`.
+    footer : str
+        The provenance text every Markdown file ends with.
+    """
+
+    results_dir: Path
+    profile: str
+    protocol: str
+    frame: pd.DataFrame
+    footer: str = ""
+
+    @property
+    def suffix(self) -> str:
+        """The file names' protocol suffix: none for the paper's protocol, ``_<protocol>`` otherwise."""
+        return "" if self.protocol == "paper" else f"_{self.protocol}"
+
+    @property
+    def where(self) -> str:
+        """"<profile> profile, <protocol> protocol", for titles and captions."""
+        return f"{self.profile} profile, {self.protocol} protocol"
+
+
+@dataclass(frozen=True)
+class Producer:
+    """One kind of report section: how to make its sections, and every file stem it can write.
+
+    `benchmark.reports.write_reports` runs its producers in order (the page shows their sections in
+    that order) and removes the files of the listed stems that no producer wrote this time (tables of
+    a dataset that no longer has records, say). A new kind of table or figure is one new producer.
+
+    Parameters
+    ----------
+    name : str
+        What it makes, for messages.
+    sections : callable
+        ``sections(context) -> list[Section]``; an empty list when the records give it nothing to show.
+    stems : tuple of str
+        Every `Section.stem` and `Figure.stem` it can produce, for any dataset; ``<stem><suffix>.md``,
+        ``.tex`` and ``.png`` files not written in a run are removed as stale.
+    """
+
+    name: str
+    sections: Callable[[ReportContext], list[Section]]
+    stems: tuple[str, ...]

@@ -21,10 +21,17 @@ records.csv (one row per record) and index.html (every table and figure on one s
 Every table lists the detectors in one order, `method_order`'s (benchmark/labels.py): the paper's Table 1
 columns, then any other detector alphabetically.
 
-The report layer reads records and scores only: it imports neither `methods` nor torch. A method's
-display label comes from its record (`method_label`); older records fall back to the paper's
-label of the same name, else the method name (`display_label`, benchmark/labels.py). A missing cell
-is a dash, never a zero.
+How it is built: the records are read once (`load_records`, benchmark/records.py) into a
+`benchmark.render.ReportContext`; each of `PRODUCERS` (Tables 1-3, the verdict of benchmark/verdict.py,
+Table 4) makes `benchmark.render.Section` objects from it, and `write_reports` writes every section the
+same way (Markdown, LaTeX where it has it, its PNG figures, one part of index.html) and removes the files
+of the producers' stems that it did not write. Another table or figure (published results of other
+papers, a Friedman test with its critical-difference diagram) is one more `Producer`.
+
+The report layer reads records and scores only: it imports no detector module and no torch (the
+registry, `methods`, which is torch-free, tells which detectors have a memory). A method's display label
+comes from its record (`method_label`); older records fall back to the paper's label of the same name,
+else the method name (`display_label`, benchmark/labels.py). A missing cell is a dash, never a zero.
 """
 
 from __future__ import annotations
@@ -49,108 +56,15 @@ from benchmark.labels import display_label as display_label
 from benchmark.labels import method_order as method_order
 from benchmark.labels import paper_labels as paper_labels
 from benchmark.labels import reference_table as reference_table
-from benchmark.metrics import METRIC_NAMES, THRESHOLD_METRICS
-from benchmark.records import _atomic_write, iter_records
-from benchmark.render import DASH, Cell, ReportTable, format_value
-from benchmark.verdict import verdict_sections
+from benchmark.metrics import METRICS, THRESHOLD_METRICS
+from benchmark.records import COLUMNS, VAL_METRICS, _atomic_write
+
+# Defined in benchmark/records.py (below the verdict, which reads the same frame) and re-exported.
+from benchmark.records import load_records as load_records
+from benchmark.render import DASH, Cell, Figure, Producer, ReportContext, ReportTable, Section, format_value
+from benchmark.verdict import VERDICT
 
 TABLE4_CSV = "table4_mnist_threshold_metrics.csv"
-METRIC_LABELS = {"gmean": "gmean", "false_alarm_rate": "false-alarm rate", "miss_rate": "miss rate"}
-VAL_METRICS = tuple(f"val_{m}" for m in THRESHOLD_METRICS)
-COLUMNS = [
-    "dataset",
-    "normal_class",
-    "class_name",
-    "method",
-    "label",
-    "seed",
-    "profile",
-    "protocol",
-    "status",
-    "auroc",
-    *THRESHOLD_METRICS,
-    "threshold",
-    *VAL_METRICS,
-    "val_percentile",
-    "val_threshold",
-    "n_val",
-    "train_seconds",
-    "score_seconds",
-    "n_train",
-    "n_test",
-    "device",
-    "threads",
-    "git_commit",
-    "error",
-    "best_epoch_auroc_on_test",
-    "record",
-]
-
-
-def load_records(results_dir: Path, profile: str, protocol: Optional[str] = None) -> tuple[pd.DataFrame, list[str]]:
-    """All readable records of one profile as a long frame.
-
-    Unreadable records are treated as missing.
-
-    Parameters
-    ----------
-    results_dir : Path
-        The results root.
-    profile : str
-        The profile's directory name.
-    protocol : str, optional
-        Keep only records of this protocol (default: all).
-
-    Returns
-    -------
-    frame : pandas.DataFrame
-        One row per record.
-    problems : list of str
-        The unreadable records, by name.
-    """
-    rows, problems = [], []
-    base = Path(results_dir) / profile
-    for path, record, error in iter_records(base):
-        if record is None:
-            problems.append(error)
-            continue
-        if protocol is not None and record["protocol"] != protocol:
-            continue
-        metrics = record.get("metrics") or {}
-        val = record.get("metrics_val_threshold") or {}
-        sizes = record.get("sizes") or {}
-        names = CLASS_NAMES.get(record["dataset"], [str(i) for i in range(10)])
-        rows.append(
-            {
-                "dataset": record["dataset"],
-                "normal_class": int(record["normal_class"]),
-                "class_name": names[int(record["normal_class"])],
-                "method": record["method"],
-                "label": display_label(record),
-                "seed": record["seed"],
-                "profile": record["profile"],
-                "protocol": record["protocol"],
-                "status": record["status"],
-                **{m: metrics.get(m) for m in METRIC_NAMES},
-                **{f"val_{m}": val.get(m) for m in THRESHOLD_METRICS},
-                "val_percentile": val.get("percentile"),
-                "val_threshold": val.get("threshold"),
-                "n_val": sizes.get("n_val"),
-                "train_seconds": record.get("train_seconds"),
-                "score_seconds": record.get("score_seconds"),
-                "n_train": sizes.get("n_train"),
-                "n_test": sizes.get("n_test"),
-                "device": (record.get("run_info") or {}).get("device"),
-                "threads": record.get("threads"),
-                "git_commit": (record.get("git") or {}).get("commit"),
-                "error": (record.get("error") or {}).get("message"),
-                "best_epoch_auroc_on_test": (
-                    (record.get("diagnostics") or {}).get("best_epoch_on_test_OPTIMISTIC") or {}
-                ).get("auroc"),
-                "record": str(path.relative_to(Path(results_dir))),
-            }
-        )
-    return pd.DataFrame(rows, columns=COLUMNS), problems
 
 
 def thread_counts_note(frame: pd.DataFrame, listed: int = 8) -> str:
@@ -432,7 +346,7 @@ def table4(
     for column, metric, is_val in metrics:
         values, notes = _cell_frame(val_rows if is_val else subset, column, classes, methods)
         means, mean_notes, complete = _means(values, notes)
-        bold = _best(means, complete, lower_is_better=metric != "gmean")
+        bold = _best(means, complete, lower_is_better=not METRICS[metric].higher_is_better)
         paper = reference.loc[metric] if metric in reference.index else pd.Series(dtype=float)
         cells = []
         for m in methods:
@@ -443,7 +357,7 @@ def table4(
                 cells.append(Cell(format_value(float(means[m])), ref, mean_notes[m], bool(bold[m])))
         columns[column] = cells
     table = pd.DataFrame(columns, index=pd.Index(methods, name="method"))
-    table.columns = [METRIC_LABELS[metric] for _, metric, _ in metrics]  # repeated per group: cells go by position
+    table.columns = [METRICS[metric].label for _, metric, _ in metrics]  # repeated per group: cells go by position
     where = f"{profile} profile, {protocol} protocol" if profile else f"{protocol} protocol"
     youden = (
         "the paper's Table 4 rule, the ROC point maximising Youden's J chosen on the test labels (optimistic: "
@@ -497,8 +411,101 @@ def table4(
     )
 
 
-def write_reports(results_dir: Path, reports_dir: Path, profile: str, protocol: str = "paper") -> list[Path]:
+def auroc_sections(context: ReportContext) -> list[Section]:
+    """Tables 1-3: per dataset of the paper with records, its AUROC table (and the difference to the
+    paper's), the per-class AUROC dot plot and the ROC curves.
+
+    Parameters
+    ----------
+    context : ReportContext
+        The profile's records and provenance footer.
+
+    Returns
+    -------
+    list of Section
+        One per dataset with records, in the paper's table order; stem ``table<k>_<dataset>_auroc``.
+    """
+    frame = context.frame
+    sections = []
+    for dataset, (number, csv_name) in TABLES.items():
+        subset = frame[frame["dataset"] == dataset]
+        if subset.empty:
+            continue
+        stem, title = csv_name.replace(".csv", ""), TITLES[dataset]
+        paired, diff = auroc_tables(frame, dataset, context.profile, context.protocol)
+        values, _ = _cell_frame(subset, "auroc", CLASS_NAMES[dataset], method_order(subset))
+        paper = reference_table(csv_name).drop(index="mean")
+        paper.index = CLASS_NAMES[dataset]
+        pictures = [Figure(stem, f"AUROC per normal class on {title}: ours (filled), the paper's (hollow).",
+                           figures.auroc_figure(values, paper, f"{title}: AUROC per normal class"))]
+        roc = figures.roc_figure(subset, context.results_dir, CLASS_NAMES[dataset], method_order(subset),
+                                 f"{title}: ROC curves per task ({context.where})")
+        if roc is not None:
+            pictures.append(Figure(f"roc_{dataset}", f"ROC curves on {title}, one panel per normal class, every "
+                                   "detector overlaid (anomaly = positive; averaged vertically over the ok seeds).",
+                                   roc))
+        sections.append(Section(stem, f"Table {number[-1]}: AUROC on {title} ({context.where})",
+                                [paired] + ([diff] if diff is not None else []), context.footer, pictures,
+                                latex=True))
+    return sections
+
+
+def table4_sections(context: ReportContext) -> list[Section]:
+    """Table 4, with MNIST records: the threshold metrics, with the label-free columns from the records
+    or from the held-out run beside the profile (`held_out_run`).
+
+    Parameters
+    ----------
+    context : ReportContext
+        The profile's records and provenance footer.
+
+    Returns
+    -------
+    list of Section
+        One section, stem ``table4_mnist_threshold_metrics``; none without MNIST records.
+    """
+    frame = context.frame
+    mnist = frame[frame["dataset"] == "mnist"]
+    # Records that hold their own label-free metrics (made with a held-out share) keep showing them.
+    own_val = mnist[list(VAL_METRICS)].notna().any().any()
+    held_out = (None if mnist.empty or own_val
+                else held_out_run(context.results_dir, context.profile, context.protocol))
+    table = table4(frame, context.profile, context.protocol, held_out)
+    if table is None:
+        return []
+    footer = context.footer
+    if held_out is not None:
+        footer += (
+            f"\nThe label-free columns: from {len(held_out.frame)} MNIST records under "
+            f"`{Path(context.results_dir) / held_out.profile}` (the held-out run, --val-fraction "
+            f"{held_out.fraction:g}).\n"
+        )
+    return [Section("table4_mnist_threshold_metrics", f"Table 4: mean threshold metrics on MNIST ({context.where})",
+                    [table], footer, latex=True)]
+
+
+#: Tables 1-3 (AUROC per normal class, with their figures).
+AUROC_TABLES = Producer("Tables 1-3: AUROC per normal class", auroc_sections,
+                        tuple(stem for dataset, (_, csv_name) in TABLES.items()
+                              for stem in (csv_name.replace(".csv", ""), f"roc_{dataset}")))
+#: Table 4 (threshold metrics on MNIST).
+TABLE4 = Producer("Table 4: threshold metrics", table4_sections, ("table4_mnist_threshold_metrics",))
+#: Every report section, in the page's order: Tables 1-3, the verdict (seeds, best epoch, memory health),
+#: Table 4. A new kind of table or figure is one more `Producer` here.
+PRODUCERS: tuple[Producer, ...] = (AUROC_TABLES, VERDICT, TABLE4)
+#: File stems that earlier versions wrote and no producer writes now: removed as stale like the producers'.
+RETIRED_STEMS: tuple[str, ...] = tuple(f"diagnostics_{dataset}" for dataset in TABLES)
+#: The extensions of a section's files (`benchmark.render.Section`).
+SECTION_EXTENSIONS = (".md", ".tex", ".png")
+
+
+def write_reports(results_dir: Path, reports_dir: Path, profile: str, protocol: str = "paper",
+                  producers: tuple[Producer, ...] = PRODUCERS) -> list[Path]:
     """Build every table, figure and the HTML page of one profile from its records.
+
+    The records are read once (`load_records`); each of `producers` makes its sections from them, and
+    each section is written as Markdown (plus LaTeX and PNG figures where it has them) and shown on
+    index.html, in the producers' order; records.csv lists every record.
 
     Parameters
     ----------
@@ -508,19 +515,20 @@ def write_reports(results_dir: Path, reports_dir: Path, profile: str, protocol: 
         Profile directory name (e.g. "quick" or "quick+lr2e-4").
     protocol : str
         Only records of this protocol are reported.
+    producers : tuple of Producer, default=PRODUCERS
+        The kinds of report sections to make.
 
     Returns
     -------
     list of Path
         The files written. Every file is written to a unique temporary name in the target folder
         and renamed over the old one, so two processes writing the same reports at once each
-        succeed (the last rename wins) and a reader never sees a half-written file. Tables of
-        datasets that no longer have records are removed.
+        succeed (the last rename wins) and a reader never sees a half-written file. The files of
+        the producers' stems (and `RETIRED_STEMS`) that this run did not write, e.g. the tables of
+        a dataset that no longer has records, are removed.
     """
     frame, problems = load_records(results_dir, profile, protocol)
     out_dir = Path(reports_dir) / profile
-    suffix = "" if protocol == "paper" else f"_{protocol}"
-    written: list[Path] = []
     footer = (
         f"From {len(frame)} records under `{Path(results_dir) / profile}` (profile `{profile}`, protocol "
         f"`{protocol}`); each number is the final model's after a fixed budget.\n"
@@ -529,6 +537,9 @@ def write_reports(results_dir: Path, reports_dir: Path, profile: str, protocol: 
         footer += f"\n{threads_note}\n"
     if problems:
         footer += "\nUnreadable records, treated as missing:\n" + "\n".join(f"- {p}" for p in problems) + "\n"
+    context = ReportContext(Path(results_dir), profile, protocol, frame, footer)
+    suffix = context.suffix
+    written: list[Path] = []
 
     def save(name: str, data: bytes) -> Path:
         path = out_dir / name
@@ -536,88 +547,19 @@ def write_reports(results_dir: Path, reports_dir: Path, profile: str, protocol: 
         written.append(path)
         return path
 
-    sections = []  # (heading, [ReportTable], [(file name, caption)]) for the HTML page
-    for dataset, (number, csv_name) in TABLES.items():
-        stem = csv_name.replace(".csv", "") + suffix
-        subset = frame[frame["dataset"] == dataset]
-        if subset.empty:
-            for stale in (
-                f"{stem}.md",
-                f"{stem}.tex",
-                f"{stem}.png",
-                f"roc_{dataset}{suffix}.png",
-                f"diagnostics_{dataset}{suffix}.md",
-                *(f"{kind}_{dataset}{suffix}.md" for kind in ("seeds", "best_epoch", "memory_health")),
-            ):
-                (out_dir / stale).unlink(missing_ok=True)
-            continue
-        paired, diff = auroc_tables(frame, dataset, profile, protocol)
-        tables = [paired] + ([diff] if diff is not None else [])
-        title = f"Table {number[-1]}: AUROC on {TITLES[dataset]} ({profile} profile, {protocol} protocol)"
-        save(f"{stem}.md", _markdown(title, tables, footer).encode())
-        save(f"{stem}.tex", "\n".join(t.to_latex() for t in tables).encode())
-        pictures = []
-        values, _ = _cell_frame(subset, "auroc", CLASS_NAMES[dataset], method_order(subset))
-        paper = reference_table(csv_name).drop(index="mean")
-        paper.index = CLASS_NAMES[dataset]
-        png = figures.auroc_figure(values, paper, f"{TITLES[dataset]}: AUROC per normal class")
-        save(f"{stem}.png", png)
-        pictures.append(
-            (f"{stem}.png", f"AUROC per normal class on {TITLES[dataset]}: ours (filled), the paper's (hollow).", png)
-        )
-        roc = figures.roc_figure(
-            subset,
-            results_dir,
-            CLASS_NAMES[dataset],
-            method_order(subset),
-            f"{TITLES[dataset]}: ROC curves per task ({profile} profile, {protocol} protocol)",
-        )
-        if roc is not None:
-            save(f"roc_{dataset}{suffix}.png", roc)
-            pictures.append(
-                (
-                    f"roc_{dataset}{suffix}.png",
-                    f"ROC curves on {TITLES[dataset]}, one panel per normal class, every detector overlaid "
-                    f"(anomaly = positive; averaged vertically over the ok seeds).",
-                    roc,
-                )
-            )
-        sections.append((title, tables, pictures))
-    # Seeds, verdicts, ranks and tests; best epoch on the test set; memory health (benchmark/verdict.py).
-    for section in verdict_sections(frame, results_dir, profile, protocol):
-        # A caption's text after a blank line (e.g. the tests in plain words) goes below the table.
-        verdict_tables = [ReportTable(caption=caption.split("\n\n", 1)[0], label=f"{section.stem}{suffix}-{i}",
-                                      frame=table, notes=caption.split("\n\n", 1)[1] if "\n\n" in caption else "")
-                          for i, (caption, table) in enumerate(section.tables)]
-        save(f"{section.stem}{suffix}.md",
-             _markdown(section.title, verdict_tables, section.footer + "\n\n" + footer).encode())
-        sections.append((section.title, verdict_tables, []))
-    mnist = frame[frame["dataset"] == "mnist"]
-    # Records that hold their own label-free metrics (made with a held-out share) keep showing them.
-    own_val = mnist[list(VAL_METRICS)].notna().any().any()
-    held_out = None if mnist.empty or own_val else held_out_run(results_dir, profile, protocol)
-    t4 = table4(frame, profile, protocol, held_out)
-    if t4 is not None:
-        title = f"Table 4: mean threshold metrics on MNIST ({profile} profile, {protocol} protocol)"
-        t4_footer = footer
-        if held_out is not None:
-            t4_footer += (
-                f"\nThe label-free columns: from {len(held_out.frame)} MNIST records under "
-                f"`{Path(results_dir) / held_out.profile}` (the held-out run, --val-fraction {held_out.fraction:g}).\n"
-            )
-        save(f"table4_mnist_threshold_metrics{suffix}.md", _markdown(title, [t4], t4_footer).encode())
-        save(f"table4_mnist_threshold_metrics{suffix}.tex", t4.to_latex().encode())
-        sections.append((title, [t4], []))
-    else:
-        for ext in ("md", "tex"):
-            (out_dir / f"table4_mnist_threshold_metrics{suffix}.{ext}").unlink(missing_ok=True)
-    save(f"records{suffix}.csv", in_method_order(frame).to_csv(index=False).encode())
-    page = html_page(
-        f"Benchmark report: {profile} profile, {protocol} protocol", sections, footer, f"records{suffix}.csv"
-    )
-    save(f"index{suffix}.html", page.encode())
+    page = []  # (heading, tables, [(file name, caption, PNG)]) per section, for the HTML page
+    for section in (section for producer in producers for section in producer.sections(context)):
+        save(f"{section.stem}{suffix}.md", section.to_markdown().encode())
+        if section.latex:
+            save(f"{section.stem}{suffix}.tex", section.to_latex().encode())
+        pictures = [(save(f"{figure.stem}{suffix}.png", figure.png).name, figure.caption, figure.png)
+                    for figure in section.figures]
+        page.append((section.title, section.tables, pictures))
+    stems = [stem for producer in producers for stem in producer.stems] + list(RETIRED_STEMS)
+    for stale in (out_dir / f"{stem}{suffix}{ext}" for stem in stems for ext in SECTION_EXTENSIONS):
+        if stale not in written:
+            stale.unlink(missing_ok=True)
+    save(f"records{suffix}.csv", in_method_order(frame)[COLUMNS].to_csv(index=False).encode())
+    save(f"index{suffix}.html",
+         html_page(f"Benchmark report: {context.where}", page, footer, f"records{suffix}.csv").encode())
     return written
-
-
-def _markdown(title: str, tables: list[ReportTable], footer: str) -> str:
-    return "\n".join([f"# {title}\n"] + [t.to_markdown() for t in tables] + [footer])

@@ -3,9 +3,11 @@ against the paper, mean ranks and Wilcoxon signed-rank tests per dataset, the be
 test set (the paper's probable, optimistic selection rule) beside the final model, and the
 memory's health at the last epoch.
 
-Every function returns pandas DataFrames plus caption / footer strings; rendering (Markdown,
-LaTeX, HTML) is the reports module's. `verdict_sections` bundles them per dataset for
-`benchmark.reports.write_reports`.
+Every function returns pandas DataFrames plus caption / footer strings, from the one frame of records
+that the reports read too (`benchmark.records.load_records`); `verdict_sections` bundles them per dataset
+into report sections, and `VERDICT` is their producer in `benchmark.reports.write_reports`. Which
+detectors have a memory, and its size, the detectors say themselves (`Detector.memory_size_param`,
+read through `benchmark.labels.memory_size_param`).
 
 Rules (stated again in each table's footer):
 - a cell is the mean ± sd (ddof = 1) over the seeds whose run is `ok`, of the FINAL model's
@@ -18,13 +20,12 @@ Rules (stated again in each table's footer):
 - ranks: per class, the detectors' seed-mean AUROCs ranked (1 = best, ties averaged,
   scipy.stats.rankdata) over the classes where every detector shown has a result;
 - Wilcoxon: Mem_GANomaly's seed-mean AUROC against each other detector's, paired by class over
-  the classes both have (scipy.stats.wilcoxon, two-sided; zero differences dropped).
+  the classes both have (scipy.stats.wilcoxon, two-sided; zero differences dropped). Mem_GANomaly is
+  named here (`REFERENCE_METHOD`) because the paper's claims are about it.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -34,8 +35,9 @@ from scipy import stats
 from benchmark.data import CLASS_NAMES
 from benchmark.datasets import PAPER_TABLES as TABLES  # dataset -> ("table<k>", reference CSV)
 from benchmark.datasets import TITLES
-from benchmark.labels import display_label, method_order, reference_table
-from benchmark.records import iter_records
+from benchmark.labels import method_order, reference_table
+from benchmark.metrics import METRICS
+from benchmark.render import Producer, ReportContext, ReportTable, Section
 
 DASH = "–"
 REFERENCE_METHOD = "Mem_GANomaly"
@@ -52,15 +54,6 @@ BEST_EPOCH_COLUMN = "best epoch on test set (optimistic)"
 HEALTH_COLUMNS = {"memory_slots_in_use": "slots in use", "memory_slots_per_query": "slots per query",
                   "memory_max_weight": "mean largest weight", "query_norm": "mean ||z||",
                   "memory_row_norm": "mean memory-row norm"}
-
-
-@dataclass
-class Section:
-    """One report file: a title, tables with their captions, and a footer (Markdown text)."""
-    stem: str
-    title: str
-    tables: list[tuple[str, pd.DataFrame]] = field(default_factory=list)
-    footer: str = ""
 
 
 # ---- numbers ------------------------------------------------------------------------------------
@@ -311,12 +304,13 @@ def rank_table(frame: pd.DataFrame, dataset: str) -> tuple[Optional[pd.DataFrame
     complete = means.dropna()
     if means.shape[1] < 2 or complete.empty:
         return None, "Mean rank: needs at least two detectors with results on a common class."
-    ranks = pd.DataFrame([stats.rankdata(-row.to_numpy(), method="average") for _, row in complete.iterrows()],
+    sign = -1.0 if METRICS["auroc"].higher_is_better else 1.0  # rank 1 = the best
+    ranks = pd.DataFrame([stats.rankdata(sign * row.to_numpy(), method="average") for _, row in complete.iterrows()],
                          index=complete.index, columns=complete.columns)
     paper = _paper(dataset)
     shown = [m for m in complete.columns if m in paper.columns]
     paper_rows = paper.loc[[CLASS_NAMES[dataset][c] for c in complete.index], shown]
-    paper_ranks = pd.DataFrame([stats.rankdata(-row.to_numpy(dtype=float), method="average")
+    paper_ranks = pd.DataFrame([stats.rankdata(sign * row.to_numpy(dtype=float), method="average")
                                 for _, row in paper_rows.iterrows()],
                                columns=shown) if shown else pd.DataFrame()
     order = ranks.mean().sort_values(kind="stable").index
@@ -486,38 +480,33 @@ def best_epoch_table(frame: pd.DataFrame, dataset: str) -> Optional[pd.DataFrame
     return table
 
 
-def load_memory_health(results_dir: Path, profile: str, protocol: Optional[str] = None) -> pd.DataFrame:
-    """The last epoch's memory health of every ok record that has it.
+def memory_health_rows(frame: pd.DataFrame) -> pd.DataFrame:
+    """The last epoch's memory health of every ok record of a detector with a memory that logged it.
 
-    Memory health is training_log.per_epoch, recorded by MemAE and Mem_GANomaly. Older records without it
-    are simply absent.
+    A detector has a memory when it names the constructor argument that sizes it
+    (`Detector.memory_size_param`, the frame's ``memory_size_param`` column); its memory health is
+    training_log.per_epoch (MemAE and Mem_GANomaly record it). Older records without it are simply absent.
 
     Parameters
     ----------
-    results_dir : Path
-        The results root.
-    profile : str
-        The profile's directory name.
-    protocol : str, optional
-        Keep only records of this protocol (default: all).
+    frame : pandas.DataFrame
+        Record rows (`benchmark.records.load_records`' columns).
 
     Returns
     -------
     pandas.DataFrame
-        One row per record.
+        One row per record: dataset, normal_class, label, seed, epochs, slots (the memory's size, None
+        when the record does not say) and the last value of each `HEALTH_COLUMNS` key.
     """
     rows = []
-    for _, record, _ in iter_records(Path(results_dir) / profile):
-        if record is None or record["status"] != "ok" or (protocol is not None and record["protocol"] != protocol):
+    memory = frame[(frame["status"] == "ok") & frame["memory_size_param"].notna()] if len(frame) else frame
+    for row in memory.itertuples():
+        per_epoch = row.per_epoch if isinstance(row.per_epoch, dict) else {}
+        if not per_epoch.get("memory_slots_in_use"):
             continue
-        per_epoch = (record.get("training_log") or {}).get("per_epoch") or {}
-        if not isinstance(per_epoch, dict) or not per_epoch.get("memory_slots_in_use"):
-            continue
-        hyper = record.get("hyperparameters") or {}
-        rows.append({"dataset": record["dataset"], "normal_class": int(record["normal_class"]),
-                     "label": display_label(record), "seed": record["seed"],
-                     "epochs": len(per_epoch["memory_slots_in_use"]),
-                     "slots": hyper.get("memory_size", hyper.get("num_slots")),
+        rows.append({"dataset": row.dataset, "normal_class": int(row.normal_class), "label": row.label,
+                     "seed": row.seed, "epochs": len(per_epoch["memory_slots_in_use"]),
+                     "slots": None if pd.isna(row.memory_size) else row.memory_size,
                      **{key: (per_epoch.get(key) or [math.nan])[-1] for key in HEALTH_COLUMNS}})
     return pd.DataFrame(rows, columns=["dataset", "normal_class", "label", "seed", "epochs", "slots", *HEALTH_COLUMNS])
 
@@ -529,7 +518,7 @@ def memory_health_table(health: pd.DataFrame, dataset: str) -> Optional[pd.DataF
     Parameters
     ----------
     health : pandas.DataFrame
-        As `load_memory_health` returns it.
+        As `memory_health_rows` returns it.
     dataset : str
         Dataset name.
 
@@ -545,11 +534,11 @@ def memory_health_table(health: pd.DataFrame, dataset: str) -> Optional[pd.DataF
     rows = []
     groups = sorted(subset.groupby(["label", "normal_class"]), key=lambda item: (rank[item[0][0]], item[0][1]))
     for (label, normal_class), group in groups:
-        slots = group["slots"].iloc[0]
+        slots = group["slots"].iloc[0]  # None (NaN beside sizes) for records that do not say
+        in_use = f"{group['memory_slots_in_use'].mean():.1f}"
         row = {"detector": label, "normal class": CLASS_NAMES[dataset][int(normal_class)], "seeds": len(group),
                "epochs": int(group["epochs"].max()),
-               "slots in use": f"{group['memory_slots_in_use'].mean():.1f} / {slots}" if slots else
-               f"{group['memory_slots_in_use'].mean():.1f}"}
+               "slots in use": in_use if slots is None or pd.isna(slots) else f"{in_use} / {int(slots)}"}
         for key in ("memory_slots_per_query", "memory_max_weight", "query_norm", "memory_row_norm"):
             row[HEALTH_COLUMNS[key]] = f"{group[key].mean():.3g}"
         rows.append(row)
@@ -565,56 +554,72 @@ HEALTH_FOOTER = ("Memory health after the last epoch, measured on the first 512 
                  "each record's training_log.per_epoch.\n")
 
 
-def verdict_sections(frame: pd.DataFrame, results_dir: Path, profile: str, protocol: str) -> list[Section]:
+def _report_tables(stem: str, suffix: str, captioned: list[tuple[str, pd.DataFrame]]) -> list[ReportTable]:
+    """(caption, table) pairs as report tables; a caption's text after a blank line (e.g. the tests in
+    plain words) goes below its table."""
+    return [ReportTable(caption=caption.split("\n\n", 1)[0], label=f"{stem}{suffix}-{i}", frame=table,
+                        notes=caption.split("\n\n", 1)[1] if "\n\n" in caption else "")
+            for i, (caption, table) in enumerate(captioned)]
+
+
+def verdict_sections(context: ReportContext) -> list[Section]:
     """Every verdict report of one profile: per dataset with records, `seeds_<dataset>` (cells,
     verdicts, ranks, Wilcoxon tests), `best_epoch_<dataset>` (runs with --track-auroc) and
-    `memory_health_<dataset>` (records with a memory-health log).
+    `memory_health_<dataset>` (records of detectors with a memory that logged its health).
 
     Parameters
     ----------
-    frame : pd.DataFrame
-        `benchmark.reports.load_records(results_dir, profile, protocol)[0]`.
-    results_dir : Path
-    profile : str
-        The profile directory name (with any +tag).
-    protocol : str
+    context : ReportContext
+        The profile's records (read once, `benchmark.records.load_records`) and provenance footer.
 
     Returns
     -------
     list of Section
+        In dataset order (`benchmark.data.CLASS_NAMES`), per dataset seeds, best epoch, memory health.
     """
+    frame, suffix = context.frame, context.suffix
     sections: list[Section] = []
-    health = load_memory_health(results_dir, profile, protocol)
+    health = memory_health_rows(frame)
     for dataset in CLASS_NAMES:
         if not (frame["dataset"] == dataset).any():
             continue
         title = TITLES.get(dataset, dataset)
         cells, verdicts, footer = seeds_tables(frame, dataset)
-        section = Section(f"seeds_{dataset}", f"AUROC over seeds and the verdict against the paper: {title} "
-                          f"({profile} profile, {protocol} protocol)",
-                          [("AUROC, mean ± sd over seeds (paper):", cells), ("Verdict against the paper:", verdicts)],
-                          footer)
+        captioned = [("AUROC, mean ± sd over seeds (paper):", cells), ("Verdict against the paper:", verdicts)]
         ranks, caption = rank_table(frame, dataset)
         if ranks is not None:
-            section.tables.append((caption, ranks))
+            captioned.append((caption, ranks))
         else:
-            section.footer += f"\n{caption}\n"
+            footer += f"\n{caption}\n"
         tests, sentences = wilcoxon_table(frame, dataset)
         if tests is not None:
-            section.tables.append((f"Wilcoxon signed-rank tests, {REFERENCE_METHOD} against each detector (paired by "
-                                   "class, seed-mean AUROC, two-sided):\n\n" + "\n".join(f"- {s}" for s in sentences),
-                                   tests))
-        sections.append(section)
+            captioned.append((f"Wilcoxon signed-rank tests, {REFERENCE_METHOD} against each detector (paired by "
+                              "class, seed-mean AUROC, two-sided):\n\n" + "\n".join(f"- {s}" for s in sentences),
+                              tests))
+        stem = f"seeds_{dataset}"
+        sections.append(Section(stem, f"AUROC over seeds and the verdict against the paper: {title} "
+                                f"({context.where})", _report_tables(stem, suffix, captioned),
+                                footer + "\n\n" + context.footer))
         best = best_epoch_table(frame, dataset)
         if best is not None:
+            stem = f"best_epoch_{dataset}"
             sections.append(Section(
-                f"best_epoch_{dataset}", f"Final model vs the {BEST_EPOCH_TITLE}: {title}",
-                [(f"AUROC, mean ± sd over seeds: the final model (our result) and the {BEST_EPOCH_TITLE}:", best)],
+                stem, f"Final model vs the {BEST_EPOCH_TITLE}: {title}",
+                _report_tables(stem, suffix, [(f"AUROC, mean ± sd over seeds: the final model (our result) and "
+                                               f"the {BEST_EPOCH_TITLE}:", best)]),
                 "The best-epoch column is chosen on the TEST labels after every epoch (--track-auroc): optimistic, "
                 "never our result and never used for anything else; it is shown because the paper probably "
-                "reported it (docs/method.md).\n"))
+                "reported it (docs/method.md).\n" + "\n\n" + context.footer))
         health_table = memory_health_table(health, dataset)
         if health_table is not None:
-            sections.append(Section(f"memory_health_{dataset}", f"Memory health at the last epoch: {title}",
-                                    [("Last epoch, mean over seeds:", health_table)], HEALTH_FOOTER))
+            stem = f"memory_health_{dataset}"
+            sections.append(Section(stem, f"Memory health at the last epoch: {title}",
+                                    _report_tables(stem, suffix, [("Last epoch, mean over seeds:", health_table)]),
+                                    HEALTH_FOOTER + "\n\n" + context.footer))
     return sections
+
+
+#: The verdict's producer of report sections (benchmark/reports.py, `PRODUCERS`).
+VERDICT = Producer("the verdict: seeds, best epoch, memory health", verdict_sections,
+                   tuple(f"{kind}_{dataset}" for dataset in CLASS_NAMES
+                         for kind in ("seeds", "best_epoch", "memory_health")))

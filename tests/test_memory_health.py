@@ -59,7 +59,7 @@ def test_hook_records_health_and_leaves_training_unchanged(cls, params, separabl
     assert set(per_epoch) == HEALTH_KEYS
     epochs = 2
     assert all(len(values) == epochs for values in per_epoch.values())
-    n_slots = params.get("memory_size", params.get("num_slots"))
+    n_slots = params[cls.memory_size_param]  # the detector says which argument sizes its memory
     assert all(1 <= v <= n_slots for v in per_epoch["memory_slots_in_use"])
     assert all(0 < v <= 1 for v in per_epoch["memory_max_weight"])
     assert "per_epoch" not in without.training_log_

@@ -2,7 +2,15 @@
 import numpy as np
 import pytest
 
-from benchmark.metrics import evaluate, min_max_scale, youden_threshold
+from benchmark.metrics import (
+    METRIC_NAMES,
+    METRICS,
+    REQUIRED_METRICS,
+    THRESHOLD_METRICS,
+    evaluate,
+    min_max_scale,
+    youden_threshold,
+)
 
 
 def test_hand_worked_example():
@@ -101,3 +109,13 @@ def test_one_class_test_set_is_an_error():
 def test_shape_mismatch_is_an_error():
     with pytest.raises(ValueError, match="labels"):
         evaluate(np.array([0.1, 0.2, 0.3]), np.array([0, 1]))
+
+
+def test_every_metric_is_declared_once_with_its_label_direction_and_need():
+    scores, labels = np.array([0.1, 0.4, 0.35, 0.8]), np.array([0, 0, 1, 1])
+    assert tuple(evaluate(scores, labels)) == METRIC_NAMES == tuple(METRICS)
+    assert THRESHOLD_METRICS == ("gmean", "false_alarm_rate", "miss_rate")  # Table 4's columns, in order
+    assert REQUIRED_METRICS == ("auroc", *THRESHOLD_METRICS)  # the threshold may be None (no ROC point beats J = 0)
+    assert {name: metric.higher_is_better for name, metric in METRICS.items()} == {
+        "auroc": True, "gmean": True, "false_alarm_rate": False, "miss_rate": False, "threshold": None}
+    assert [METRICS[name].label for name in THRESHOLD_METRICS] == ["gmean", "false-alarm rate", "miss rate"]
