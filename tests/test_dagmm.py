@@ -1,6 +1,8 @@
 """DAGMM: the energy against closed-form Gaussian log-densities, the mixture parameters from given
-memberships, the reconstruction features, the whole-training-set GMM, determinism, score
-direction and errors."""
+memberships, the reconstruction features, the loss of eq. 7 and its gradient, gradient clipping,
+the whole-training-set GMM. The checks every detector passes (score shape, batch-independent
+scores, determinism, divergence, the epoch callback, hyperparameter errors) are in
+tests/test_detector_contract.py."""
 from __future__ import annotations
 
 import copy
@@ -12,8 +14,6 @@ from scipy.special import logsumexp
 from scipy.stats import multivariate_normal
 from sklearn.metrics import roc_auc_score
 
-import methods.dagmm as dg
-from methods.base import DivergedError
 from methods.dagmm import DAGMM, covariance_penalty, mixture_parameters, reconstruction_features, sample_energy
 
 TINY = dict(hidden_dims=(32, 8), batch_size=32, device="cpu")
@@ -200,15 +200,10 @@ def fitted(request):
     return DAGMM(**SEPARABLE).fit(X_train), X_train, X_test, y_test
 
 
-def test_training_log_and_batch_independent_scores(fitted) -> None:
-    # Shape, dtype, finiteness, direction and determinism: tests/test_detector_contract.py.
+def test_training_log_and_separation(fitted) -> None:
     model, _, X_test, y_test = fitted
-    scores = model.decision_function(X_test)
-    assert roc_auc_score(y_test, scores) > 0.9  # the GMM below is the one that separates
+    assert roc_auc_score(y_test, model.decision_function(X_test)) > 0.9  # the GMM below is the one that separates
     assert len(model.training_log_["loss"]) == 30 and np.isfinite(model.training_log_["loss"]).all()
-    # A score does not depend on the other images of its batch (no dropout, fixed GMM); float32
-    # matrix kernels picked by batch size differ in the last bits (measured: 2.7e-6 relative).
-    np.testing.assert_allclose(model.decision_function(X_test[:3]), scores[:3], rtol=1e-5)
 
 
 def test_mixture_is_estimated_on_the_whole_training_set(fitted) -> None:
@@ -223,28 +218,6 @@ def test_mixture_is_estimated_on_the_whole_training_set(fitted) -> None:
         expected = sample_energy(z_test, phi, mu, torch.linalg.cholesky(sigma)).numpy()
     np.testing.assert_allclose(model.decision_function(X_test), expected, rtol=1e-5)
     assert phi.sum().item() == pytest.approx(1.0)
-
-
-def test_epoch_callback_sees_a_scoring_model(separable_task) -> None:
-    X_train, X_test, _ = separable_task(64, 4, 4, channels=1, size=28, seed=1)
-    seen = []
-    model = DAGMM(**TINY, epochs=2).fit(X_train,
-                                        epoch_callback=lambda e, det: seen.append((e, det.decision_function(X_test))))
-    assert [e for e, _ in seen] == [1, 2]
-    np.testing.assert_allclose(seen[-1][1], model.decision_function(X_test))
-    # The callback's extra eval-mode passes do not change training.
-    plain = DAGMM(**TINY, epochs=2).fit(X_train).decision_function(X_test)
-    np.testing.assert_array_equal(plain, model.decision_function(X_test))
-
-
-def test_divergence_raises(separable_task, monkeypatch) -> None:
-    X_train, _, _ = separable_task(64, 4, 4, channels=1, size=28, seed=0)
-    with pytest.raises(DivergedError):
-        DAGMM(**TINY, epochs=3, lr=1e30).fit(X_train)
-    monkeypatch.setattr(dg, "covariance_penalty", lambda sigma: sigma.sum() * float("nan"))
-    with pytest.raises(DivergedError) as info:
-        DAGMM(**TINY, epochs=3).fit(X_train)
-    assert info.value.epoch == 1 and info.value.step == 1
 
 
 def _gradients_at_each_step(model: DAGMM, X_train: np.ndarray, monkeypatch) -> list[list[torch.Tensor]]:
@@ -279,14 +252,3 @@ def test_grad_clipping_bounds_the_applied_gradient_norm(separable_task, monkeypa
     scale = clip / norm(unclipped[0])
     for got, raw in zip(clipped[0], unclipped[0]):
         torch.testing.assert_close(got, raw * scale, rtol=1e-4, atol=1e-9)
-
-
-@pytest.mark.parametrize("name, value", [
-    ("epochs", 0), ("batch_size", -2), ("latent_dim", 0), ("n_components", 1.5), ("estimation_hidden", 0),
-    ("hidden_dims", (16, 0)), ("hidden_dims", "256"), ("dropout", 1.0), ("lambda_energy", -0.1),
-    ("lambda_cov", float("inf")), ("lr", 0.0), ("cov_jitter", -1e-6), ("eps", 0.0), ("grad_clip_norm", -5.0),
-])
-def test_bad_hyperparameters(name: str, value) -> None:
-    with pytest.raises(ValueError, match=name):
-        DAGMM(**{name: value}).check_params()
-

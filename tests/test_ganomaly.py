@@ -1,16 +1,15 @@
 """GANomaly (and, where parametrised, Mem_GANomaly, which shares its network and training loop):
-shapes, preprocessing, the shared-forward gradients against the authors' separate passes,
-determinism, eval-mode scoring, divergence, logging, hyperparameter checks, score direction."""
+network shapes, preprocessing, the shared-forward gradients against the authors' separate passes,
+the score and losses against hand-worked values, logging, the authors' settings. The checks every
+detector passes (score shape, batch-independent scores, determinism, direction, divergence, the
+epoch callback, hyperparameter errors) are in tests/test_detector_contract.py."""
 from __future__ import annotations
-
-import json
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from methods.base import DivergedError
 from methods.ganomaly import PROFILES, GANomaly
 from methods.mem_ganomaly import MemGANomaly
 
@@ -29,11 +28,9 @@ def images(n: int, channels: int, size: int = 28, seed: int = 0) -> np.ndarray:
 
 @pytest.mark.parametrize("cls", BOTH)
 @pytest.mark.parametrize("channels, size", [(1, 28), (3, 32)])
-def test_shapes_and_finite_scores(cls, channels, size):
+def test_network_shapes(cls, channels, size):
     X = images(40, channels, size)
     det = tiny(cls, epochs=1, max_steps=2).fit(X)
-    scores = det.decision_function(X[:10])
-    assert scores.shape == (10,) and scores.dtype == np.float64 and np.isfinite(scores).all()
     with torch.inference_mode():
         x = det._preprocess(torch.from_numpy(X[:5]))
         x_hat, z, z_hat, weights = det._reconstruct(x)
@@ -44,8 +41,6 @@ def test_shapes_and_finite_scores(cls, channels, size):
     assert (x_hat.abs() <= 1).all()
     if cls is MemGANomaly:
         assert weights.shape == (5, 10)
-    with pytest.raises(ValueError):
-        det.decision_function(images(3, channels, size + 2))
 
 
 def test_preprocess_resizes_to_32_and_scales_to_minus_one_one():
@@ -87,15 +82,6 @@ def test_shared_forward_gives_the_authors_gradients(cls):
         torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-7)
 
 
-@pytest.mark.parametrize("cls", BOTH)
-def test_eval_mode_score_does_not_depend_on_the_batch(cls):
-    X = images(40, 1)
-    det = tiny(cls, epochs=1, max_steps=2).fit(X)
-    alone = det.set_params(score_batch_size=3).decision_function(X[:6])
-    together = det.set_params(score_batch_size=64).decision_function(X)[:6]
-    np.testing.assert_allclose(alone, together, rtol=1e-4)
-
-
 def test_score_is_the_mean_squared_latent_distance():
     X = images(32, 1)
     det = tiny(GANomaly, epochs=1, max_steps=2).fit(X)
@@ -116,36 +102,9 @@ def test_generator_loss_is_the_authors_weighted_sum():
     assert det._discriminator_loss(torch.zeros(4), torch.zeros(4)).item() == pytest.approx(np.log(2), rel=1e-6)
 
 
-@pytest.mark.parametrize("cls", BOTH)
-def test_non_finite_loss_raises_diverged_error(cls, monkeypatch):
-    original = cls._generator_loss
-
-    def nan_loss(self, *args):
-        total, parts = original(self, *args)
-        return total * float("nan"), parts
-
-    monkeypatch.setattr(cls, "_generator_loss", nan_loss)
-    with pytest.raises(DivergedError) as info:
-        tiny(cls, epochs=2).fit(images(48, 1))
-    assert (info.value.epoch, info.value.step) == (1, 1)
-
-
-def test_huge_learning_rate_diverges():
-    with pytest.raises(DivergedError):
-        tiny(GANomaly, epochs=3, lr=1e30).fit(images(48, 1))
-
-
-def test_training_log_and_epoch_callback():
-    seen = []
-
-    def callback(epoch, det):  # the runner's per-epoch diagnostic scores the current model
-        seen.append((epoch, bool(np.isfinite(det.decision_function(X[:4])).all())))
-
-    X = images(40, 1)
-    det = tiny(GANomaly, epochs=2).fit(X, epoch_callback=callback)
+def test_training_log():
+    det = tiny(GANomaly, epochs=2).fit(images(40, 1))
     log = det.training_log_
-    json.dumps(log)
-    assert seen == [(1, True), (2, True)]
     assert not det.netg_.training and not det.netd_.training
     assert log["epochs_run"] == 2 and log["steps"] == 4   # 40 images, batch 16, drop_last
     assert set(log["epoch_mean_losses"]) == {"g", "d", "adv", "con", "enc"}
@@ -163,16 +122,6 @@ def test_discriminator_reinit_is_recorded():
 def test_max_steps_caps_training():
     det = tiny(GANomaly, epochs=5, max_steps=3).fit(images(64, 1))
     assert det.training_log_["steps"] == 3 and det.training_log_["epochs_run"] == 1
-
-
-@pytest.mark.parametrize("kwargs", [
-    {"epochs": 0}, {"epochs": 1.5}, {"batch_size": 0}, {"lr": 0.0}, {"lr": -1e-3}, {"beta1": 1.0},
-    {"beta2": -0.1}, {"nz": 0}, {"ngf": 0}, {"ndf": -2}, {"w_con": -1.0}, {"w_adv": float("nan")},
-    {"d_reinit_threshold": -1.0}, {"max_steps": 0}, {"score_batch_size": 0}, {"device": "tpu"},
-])
-def test_bad_hyperparameters(kwargs):
-    with pytest.raises(ValueError):
-        GANomaly(**kwargs).check_params()
 
 
 def test_profiles_follow_the_authors():
