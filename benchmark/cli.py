@@ -36,7 +36,7 @@ from benchmark.reports import write_reports
 from benchmark.runner import execute, provenance
 from benchmark.splits import PROTOCOLS
 from benchmark.stacking import stack_size, trains_stacked
-from benchmark.sweeps import SweepError, SweepSpec, parse_sweep, write_sensitivity
+from benchmark.sweeps import SweepSpec, write_sensitivity
 from benchmark.sweeps import set_tag as sweep_set_tag
 from methods import REGISTRY, get_method
 from methods.base import PRECISIONS, TrainOptions, resolve_device
@@ -278,14 +278,60 @@ def _parse_sweep(args: argparse.Namespace) -> Optional[SweepSpec]:
     if len(args.sweep) > 1:
         raise UsageError(f"one --sweep per run, got {len(args.sweep)}: {', '.join(args.sweep)}; "
                          "run them one after another")
-    try:
-        spec = parse_sweep(args.sweep[0])
-    except SweepError as exc:
-        raise UsageError(str(exc)) from None
+    spec = parse_sweep(args.sweep[0], args.profile)
     if args.methods and list(dict.fromkeys(args.methods)) != [spec.method]:
         raise UsageError(f"--sweep {spec.name} runs only {spec.method}; drop --methods or give --methods {spec.method}")
     args.methods = [spec.method]
     return spec
+
+
+def parse_sweep(text: str, profile: str = "paper") -> SweepSpec:
+    """Parse 'METHOD.PARAM=v1,v2,...' and check the method and its parameter exist.
+
+    Parameters
+    ----------
+    text : str
+        The --sweep argument.
+    profile : str, default="paper"
+        The run's profile: the spec carries its own value of the parameter per dataset.
+
+    Returns
+    -------
+    SweepSpec
+        The values as written and parsed, the method's label and the profile's values.
+
+    Raises
+    ------
+    UsageError
+        Saying what is wrong and what a valid specification looks like.
+    """
+    example = "e.g. --sweep mem_ganomaly.lr=2e-3,1e-3,5e-4"
+    name, sep, values_text = text.partition("=")
+    method, dot, param = name.rpartition(".")
+    if not sep or not dot or not method or not param:
+        raise UsageError(f"--sweep expects METHOD.PARAM=v1,v2,..., got {text!r} ({example})")
+    try:
+        spec = get_method(method)
+    except KeyError:
+        raise UsageError(f"--sweep {text}: unknown method {method!r}; valid: {', '.join(REGISTRY)}") from None
+    valid = spec.load()().get_params()
+    if param in ("random_state", "device"):
+        raise UsageError(f"--sweep {text}: use --seeds / --device for {param}")
+    if param not in valid:
+        raise UsageError(f"--sweep {text}: {method} has no hyperparameter {param!r}; "
+                         f"valid: {', '.join(sorted(valid))}")
+    values = tuple(v.strip() for v in values_text.split(","))
+    if not values_text.strip() or any(not v for v in values):
+        raise UsageError(f"--sweep {text}: empty value in {values_text!r}; give comma-separated values ({example})")
+    if len(set(values)) != len(values):
+        raise UsageError(f"--sweep {text}: a value is repeated")
+    profile_values = {}
+    for dataset in DATASETS:
+        try:
+            profile_values[dataset] = spec.settings(profile, dataset).get(param, valid[param])
+        except (KeyError, ValueError):  # no settings of this profile for the dataset
+            continue
+    return SweepSpec(method, param, values, tuple(_parse_value(v) for v in values), spec.label, profile_values)
 
 
 def sweep_variants(args: argparse.Namespace) -> list[argparse.Namespace]:
