@@ -26,8 +26,8 @@ from benchmark.backends import BACKENDS, ClusterUnusable, Lost
 from benchmark.data import resolve_data_root
 from benchmark.estimate import RemainingTime
 
-# The names imported `as` themselves are defined in benchmark/jobs.py (below this module and the stacked
-# runs) and re-exported: the command line, tests and scripts import them from here.
+# The names imported `as` themselves are defined in benchmark/jobs.py (below this module and the grouping,
+# benchmark/stacking.py) and re-exported: the command line, tests and scripts import them from here.
 from benchmark.jobs import DEFAULT_VAL_FRACTION as DEFAULT_VAL_FRACTION
 from benchmark.jobs import NOT_STARTED, Job, JobOutcome, RunSettings, run_jobs
 from benchmark.jobs import SUGGESTED_VAL_FRACTION as SUGGESTED_VAL_FRACTION
