@@ -1,8 +1,11 @@
 """Where the runner's jobs run: local worker processes (joblib's loky backend) or a Dask cluster,
 and what every worker process does first.
 
-A backend only ever calls `unit(item, settings)` (the runner's `run_unit`), so another unit
-function can be swapped in. Every worker process of a run starts, once:
+`BACKENDS` maps each `--backend` name to its `Backend`: the one place a name becomes a way of
+running (as benchopt's `parallel_run` maps its backend names to functions). A backend only ever
+calls `unit(item, settings)` (the runner's `benchmark.jobs.run_jobs`), so another unit function can
+be swapped in. The local backend runs the items in this process when one at a time is asked for,
+else in worker processes. Every worker process of a run starts, once:
 
 - a watchdog thread that ends the process when the runner that started it has died (a SIGKILLed
   runner otherwise leaves its loky workers alive, adopted by init, finishing the jobs handed to
@@ -49,7 +52,6 @@ from joblib.externals.loky.process_executor import TerminatedWorkerError
 
 from benchmark.records import ResultsWriteError
 
-BACKENDS = ("local", "dask")
 RUNNER_GONE_EXIT = 75          # exit status of a worker whose runner died
 WATCHDOG_POLL_SECONDS = 1.0
 CONNECT_TIMEOUT_ENV = "MEMGAN_DASK_CONNECT_TIMEOUT"
@@ -888,3 +890,81 @@ def _dask_worker_death(exc: Optional[BaseException]) -> bool:
     from distributed import KilledWorker
 
     return isinstance(exc, KilledWorker)
+
+
+# ---- the backends by name -------------------------------------------------------------------------
+def run_here_or_local(unit: Callable, items: Sequence[Any], settings: Any, n_parallel: int,
+                      devices: Iterable[str] = (), scheduler: Optional[str] = None, modules: Sequence[str] = (),
+                      progress: Optional[Callable] = None) -> Iterator[tuple[Any, Any]]:
+    """The local backend: `unit(item, settings, progress=progress)` in this process, one item after the
+    other, when `n_parallel` <= 1 (a worker's death is this process's: no `Lost`); else `run_local`.
+
+    Parameters
+    ----------
+    unit, items, settings, n_parallel, devices
+        As for `run_local`.
+    scheduler, modules
+        Unused (a Dask cluster's).
+    progress : callable, optional
+        Passed to `unit` in this process (a progress bar's hook; worker processes get none).
+
+    Yields
+    ------
+    (item, result or Lost)
+    """
+    if n_parallel > 1:
+        yield from run_local(unit, items, settings, n_parallel, devices)
+        return
+    for item in items:
+        yield item, unit(item, settings, progress=progress)
+
+
+def run_on_dask(unit: Callable, items: Sequence[Any], settings: Any, n_parallel: int, devices: Iterable[str] = (),
+                scheduler: Optional[str] = None, modules: Sequence[str] = (),
+                progress: Optional[Callable] = None) -> Iterator[tuple[Any, Any]]:
+    """The dask backend: `run_dask` (`progress` is unused: the jobs run in workers).
+
+    Parameters
+    ----------
+    unit, items, settings, n_parallel, devices, scheduler, modules
+        As for `run_dask`.
+    progress : callable, optional
+        Unused.
+
+    Yields
+    ------
+    (item, result or Lost)
+    """
+    return run_dask(unit, items, settings, n_parallel, devices, scheduler, modules=modules)
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One way of running the jobs (a `--backend` value).
+
+    Parameters
+    ----------
+    run : callable
+        `run(unit, items, settings, n_parallel, devices, scheduler, modules, progress)`, yielding
+        (item, result or Lost) as the items finish.
+    available : callable
+        Whether it can run here (its optional dependencies are installed).
+    missing : str
+        What to do when it is not available.
+    cluster : bool
+        Its workers may run on other hosts: they get absolute paths, are probed for the modules the jobs
+        need, set their own thread counts, and a `--scheduler` can name the cluster.
+    """
+    run: Callable[..., Iterator[tuple[Any, Any]]]
+    available: Callable[[], bool]
+    missing: str = ""
+    cluster: bool = False
+
+
+#: --backend name -> Backend.
+BACKENDS: dict[str, Backend] = {
+    "local": Backend(run_here_or_local, lambda: True),
+    "dask": Backend(run_on_dask, dask_available,
+                    missing='--backend dask needs dask.distributed; install it with pip install -e ".[dask]"',
+                    cluster=True),
+}

@@ -11,12 +11,13 @@ import re
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from benchmark import __version__
-from benchmark.backends import BACKENDS, BackendUnavailable, dask_available
+from benchmark.backends import BACKENDS, BackendUnavailable
 from benchmark.data import CLASS_NAMES, DATASETS, DataError, load_dataset, resolve_data_root
 from benchmark.datasets import did_you_mean
 from benchmark.estimate import describe, estimate_jobs, format_seconds
@@ -34,11 +35,11 @@ from benchmark.records import (
 from benchmark.reports import write_reports
 from benchmark.runner import execute, provenance
 from benchmark.splits import PROTOCOLS
-from benchmark.stacking import auto_stack
-from benchmark.sweeps import SweepError, SweepSpec, parse_sweep, write_sensitivity
+from benchmark.stacking import stack_size, trains_stacked
+from benchmark.sweeps import SweepSpec, write_sensitivity
 from benchmark.sweeps import set_tag as sweep_set_tag
 from methods import REGISTRY, get_method
-from methods.base import resolve_device
+from methods.base import PRECISIONS, TrainOptions, resolve_device
 
 PROFILES = PROFILE_NAMES
 MAX_SEED = 2**32 - 1
@@ -120,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--stack", default="auto", metavar="K",
                         help="train up to K jobs that differ only in class / seed together as one batched model "
                              "(default auto: 1 on the CPU, more on a GPU); deep detectors that support it")
-    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
+    parser.add_argument("--precision", default="fp32", choices=PRECISIONS,
                         help="training precision of the deep detectors: fp32 (default) or bf16 autocast; bf16 "
                              "results go to <profile>+bf16 (not yet shown to leave AUROC unchanged)")
     parser.add_argument("--cuda-graphs", action="store_true",
@@ -246,7 +247,7 @@ def parse_config(argv: Sequence[str]) -> argparse.Namespace:
     if args.cuda_graphs and device.type != "cuda":
         raise UsageError(f"--cuda-graphs needs a CUDA device, but this run's device is {device} "
                          "(--device cuda on a machine with a GPU); drop the flag here")
-    if args.cuda_graphs and args.precision != "fp32":
+    if args.cuda_graphs and not trains_stacked(TrainOptions(precision=args.precision)):
         raise UsageError(f"--cuda-graphs runs in fp32 only (the graphed step is the stacked engine's, which "
                          f"bf16 autocast does not support yet); drop --cuda-graphs or --precision {args.precision}")
     _check_backend(args)
@@ -277,14 +278,60 @@ def _parse_sweep(args: argparse.Namespace) -> Optional[SweepSpec]:
     if len(args.sweep) > 1:
         raise UsageError(f"one --sweep per run, got {len(args.sweep)}: {', '.join(args.sweep)}; "
                          "run them one after another")
-    try:
-        spec = parse_sweep(args.sweep[0])
-    except SweepError as exc:
-        raise UsageError(str(exc)) from None
+    spec = parse_sweep(args.sweep[0], args.profile)
     if args.methods and list(dict.fromkeys(args.methods)) != [spec.method]:
         raise UsageError(f"--sweep {spec.name} runs only {spec.method}; drop --methods or give --methods {spec.method}")
     args.methods = [spec.method]
     return spec
+
+
+def parse_sweep(text: str, profile: str = "paper") -> SweepSpec:
+    """Parse 'METHOD.PARAM=v1,v2,...' and check the method and its parameter exist.
+
+    Parameters
+    ----------
+    text : str
+        The --sweep argument.
+    profile : str, default="paper"
+        The run's profile: the spec carries its own value of the parameter per dataset.
+
+    Returns
+    -------
+    SweepSpec
+        The values as written and parsed, the method's label and the profile's values.
+
+    Raises
+    ------
+    UsageError
+        Saying what is wrong and what a valid specification looks like.
+    """
+    example = "e.g. --sweep mem_ganomaly.lr=2e-3,1e-3,5e-4"
+    name, sep, values_text = text.partition("=")
+    method, dot, param = name.rpartition(".")
+    if not sep or not dot or not method or not param:
+        raise UsageError(f"--sweep expects METHOD.PARAM=v1,v2,..., got {text!r} ({example})")
+    try:
+        spec = get_method(method)
+    except KeyError:
+        raise UsageError(f"--sweep {text}: unknown method {method!r}; valid: {', '.join(REGISTRY)}") from None
+    valid = spec.load()().get_params()
+    if param in ("random_state", "device"):
+        raise UsageError(f"--sweep {text}: use --seeds / --device for {param}")
+    if param not in valid:
+        raise UsageError(f"--sweep {text}: {method} has no hyperparameter {param!r}; "
+                         f"valid: {', '.join(sorted(valid))}")
+    values = tuple(v.strip() for v in values_text.split(","))
+    if not values_text.strip() or any(not v for v in values):
+        raise UsageError(f"--sweep {text}: empty value in {values_text!r}; give comma-separated values ({example})")
+    if len(set(values)) != len(values):
+        raise UsageError(f"--sweep {text}: a value is repeated")
+    profile_values = {}
+    for dataset in DATASETS:
+        try:
+            profile_values[dataset] = spec.settings(profile, dataset).get(param, valid[param])
+        except (KeyError, ValueError):  # no settings of this profile for the dataset
+            continue
+    return SweepSpec(method, param, values, tuple(_parse_value(v) for v in values), spec.label, profile_values)
 
 
 def sweep_variants(args: argparse.Namespace) -> list[argparse.Namespace]:
@@ -313,12 +360,13 @@ def sweep_variants(args: argparse.Namespace) -> list[argparse.Namespace]:
 
 
 def _check_backend(args: argparse.Namespace) -> None:
-    if args.backend not in BACKENDS:
+    backend = BACKENDS.get(args.backend)
+    if backend is None:
         raise UsageError(f"unknown backend {args.backend!r}; valid choices: {', '.join(BACKENDS)}")
-    if args.scheduler and args.backend != "dask":
-        raise UsageError("--scheduler needs --backend dask")
-    if args.backend == "dask" and not dask_available():
-        raise UsageError('--backend dask needs dask.distributed; install it with pip install -e ".[dask]"')
+    if args.scheduler and not backend.cluster:
+        raise UsageError(f"--scheduler needs --backend {' or '.join(n for n, b in BACKENDS.items() if b.cluster)}")
+    if not backend.available():
+        raise UsageError(backend.missing)
 
 
 def _parse_overrides(items: list[str], methods: list[str]) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
@@ -642,7 +690,7 @@ def _run_jobs(args: argparse.Namespace, jobs: list[Job], argv: list[str]) -> int
                            track_auroc=args.track_auroc, overrides=args.override_map,
                            provenance=provenance([prog_name(), *argv]),
                            force=args.force, started_at=time.time(), val_fraction=args.val_fraction,
-                           precision=args.precision, cuda_graphs=args.cuda_graphs)
+                           train_options=TrainOptions(precision=args.precision, cuda_graphs=args.cuda_graphs))
     expected: dict = {}
     if args.estimate or (args.profile != "smoke" and pending):
         code, estimate = _print_estimate(args, pending, settings)
@@ -652,12 +700,11 @@ def _run_jobs(args: argparse.Namespace, jobs: list[Job], argv: list[str]) -> int
             expected = {job.key: job_estimate.seconds for job, job_estimate in zip(pending, estimate.jobs)}
     started = time.perf_counter()
     try:
-        stack = args.stack_size if args.stack_size is not None else auto_stack(args.device)
-        if args.precision != "fp32" and stack > 1:  # methods/stacking.py: stacked training is fp32 only
-            print(f"note: --precision {args.precision} jobs train one at a time (stacking is fp32 only)")
-            stack = 1
-        outcomes = execute(pending, settings, args.n_jobs, progress=not args.no_progress,
-                           backend=args.backend, scheduler=args.scheduler, stack=stack, expected_seconds=expected)
+        stack, why_alone = stack_size(args.stack_size, args.device, settings.train_options)
+        if why_alone:
+            print(f"note: {why_alone}")
+        outcomes = execute(pending, replace(settings, stack=stack), args.n_jobs, progress=not args.no_progress,
+                           backend=args.backend, scheduler=args.scheduler, expected_seconds=expected)
     except BackendUnavailable as exc:
         print(f"{prog_name()}: error: {exc}; nothing was trained", file=sys.stderr)
         return 2
@@ -704,7 +751,7 @@ def summary(outcomes: list[JobOutcome], seconds: float) -> str:
 
 def _warn_other_thread_counts(records: list[dict], threads: int, args: argparse.Namespace) -> None:
     """Say so when this folder holds records of these jobs made at another thread count (the reports name them)."""
-    if args.backend == "dask" and args.scheduler and args.n_threads is None:
+    if args.scheduler and args.n_threads is None:  # a cluster started elsewhere (--scheduler needs one)
         return  # each worker decides; the reports say if the counts differ
     others = sorted({int(r["threads"]) for r in records if r.get("threads") is not None} - {threads})
     if others:

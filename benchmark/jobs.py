@@ -1,11 +1,13 @@
-"""One job, start to finish: what a job is (`Job`, `RunSettings`, `JobOutcome`) and its sequence,
-claim -> prepare -> fit -> score -> write, shared by a job trained alone (`run_job`) and a group
-trained stacked (benchmark/stacking.py).
+"""Jobs, start to finish: what a job is (`Job`, `RunSettings`, `JobOutcome`) and the one sequence every
+unit of work runs, a group of K >= 1 jobs (`run_jobs`; one job is a group of one):
+claim -> prepare -> train -> score -> write.
 
-A job takes its lock (`claim`; an existing `ok` or `diverged` record is kept unless `force`), builds
-its task and detector (`prepare`), trains with a fixed budget, is scored once (`score_into`) and is
-written atomically (`write_result`); anything the detector raises is recorded as `failed` or
-`diverged` (`record_error`) and the run goes on. Each dataset is read once per process.
+Each job takes its lock (`claim`; an existing `ok` or `diverged` record is kept unless `force`), builds
+its task and detector (`prepare`); the group trains through the one training seam, `train_jobs` (alone
+for K = 1, stacked as one batched model for K > 1, methods/stacking.py); each job is scored once
+(`score_into`) and written atomically (`write_result`); anything a detector raises is recorded as
+`failed` or `diverged` (`record_error`) and the run goes on. Each dataset is read once per process.
+Which jobs form a group is benchmark/stacking.py's decision.
 """
 from __future__ import annotations
 
@@ -13,10 +15,10 @@ import datetime as _dt
 import platform
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 from sklearn.metrics import roc_auc_score
@@ -37,7 +39,7 @@ from benchmark.records import (
 )
 from benchmark.splits import Task, make_task
 from methods import MethodSpec, get_method
-from methods.base import DivergedError, supports_stacking
+from methods.base import DivergedError, EpochCallback, TrainOptions, supports_stacking
 
 # Share of the normal training images held out (never fitted on) to set a threshold without test labels.
 # 0 by default: Tables 1-3 train on every normal training image, as the paper does (section 4.1). A
@@ -72,9 +74,10 @@ class RunSettings:
     force: bool = False        # --force: retrain jobs recorded before this run began ...
     started_at: float = 0.0    # ... (time.time() at its start; newer records are another runner's)
     val_fraction: float = DEFAULT_VAL_FRACTION  # held-out normal training images (0: none)
-    precision: str = "fp32"    # --precision: "bf16" trains the deep detectors under bfloat16 autocast
-    cuda_graphs: bool = False  # --cuda-graphs: capture the training steps of stacked-capable detectors
     threads_fixed: bool = False  # --threads given: every job uses threads_per_job, on any worker
+    # --precision, --cuda-graphs: how the jobs train (speed, not what a detector is); only `train_jobs` reads them
+    train_options: TrainOptions = field(default_factory=TrainOptions)
+    stack: int = 1             # --stack: the largest group of jobs trained together (benchmark/stacking.py)
 
 
 @dataclass
@@ -168,8 +171,8 @@ def new_record(job: Job, settings: RunSettings) -> dict[str, Any]:
     }
 
 
-def prepare(job: Job, settings: RunSettings, record: dict, progress: Optional[Callable]) -> tuple[Task, Any]:
-    """The job's task and detector, their facts written into the record."""
+def prepare(job: Job, settings: RunSettings, record: dict) -> tuple[Task, Any]:
+    """The job's task and detector (as built from its parameters), their facts written into the record."""
     key = job.key
     try:
         task = _task(key.dataset, settings.data_root, settings.download, key.normal_class, key.protocol,
@@ -189,15 +192,6 @@ def prepare(job: Job, settings: RunSettings, record: dict, progress: Optional[Ca
                           "max_test_anomalous": subsample.max_test_anomalous,
                           "val_fraction": settings.val_fraction}
     detector = build_detector(job)
-    if hasattr(detector, "precision"):
-        detector.precision = settings.precision
-    if settings.cuda_graphs:
-        # Only the stacked engine has a graph path; other detectors train as usual (their run_info
-        # says cuda_graphs False).
-        if supports_stacking(detector):
-            detector.cuda_graphs = True
-    if progress is not None and hasattr(detector, "progress_callback"):
-        detector.progress_callback = lambda stage, done, planned: progress(key, stage, done, planned)
     record["hyperparameters"] = detector.get_params()
     record["method_class"] = f"{type(detector).__module__}.{type(detector).__name__}"
     return task, detector
@@ -251,12 +245,185 @@ def write_result(job: Job, settings: RunSettings, record: dict, scores: Any, lab
     return JobOutcome(key, record["status"], message, auroc, elapsed)
 
 
-def run_job(job: Job, settings: RunSettings, blocking: bool = False,
-            progress: Optional[Callable[[JobKey, str, int, int], None]] = None) -> JobOutcome:
-    """Train, score and record one job.
+ProgressHook = Callable[[JobKey, str, int, int], None]
 
-    Only KeyboardInterrupt and results-folder write errors escape: anything else the detector does is
-    recorded as `failed` or `diverged`.
+
+def train_jobs(detectors: Sequence[Any], Xs: Sequence[np.ndarray], callbacks: Sequence[Optional[EpochCallback]],
+               options: TrainOptions, progress: Optional[Sequence[Callable[[str, int, int], None]]] = None,
+               ) -> list[Optional[DivergedError]]:
+    """Train K >= 1 detectors: the runner's one way into the training engine.
+
+    The run options reach the detectors here and nowhere else. Today's engine reads them as detector
+    attributes, so this function sets them: `precision` and `memory_format` on detectors that have them,
+    `cuda_graphs` on those that train stacked (the graph path is the stacked engine's; others train as
+    usual and their run_info says cuda_graphs False). When `methods.engine.fit_jobs(detectors, Xs,
+    callbacks, options)` lands, this body becomes that one call (and the progress hooks its concern).
+
+    Parameters
+    ----------
+    detectors : sequence of Detector
+        The jobs' unfitted detectors; K > 1 of them must share class and hyperparameters but random_state
+        (benchmark/stacking.py groups only such jobs).
+    Xs : sequence of np.ndarray
+        Their training images, (N_k, C, H, W).
+    callbacks : sequence of EpochCallback or None
+        Per job, called after every epoch (the --track-auroc diagnostic).
+    options : methods.base.TrainOptions
+        Precision, memory format, CUDA graphs.
+    progress : sequence of callable, optional
+        Per job, `progress(stage, epochs done, epochs planned)` after every epoch (the progress bar).
+
+    Returns
+    -------
+    list of Optional[DivergedError]
+        Per job, None or the DivergedError that stopped it.
+
+    Raises
+    ------
+    Exception
+        Whatever the training raises besides a DivergedError (for K > 1 the whole group's error, e.g. out
+        of memory; the caller then trains the jobs alone).
+    """
+    for index, detector in enumerate(detectors):
+        if hasattr(detector, "precision"):
+            detector.precision = options.precision
+        if hasattr(detector, "memory_format"):
+            detector.memory_format = options.memory_format
+        if options.cuda_graphs and supports_stacking(detector):
+            detector.cuda_graphs = True
+        if progress is not None and hasattr(detector, "progress_callback"):
+            detector.progress_callback = progress[index]
+    if len(detectors) == 1:
+        try:
+            detectors[0].fit(Xs[0], epoch_callback=callbacks[0])
+        except DivergedError as exc:
+            return [exc]
+        return [None]
+    from methods.stacking import fit_stacked  # loads torch: this module imports without it (the command line's)
+
+    return fit_stacked(detectors, Xs, callbacks)
+
+
+@dataclass
+class _Prepared:
+    """A claimed job ready to train: its record so far, task, detector and per-epoch AUROCs."""
+    job: Job
+    record: dict
+    task: Task
+    detector: Any
+    epoch_aurocs: list
+
+
+def run_jobs(jobs: Sequence[Job], settings: RunSettings, blocking: bool = False,
+             progress: Optional[ProgressHook] = None) -> list[JobOutcome]:
+    """Train, score and record a group of K >= 1 jobs (one job is a group of one).
+
+    Jobs another runner holds or has finished are left out (their outcomes say so); a job whose task or
+    detector cannot be built is recorded `failed` and the rest go on. Two or more jobs left train together
+    as one stacked model; if that training itself fails (say, out of memory), they train one by one instead.
+    Only KeyboardInterrupt and results-folder write errors escape: anything else a detector does is recorded
+    as `failed` or `diverged`.
+
+    Parameters
+    ----------
+    jobs : sequence of Job
+        The group: jobs that differ only in class and seed when there are several (benchmark/stacking.py).
+    settings : RunSettings
+        What every job of the run shares.
+    blocking : bool, default=False
+        Wait for a job's lock when another runner holds it (else its outcome is `claimed`).
+    progress : callable, optional
+        `progress(key, stage, epochs done, epochs planned)`, called after every epoch.
+
+    Returns
+    -------
+    list of JobOutcome
+        One outcome per job.
+    """
+    outcomes: list[JobOutcome] = []
+    claimed: list[tuple[Job, JobLock]] = []
+    try:
+        for job in jobs:
+            lock, outcome = claim(job, settings, blocking)
+            if lock is None:
+                outcomes.append(outcome)
+            else:
+                claimed.append((job, lock))
+        if claimed:
+            limit_threads(settings.threads_per_job)
+            outcomes += _train_claimed([job for job, _ in claimed], settings, progress)
+        return outcomes
+    finally:
+        for _, lock in claimed:
+            lock.release()
+
+
+def _train_claimed(jobs: list[Job], settings: RunSettings, progress: Optional[ProgressHook]) -> list[JobOutcome]:
+    """prepare -> train -> score -> write for jobs whose locks this process holds."""
+    started = time.perf_counter()
+    outcomes: list[JobOutcome] = []
+    prepared: list[_Prepared] = []
+    for job in jobs:
+        record = new_record(job, settings)
+        try:
+            task, detector = prepare(job, settings, record)
+        except (KeyboardInterrupt, ResultsWriteError):
+            raise
+        except BaseException as exc:  # noqa: BLE001 - a detector bug, missing data, ...: recorded, the rest go on
+            record_error(record, exc)
+            outcomes.append(write_result(job, settings, record, None, None, time.perf_counter() - started))
+            continue
+        prepared.append(_Prepared(job, record, task, detector, []))
+    if not prepared:
+        return outcomes
+    stacked = len(prepared) > 1
+    callbacks = [auroc_tracker(p.task, p.epoch_aurocs) if settings.track_auroc else None for p in prepared]
+    hooks = None if progress is None else [_progress_of(p.job.key, progress) for p in prepared]
+    t0 = time.perf_counter()
+    try:
+        errors: list[Optional[BaseException]] = list(train_jobs(
+            [p.detector for p in prepared], [p.task.x_train for p in prepared], callbacks, settings.train_options,
+            hooks))
+    except (KeyboardInterrupt, ResultsWriteError):
+        raise
+    except BaseException as exc:  # noqa: BLE001 - a detector bug, MemoryError, ...: recorded, the run goes on
+        if stacked and isinstance(exc, Exception):  # e.g. out of memory while stacked: the jobs train alone
+            return outcomes + [outcome for p in prepared for outcome in _train_claimed([p.job], settings, progress)]
+        errors = [exc] * len(prepared)
+    train_seconds = time.perf_counter() - t0
+    labels_of_group = [p.job.key.label() for p in prepared]
+    for p, error in zip(prepared, errors):
+        record = p.record
+        if stacked:  # the group's seconds, also for a job that diverged: the group trained on
+            record["train_seconds"] = train_seconds
+            record["stack"] = {"jobs": labels_of_group, "size": len(prepared), "group_train_seconds": train_seconds,
+                               "note": "trained together as one batched model; train_seconds is the group's"}
+        elif error is None:
+            record["train_seconds"] = train_seconds
+        scores = labels = extra = None
+        try:
+            if error is not None:
+                raise error
+            scores, labels, extra = score_into(record, p.detector, p.task, settings, p.epoch_aurocs)
+        except (KeyboardInterrupt, ResultsWriteError):
+            raise
+        except BaseException as exc:  # noqa: BLE001 - recorded, the run goes on
+            record_error(record, exc)
+            scores = labels = extra = None
+            if stacked and isinstance(exc, DivergedError):
+                record.setdefault("run_info", p.detector.run_info() if hasattr(p.detector, "device_") else {})
+        outcomes.append(write_result(p.job, settings, record, scores, labels, time.perf_counter() - started, extra))
+    return outcomes
+
+
+def _progress_of(key: JobKey, progress: ProgressHook) -> Callable[[str, int, int], None]:
+    """One job's per-epoch progress hook: `progress` with the job's key."""
+    return lambda stage, done, planned: progress(key, stage, done, planned)
+
+
+def run_job(job: Job, settings: RunSettings, blocking: bool = False,
+            progress: Optional[ProgressHook] = None) -> JobOutcome:
+    """Train, score and record one job: `run_jobs` of a group of one.
 
     Parameters
     ----------
@@ -274,30 +441,7 @@ def run_job(job: Job, settings: RunSettings, blocking: bool = False,
     JobOutcome
         The job's outcome.
     """
-    lock, outcome = claim(job, settings, blocking)
-    if lock is None:
-        return outcome
-    try:
-        limit_threads(settings.threads_per_job)
-        started = time.perf_counter()
-        record = new_record(job, settings)
-        scores = labels = None
-        try:
-            task, detector = prepare(job, settings, record, progress)
-            epoch_aurocs: list = []
-            callback = auroc_tracker(task, epoch_aurocs) if settings.track_auroc else None
-            t0 = time.perf_counter()
-            detector.fit(task.x_train, epoch_callback=callback)
-            record["train_seconds"] = time.perf_counter() - t0
-            scores, labels, extra = score_into(record, detector, task, settings, epoch_aurocs)
-        except (KeyboardInterrupt, ResultsWriteError):
-            raise
-        except BaseException as exc:  # a detector bug, MemoryError, ...: recorded, the run goes on
-            record_error(record, exc)
-            scores = labels = extra = None
-        return write_result(job, settings, record, scores, labels, time.perf_counter() - started, extra)
-    finally:
-        lock.release()
+    return run_jobs([job], settings, blocking, progress)[0]
 
 
 def _validation_metrics(detector: Any, task: Task, scores: np.ndarray, record: dict) -> Optional[np.ndarray]:

@@ -2,9 +2,11 @@
 
 Every job is trained with a fixed budget, scored once, and written atomically; an existing
 `ok` or `diverged` record is skipped (a `failed` one is retried) unless `force`; a failing job
-is recorded and the rest go on (one job: benchmark/jobs.py); jobs run in parallel through joblib
-(or on a Dask cluster, benchmark/backends.py) with per-worker thread limits, alone or trained
-together in groups (benchmark/stacking.py); each dataset is read once per process.
+is recorded and the rest go on. The jobs are split into groups (benchmark/stacking.py: one job
+each, or up to --stack jobs trained together); every group runs through the one sequence of
+benchmark/jobs.py (`run_jobs`), on the backend `--backend` names (benchmark/backends.py: this
+process, local worker processes, or a Dask cluster) with per-worker thread limits; each dataset
+is read once per process.
 """
 from __future__ import annotations
 
@@ -20,18 +22,19 @@ from typing import Any, Optional
 
 from tqdm.auto import tqdm
 
-from benchmark.backends import ClusterUnusable, Lost, run_dask, run_local
+from benchmark.backends import BACKENDS, ClusterUnusable, Lost
 from benchmark.data import resolve_data_root
 from benchmark.estimate import RemainingTime
 
-# The names imported `as` themselves are defined in benchmark/jobs.py (below this module and the stacked
-# runs) and re-exported: the command line, tests and scripts import them from here.
+# The names imported `as` themselves are defined in benchmark/jobs.py (below this module and the grouping,
+# benchmark/stacking.py) and re-exported: the command line, tests and scripts import them from here.
 from benchmark.jobs import DEFAULT_VAL_FRACTION as DEFAULT_VAL_FRACTION
-from benchmark.jobs import NOT_STARTED, Job, JobOutcome, RunSettings, run_job
+from benchmark.jobs import NOT_STARTED, Job, JobOutcome, RunSettings, run_jobs
 from benchmark.jobs import SUGGESTED_VAL_FRACTION as SUGGESTED_VAL_FRACTION
 from benchmark.jobs import build_detector as build_detector
+from benchmark.jobs import run_job as run_job
 from benchmark.records import JobKey
-from benchmark.stacking import group_jobs, run_unit
+from benchmark.stacking import group_jobs
 
 
 def library_versions() -> dict:
@@ -97,13 +100,15 @@ def _install_sigterm_handler() -> None:
 
 
 def execute(jobs: list[Job], settings: RunSettings, n_parallel: int, progress: bool = True,
-            backend: str = "local", scheduler: Optional[str] = None, stack: int = 1,
+            backend: str = "local", scheduler: Optional[str] = None,
             expected_seconds: Optional[dict] = None) -> list[JobOutcome]:
     """Run the jobs (already filtered for existing records).
 
-    The jobs run in this process (local, one unit at a time), in `n_parallel` local worker processes, or on a
-    Dask cluster (benchmark/backends.py). Jobs another runner holds are retried at the end, waiting for its
-    lock, so they are done exactly once. A job whose worker process died is reported `lost` (a rerun does it).
+    The jobs are split into groups of up to `settings.stack` (benchmark/stacking.py), each run by
+    `benchmark.jobs.run_jobs` on the named backend (benchmark/backends.py: this process when `n_parallel`
+    is 1, local worker processes, or a Dask cluster). Jobs another runner holds are retried at the end,
+    waiting for its lock, so they are done exactly once. A job whose worker process died is reported `lost`
+    (a rerun does it).
 
     Parameters
     ----------
@@ -116,11 +121,9 @@ def execute(jobs: list[Job], settings: RunSettings, n_parallel: int, progress: b
     progress : bool, default=True
         Show progress.
     backend : str, default="local"
-        "local" or "dask".
+        A name of `benchmark.backends.BACKENDS`.
     scheduler : str, optional
         Address of a Dask scheduler (default: a LocalCluster started here).
-    stack : int, default=1
-        With stack > 1, jobs that can train together do so in groups of up to `stack` (benchmark/stacking.py).
     expected_seconds : dict, optional
         Job key -> estimated seconds (`--estimate`'s figures): the progress display's remaining time
         comes from them (benchmark.estimate.RemainingTime), never from a count of jobs.
@@ -136,7 +139,8 @@ def execute(jobs: list[Job], settings: RunSettings, n_parallel: int, progress: b
     # time comes from the per-job estimates instead.
     bar = tqdm(total=len(jobs), desc="jobs", unit="job", disable=not progress, dynamic_ncols=True,
                bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]")
-    units = group_jobs(jobs, stack)
+    units = group_jobs(jobs, settings.stack)
+    runner = BACKENDS[backend]
     remaining = RemainingTime(expected_seconds or {}, n_parallel)
 
     def with_remaining(text: str) -> str:
@@ -153,7 +157,7 @@ def execute(jobs: list[Job], settings: RunSettings, n_parallel: int, progress: b
             bar.write(f"[{outcome.status}] {outcome.key.label()}: {first_line}")
 
     devices = [str(job.params["device"]) for job in jobs if "device" in job.params]
-    if backend == "dask":  # workers elsewhere, started elsewhere: the same absolute paths on every host
+    if runner.cluster:  # workers elsewhere, started elsewhere: the same absolute paths on every host
         settings = replace(settings, results_dir=Path(settings.results_dir).resolve(),
                            data_root=str(resolve_data_root(settings.data_root).resolve()))
     by_key = {job.key: job for job in jobs}
@@ -167,20 +171,14 @@ def execute(jobs: list[Job], settings: RunSettings, n_parallel: int, progress: b
                 outcomes.append(outcome)
                 note(outcome)
 
-    try:
-        if not units:
-            results: Any = (pair for pair in ())
-        elif backend == "dask":
-            # What a worker must import to unpickle and run a job (probed before it gets one).
-            modules = sorted({run_unit.__module__} | {job.target.split(":")[0] for job in jobs if job.target})
-            results = run_dask(run_unit, units, settings, n_parallel, devices, scheduler, modules=modules)
-        elif n_parallel <= 1:
-            def show(key: JobKey, stage: str, done: int, planned: int) -> None:
-                bar.set_postfix_str(with_remaining(f"{key.label()} {stage} epoch {done}/{planned}"))
+    def show(key: JobKey, stage: str, done: int, planned: int) -> None:
+        bar.set_postfix_str(with_remaining(f"{key.label()} {stage} epoch {done}/{planned}"))
 
-            results = ((unit, run_unit(unit, settings, progress=show if progress else None)) for unit in units)
-        else:
-            results = run_local(run_unit, units, settings, n_parallel, devices)
+    # What a worker must import to unpickle and run a job (a cluster's workers are probed before they get one).
+    modules = sorted({run_jobs.__module__} | {job.target.split(":")[0] for job in jobs if job.target})
+    try:
+        results: Any = (pair for pair in ()) if not units else runner.run(
+            run_jobs, units, settings, n_parallel, devices, scheduler, modules, show if progress else None)
         try:
             with closing(results):
                 for unit, result in results:
@@ -200,9 +198,9 @@ def execute(jobs: list[Job], settings: RunSettings, n_parallel: int, progress: b
             deferred.clear()
         for job in deferred:
             bar.write(f"waiting for another runner to finish {job.key.label()}")
-            outcome = run_job(job, settings, blocking=True)
-            outcomes.append(outcome)
-            note(outcome)
+            for outcome in run_jobs([job], settings, blocking=True):
+                outcomes.append(outcome)
+                note(outcome)
     finally:
         bar.close()
     return outcomes

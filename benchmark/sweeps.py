@@ -15,13 +15,16 @@ dataset (AUROC per value: per class and the mean over classes, mean ± sd over s
 
 Like every table here, they are built from the records alone (`--report-only --sweep ...`).
 Nothing in a sweep picks a value: the table shows every value's test AUROC side by side.
+
+The command line parses and checks `--sweep` (benchmark/cli.py) and hands this module a `SweepSpec`
+of parsed values, with the method's label and the profile's own value of the parameter: this module
+neither reads command-line text nor asks the method registry.
 """
 from __future__ import annotations
 
-import ast
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -33,21 +36,35 @@ from benchmark.datasets import TITLES
 from benchmark.records import _atomic_write
 from benchmark.reports import load_records
 from benchmark.verdict import DASH, format_cell, mean_sd
-from methods import REGISTRY, get_method
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.=+-]")
 
 
-class SweepError(ValueError):
-    """A malformed or impossible --sweep specification (a usage error)."""
-
-
 @dataclass(frozen=True)
 class SweepSpec:
-    """One sweep: a method, one of its hyperparameters and the values, as written."""
+    """One sweep: a method, one of its hyperparameters and the values.
+
+    Parameters
+    ----------
+    method : str
+        The registry name of the swept method.
+    param : str
+        The swept constructor argument.
+    values : tuple of str
+        The values as written (they name the results directories).
+    parsed : tuple
+        The same values as the detector gets them (``"2e-3"`` -> 0.002); default: `values` unchanged.
+    label : str
+        The method's display label (default: `method`).
+    profile_values : dict
+        Dataset -> the profile's own value of `param` (the tables' footers name it), where it has one.
+    """
     method: str
     param: str
     values: tuple[str, ...]
+    parsed: tuple[Any, ...] = ()
+    label: str = ""
+    profile_values: dict = field(default_factory=dict, compare=False)
 
     @property
     def name(self) -> str:
@@ -55,8 +72,8 @@ class SweepSpec:
         return f"{self.method}.{self.param}"
 
     def parsed_values(self) -> list[Any]:
-        """The values as Python literals where they are (2e-3 -> 0.002), else strings."""
-        return [parse_value(v) for v in self.values]
+        """The values as the detector gets them (`parsed`, else the values as written)."""
+        return list(self.parsed) if self.parsed else list(self.values)
 
     def profile_dir(self, profile: str, value: str, set_tag: str = "") -> str:
         """The results directory name of one value (see the module docstring).
@@ -77,64 +94,6 @@ class SweepSpec:
         """
         name = f"{profile}+sweep-{self.method}.{self.param}={value}" + (f"+{set_tag}" if set_tag else "")
         return _UNSAFE.sub("_", name)
-
-
-def parse_value(text: str) -> Any:
-    """A command-line value as a Python literal where it is one, else the string itself.
-
-    Parameters
-    ----------
-    text : str
-        The value as written.
-
-    Returns
-    -------
-    Any
-        The value.
-    """
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
-
-
-def parse_sweep(text: str) -> SweepSpec:
-    """Parse 'METHOD.PARAM=v1,v2,...' and check the method and its parameter exist.
-
-    Parameters
-    ----------
-    text : str
-        The --sweep argument.
-
-    Returns
-    -------
-    SweepSpec
-
-    Raises
-    ------
-    SweepError
-        Saying what is wrong and what a valid specification looks like.
-    """
-    example = "e.g. --sweep mem_ganomaly.lr=2e-3,1e-3,5e-4"
-    name, sep, values_text = text.partition("=")
-    method, dot, param = name.rpartition(".")
-    if not sep or not dot or not method or not param:
-        raise SweepError(f"--sweep expects METHOD.PARAM=v1,v2,..., got {text!r} ({example})")
-    try:
-        spec = get_method(method)
-    except KeyError:
-        raise SweepError(f"--sweep {text}: unknown method {method!r}; valid: {', '.join(REGISTRY)}") from None
-    valid = spec.load()().get_params()
-    if param in ("random_state", "device"):
-        raise SweepError(f"--sweep {text}: use --seeds / --device for {param}")
-    if param not in valid:
-        raise SweepError(f"--sweep {text}: {method} has no hyperparameter {param!r}; valid: {', '.join(sorted(valid))}")
-    values = tuple(v.strip() for v in values_text.split(","))
-    if not values_text.strip() or any(not v for v in values):
-        raise SweepError(f"--sweep {text}: empty value in {values_text!r}; give comma-separated values ({example})")
-    if len(set(values)) != len(values):
-        raise SweepError(f"--sweep {text}: a value is repeated")
-    return SweepSpec(method, param, values)
 
 
 def set_tag(overrides_as_written: dict[str, Any], tag: Optional[str]) -> str:
@@ -174,28 +133,6 @@ def load_sweep(results_dir: Path, profile: str, spec: SweepSpec, tag: str = "",
         frame["value"] = value
         frames.append(frame)
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-
-
-def default_value(spec: SweepSpec, profile: str, dataset: str) -> Any:
-    """The value the profile uses for the swept parameter.
-
-    Parameters
-    ----------
-    spec : SweepSpec
-        The sweep.
-    profile : str
-        The profile.
-    dataset : str
-        Dataset name.
-
-    Returns
-    -------
-    Any
-        The profile's setting, else the constructor's default.
-    """
-    method = get_method(spec.method)
-    settings = method.settings(profile, dataset)
-    return settings[spec.param] if spec.param in settings else method.load()().get_params()[spec.param]
 
 
 def sensitivity_table(frame: pd.DataFrame, spec: SweepSpec, dataset: str) -> tuple[Optional[pd.DataFrame], str]:
@@ -252,10 +189,7 @@ def sensitivity_table(frame: pd.DataFrame, spec: SweepSpec, dataset: str) -> tup
     table = pd.DataFrame.from_dict(rows, orient="index", columns=[*names, "mean over classes"])
     table.index.name = spec.param
     profile = subset["profile"].iloc[0].split("+sweep-")[0]
-    try:
-        default = default_value(spec, profile, dataset)
-    except (KeyError, ValueError):
-        default = None
+    default = spec.profile_values.get(dataset)
     footer = (f"AUROC of the final model (fixed budget) per value of `{spec.name}`, mean ± sd over the ok seeds "
               f"(n=k: only k of {expected} seeds); the mean column averages over the classes the sweep ran "
               f"({', '.join(names)}). The `{profile}` profile's value: `{default}`. Test-set AUROC of every value "
@@ -350,7 +284,7 @@ def write_sensitivity(results_dir: Path, reports_dir: Path, profile: str, spec: 
     written: list[Path] = []
     if frame.empty:
         return written
-    label = get_method(spec.method).label
+    label = spec.label or spec.method
     for dataset in CLASS_NAMES:
         table, footer = sensitivity_table(frame, spec, dataset)
         if table is None:

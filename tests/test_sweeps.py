@@ -1,19 +1,21 @@
 """Sensitivity sweeps (benchmark/sweeps.py, `run_all.py --sweep`): spec parsing and usage
-errors, the fixed directory naming, the table's numbers, and an end-to-end resumable run."""
+errors (benchmark/cli.py), the fixed directory naming, the table's numbers, and an end-to-end resumable run."""
 from __future__ import annotations
 
 import pytest
 
-from benchmark.cli import main, parse_config, sweep_variants
-from benchmark.sweeps import SweepError, SweepSpec, load_sweep, parse_sweep, sensitivity_table, write_sensitivity
+from benchmark.cli import UsageError, main, parse_config, parse_sweep, sweep_variants
+from benchmark.sweeps import SweepSpec, load_sweep, sensitivity_table, write_sensitivity
 from fault_methods import write_fake_mnist
 from record_factory import write_fake_record
 
 
 def test_parse_sweep_and_directory_names():
-    spec = parse_sweep("mem_ganomaly.lr=2e-3, 1e-3,5e-4")
-    assert spec == SweepSpec("mem_ganomaly", "lr", ("2e-3", "1e-3", "5e-4"))
+    spec = parse_sweep("mem_ganomaly.lr=2e-3, 1e-3,5e-4", "quick")
+    assert spec == SweepSpec("mem_ganomaly", "lr", ("2e-3", "1e-3", "5e-4"), (0.002, 0.001, 0.0005), "Mem_GANomaly")
     assert spec.parsed_values() == [0.002, 0.001, 0.0005]
+    assert spec.profile_values["mnist"] == 0.002  # the quick profile's lr, for the tables' footers
+    assert SweepSpec("iforest", "n_estimators", ("5", "7")).parsed_values() == ["5", "7"]  # unparsed: as written
     assert spec.profile_dir("quick", "2e-3") == "quick+sweep-mem_ganomaly.lr=2e-3"
     memory = parse_sweep("mem_ganomaly.memory_size=50,500")
     assert memory.profile_dir("quick", "500", "epochs=3") == "quick+sweep-mem_ganomaly.memory_size=500+epochs=3"
@@ -29,7 +31,7 @@ def test_parse_sweep_and_directory_names():
     ("mem_ganomaly.lr=1e-3,1e-3", "repeated"),
 ])
 def test_bad_sweep_specs(text, message):
-    with pytest.raises(SweepError, match=message):
+    with pytest.raises(UsageError, match=message):
         parse_sweep(text)
 
 
@@ -61,7 +63,7 @@ def test_cli_usage_errors_exit_2_and_write_nothing(extra, tmp_path, capsys):
 
 
 def test_sensitivity_table_numbers(tmp_path):
-    spec = SweepSpec("mem_ganomaly", "lr", ("2e-3", "2e-4"))
+    spec = SweepSpec("mem_ganomaly", "lr", ("2e-3", "2e-4"), (2e-3, 2e-4), "Mem_GANomaly", {"mnist": 0.002})
     aurocs = {("2e-3", 0): (0.4, 0.6), ("2e-3", 2): (0.3, 0.5), ("2e-4", 0): (0.9, 0.9), ("2e-4", 2): (0.8,)}
     for (value, c), values in aurocs.items():
         for seed, auroc in enumerate(values):
