@@ -16,12 +16,12 @@ Settings, each from the authors' code (lironber/GOAD; file named):
   16 epochs; Adam with PyTorch's defaults (lr 1e-3); last incomplete batch kept;
 - loss (``opt_tc.py``): cross-entropy of the head + lmbda (0.1) * triplet-centre loss with margin
   m = 1 + 10 * mean(f^2) (``--reg True``), where the triplet-centre loss of the batch uses the batch's
-  own per-transformation mean features as centres (`triplet_centre_loss`, paper Sec. 3);
-- centres for scoring: the per-transformation mean of the training features (paper Sec. 3). The
+  own per-transformation mean features as centres (`triplet_centre_loss`, the paper's method section);
+- centres for scoring: the per-transformation mean of the training features (the paper's method section). The
   authors' code averages the features its last training epoch computed (train mode, weights
   moving): ``centres="last_epoch"`` (default). ``"train_pass"`` instead passes the training set
   once through the final network in eval mode;
-- score (``opt_tc.py``, paper Sec. 3): sum over m of -log softmax_m'(-max(||f(T_m(x)) - c_m'||^2,
+- score (``opt_tc.py``, the paper's method section): sum over m of -log softmax_m'(-max(||f(T_m(x)) - c_m'||^2,
   eps))[m], the negative log-probability that each transformed copy lies at its own centre;
   eps = 0 (``--eps 0``). Higher = more anomalous.
 
@@ -66,7 +66,7 @@ PROFILES: dict = {
 }
 
 def triplet_centre_loss(features: torch.Tensor, margin: float) -> torch.Tensor:
-    """GOAD's triplet-centre loss on one batch (``opt_tc.py`` ``tc_loss``; paper Sec. 3).
+    """GOAD's triplet-centre loss on one batch (``opt_tc.py`` ``tc_loss``; the paper's method section).
 
     Centres are the batch's per-transformation mean features c_m; for each image i and
     transformation m: max(0, ||f_im - c_m||^2 + margin - min_{m' != m} ||f_im - c_m'||^2), averaged.
@@ -131,7 +131,7 @@ def goad_loss(net: nn.Module, x: torch.Tensor, transformer: GeometricTransformer
 
 
 def goad_scores(features: torch.Tensor, centres: torch.Tensor, eps: float = 0.0) -> torch.Tensor:
-    """GOAD's anomaly score (``opt_tc.py`` evaluation; paper Sec. 3).
+    """GOAD's anomaly score (``opt_tc.py`` evaluation; the paper's method section).
 
     Parameters
     ----------

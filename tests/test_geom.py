@@ -161,7 +161,8 @@ def pattern_and_noise(n_train: int = 48, n_test: int = 12, seed: int = 0):
     return draw(n_train), draw(n_test), rng.random((n_test, 1, 28, 28), dtype=np.float32)
 
 
-SMALL = dict(widen_factor=1, epochs=1, max_steps=10, batch_size=32, dirichlet_max_images=16, device="cpu")
+SMALL = dict(widen_factor=1, base_width=4, epochs=1, max_steps=10, batch_size=32, dirichlet_max_images=16,
+             dirichlet_max_iter=50, device="cpu")
 
 
 def test_the_trained_pattern_scores_lower_than_noise_and_a_seed_repeats():

@@ -64,13 +64,13 @@ def test_the_budget_is_in_images():
         GOAD(centres="median").check_params()
 
 
-SMALL = dict(widen_factor=1, epochs=1, max_steps=8, batch_size=4, device="cpu")
+SMALL = dict(widen_factor=1, base_width=4, epochs=1, max_steps=8, batch_size=4, device="cpu")
 
 
 def test_the_trained_pattern_scores_lower_than_noise_and_a_seed_repeats():
     x_train, x_normal, x_noise = pattern_and_noise(n_train=32)
     detector = GOAD(**SMALL, random_state=0).fit(x_train)
-    assert detector.training_log_["steps"] == 8 and detector.centres_.shape == (72, 64)
+    assert detector.training_log_["steps"] == 8 and detector.centres_.shape == (72, 16)
     normal, noise = detector.decision_function(x_normal), detector.decision_function(x_noise)
     assert normal.max() < noise.min()
     again = GOAD(**SMALL, random_state=0).fit(x_train).decision_function(x_normal)
