@@ -119,6 +119,8 @@ register("memae", "MemAE", "methods.memae:MemAE")
 register("ganomaly", "GANomaly", "methods.ganomaly:GANomaly")
 register("dsvdd", "DSVDD", "methods.dsvdd:DeepSVDD")
 register("mem_ganomaly", "Mem_GANomaly", "methods.mem_ganomaly:MemGANomaly")
+register("geom", "GEOM", "methods.geom:GEOM")
+register("goad", "GOAD", "methods.goad:GOAD")
 
 
 def get_method(name: str) -> MethodSpec:
