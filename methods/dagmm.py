@@ -404,8 +404,8 @@ class DAGMM(TorchDetector):
         (gradient clipped per job with `grad_clip_norm`), the dropout masks drawn per job outside the
         step; a non-positive-definite covariance makes a job's loss NaN (it diverges alone); after
         training, each job's GMM is estimated over its whole training set."""
-        def begin(det: "DAGMM") -> None:
-            det.training_log_ = {}
+        def begin(job: Job) -> None:
+            job.detector.training_log_ = {}
 
         def end_epoch(job: Job, result: StageResult) -> None:
             job.detector.training_log_ = result.history

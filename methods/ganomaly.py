@@ -298,8 +298,8 @@ class GANomaly(TorchDetector):
         threshold = self.d_reinit_threshold
         d_min: list[torch.Tensor] = []  # (K,) each job's smallest D loss since the last look
 
-        def begin(det: "GANomaly") -> None:
-            det.reinit_epochs_ = []
+        def begin(job: Job) -> None:
+            job.detector.reinit_epochs_ = []
 
         def after_step(event: StepEvent) -> None:
             d_loss = event.outputs[1]

@@ -119,7 +119,7 @@ def _train(jobs: list[Job], options: TrainOptions, stacked: bool) -> None:
         for job in (job for job in jobs if job.error is None):
             try:
                 if plan.begin is not None:
-                    plan.begin(job.detector)
+                    plan.begin(job)
             except DivergedError as exc:
                 job.error = exc
                 continue

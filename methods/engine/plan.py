@@ -239,8 +239,8 @@ class StagePlan:
     phases : tuple of Phase
         The step's phases, in order.
     begin : callable or None
-        begin(detector), per job before the stage (networks built or copied, modes, frozen
-        parameters); a DivergedError it raises ends that job.
+        begin(job), per job before the stage (logs started, networks copied, frozen parameters);
+        a DivergedError it raises ends that job.
     lr_factor : callable or None
         lr_factor(epoch) -> the factor on every group's lr for that epoch (an lr schedule).
     after_step : callable or None
@@ -264,7 +264,7 @@ class StagePlan:
     stage: Stage
     modules: tuple[str, ...] = ()
     phases: tuple[Phase, ...] = ()
-    begin: Optional[Callable[[Any], None]] = None
+    begin: Optional[Callable[["Job"], None]] = None
     lr_factor: Optional[Callable[[int], float]] = None
     after_step: Optional[Callable[[StepEvent], None]] = None
     end_epoch: Optional[Callable[["Job", StageResult], None]] = None
