@@ -7,10 +7,10 @@ stacked Adam / RMSprop for K), modules (one job's modules called directly, or K 
 vmapped), jobs (per-job RNG streams, draws, lockstep minibatches, divergence monitors), graphs
 (CUDA-graph capture of a phase), loop (the stage loop), fit (`fit_jobs`).
 """
-from methods.engine.fit import STACKED_BF16, fit_jobs
+from methods.engine.fit import fit_jobs
 from methods.engine.modules import in_vmap
 from methods.engine.optimisers import OptimiserSpec
 from methods.engine.plan import Job, ParamGroup, Phase, Stage, StagePlan, StageResult, StepEvent
 
 __all__ = ["fit_jobs", "in_vmap", "OptimiserSpec", "Job", "ParamGroup", "Phase", "Stage", "StagePlan",
-           "StageResult", "StepEvent", "STACKED_BF16"]
+           "StageResult", "StepEvent"]

@@ -62,6 +62,7 @@ class _PhaseRunner:
         self.optimisers = [group.optimiser.build([p for name in group.modules for p in modules.group_params(name)],
                                                  stacked) for group in phase.groups]
         self.names: Optional[list[str]] = list(phase.names) or None
+        self.weight_dtype = torch.bfloat16 if stacked and options.precision == "bf16" else None
         self.fn: Callable[..., Any] = self._step
         if options.cuda_graphs:
             graphed = GraphedStep(self._step, device)
@@ -74,7 +75,9 @@ class _PhaseRunner:
         with autocast(self.options, self.device):
             if self.stacked:
                 view = self.modules.view
-                losses, logged, extras = self.modules.call(lambda xk, *dk: phase.loss(view, xk, *dk), x, *draws)
+                losses, logged, extras = self.modules.call(lambda xk, *dk: phase.loss(view, xk, *dk), x, *draws,
+                                                           context=lambda: autocast(self.options, self.device),
+                                                           weight_dtype=self.weight_dtype)
             else:
                 losses, logged, extras = phase.loss(self.modules.view, x, *draws)
             for optimiser in optimisers:

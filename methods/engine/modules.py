@@ -7,14 +7,18 @@ input gradient with torch.func.grad there, with torch.autograd.grad otherwise).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
 _VMAP_DEPTH = [0]
+# The layers whose weights autocast runs in the lower precision (torch.autocast's op lists).
+AUTOCAST_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
+                    nn.Linear)
 
 
 def in_vmap() -> bool:
@@ -89,6 +93,19 @@ class StackedModules:
         self.template = copy.deepcopy(joints[0])  # holds the structure; its own tensors are not used
         self.params, self.buffers = stack_module_state(joints)
         self.joints = joints
+        self.autocast_params = {f"{name}.{key}" for name, module in self.template.named_modules()
+                                if isinstance(module, AUTOCAST_MODULES) for key, _ in module.named_parameters()}
+        self.cast_inputs_to: Optional[torch.dtype] = None  # set during a call with weight_dtype
+        for module in self.template.modules():
+            if isinstance(module, AUTOCAST_MODULES):
+                module.register_forward_pre_hook(self._cast_inputs)
+            elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+                # vmap's batch norm wants one dtype: normalise in fp32, hand on bf16 (as a solo fit's
+                # mixed-dtype batch norm under autocast outputs).
+                module.register_forward_pre_hook(self._inputs_to_float)
+                module.register_forward_hook(self._output_to_cast)
+            elif isinstance(module, (nn.LayerNorm, nn.GroupNorm)):
+                module.register_forward_pre_hook(self._inputs_to_float)  # autocast's fp32 ops: fp32 out
         self.view = copy.copy(detectors[0])  # the detector's own loss code, on the template modules
         for name in self.names:
             setattr(self.view, name, self.template[name])
@@ -108,7 +125,8 @@ class StackedModules:
         """
         return [p for key, p in self.params.items() if key.split(".", 1)[0] == name]
 
-    def call(self, fn: Callable[..., Any], x: torch.Tensor, *extra: torch.Tensor) -> Any:
+    def call(self, fn: Callable[..., Any], x: torch.Tensor, *extra: torch.Tensor,
+             context: Callable[[], Any] = contextlib.nullcontext, weight_dtype: Optional[torch.dtype] = None) -> Any:
         """vmap over jobs of fn(x[k], *(e[k] for e in extra)) with the template modules (`view`)
         carrying job k's parameters and buffers.
 
@@ -122,6 +140,12 @@ class StackedModules:
             (K, B, ...) the jobs' inputs.
         *extra : torch.Tensor
             (K, ...) further per-job inputs (e.g. random draws made outside vmap).
+        context : callable
+            A context manager factory entered inside the vmapped function (the autocast).
+        weight_dtype : torch.dtype or None
+            Cast the weights and biases of the convolutions and linear layers to this dtype first (a
+            differentiable cast: the gradients reach the fp32 parameters), as autocast casts them
+            for a solo fit; under vmap autocast misses some (methods/engine/fit.py's docstring).
 
         Returns
         -------
@@ -129,17 +153,37 @@ class StackedModules:
             fn's outputs stacked over jobs along a leading axis.
         """
         wrapper = _Apply(self.template, fn)
-        params = {f"inner.{k}": v for k, v in self.params.items()}
+        params = {f"inner.{k}": v.to(weight_dtype) if weight_dtype is not None and k in self.autocast_params else v
+                  for k, v in self.params.items()}
         buffers = {f"inner.{k}": v for k, v in self.buffers.items()}
 
         def one(p: dict, b: dict, xk: torch.Tensor, *ek: torch.Tensor) -> Any:
-            return functional_call(wrapper, {**p, **b}, (xk, *ek))
+            with context():  # autocast entered inside vmap (see methods/engine/fit.py's docstring)
+                return functional_call(wrapper, {**p, **b}, (xk, *ek))
 
         _VMAP_DEPTH[0] += 1
+        self.cast_inputs_to = weight_dtype
         try:
             return vmap(one, randomness="error")(params, buffers, x, *extra)
         finally:
             _VMAP_DEPTH[0] -= 1
+            self.cast_inputs_to = None
+
+    def _cast_inputs(self, module: nn.Module, args: tuple) -> Optional[tuple]:
+        """A convolution's or linear layer's floating inputs in `cast_inputs_to` (what autocast does
+        for it in a solo fit), during a call with `weight_dtype`."""
+        if self.cast_inputs_to is None:
+            return None
+        return tuple(a.to(self.cast_inputs_to) if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                     for a in args)
+
+    def _inputs_to_float(self, module: nn.Module, args: tuple) -> Optional[tuple]:
+        if self.cast_inputs_to is None:
+            return None
+        return tuple(a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+
+    def _output_to_cast(self, module: nn.Module, args: tuple, output: torch.Tensor) -> Optional[torch.Tensor]:
+        return None if self.cast_inputs_to is None else output.to(self.cast_inputs_to)
 
     def buffer(self, name: str, key: str) -> torch.Tensor:
         """The stacked buffer `key` of module `name`, (K, ...)."""
