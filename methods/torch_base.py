@@ -156,7 +156,7 @@ class TorchDetector(Detector, abc.ABC):
         """Build the networks (initialised from the global RNG, seeded by `_begin_fit`) on the device;
         `fit_jobs` calls it for every job right after `_begin_fit`."""
 
-    # ---- the training engine ----------------------------------------------------------------
+    # ---- budgets, and a training loop of its own -----------------------------------------
     def planned_steps(self, n_train: int) -> dict[str, int]:
         """Optimiser steps per stage that fit() runs on n_train images, computed without training.
 

@@ -101,7 +101,7 @@ class TorchOptimiser:
 class _StackedOptimiser:
     """What the stacked optimisers share: the stacked parameters, per-job step counts and the
     learning rate kept on the device (so a step has no host synchronisation and can be captured in
-    a CUDA graph, methods/graphs.py), and the masked write-back (idle jobs keep parameters and state).
+    a CUDA graph, methods/engine/graphs.py), and the masked write-back (idle jobs keep parameters and state).
 
     Parameters
     ----------

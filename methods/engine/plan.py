@@ -115,7 +115,7 @@ class Stage:
 
 @dataclass
 class StageResult:
-    """What `TorchDetector._train_stage` ran.
+    """What one stage ran for one job.
 
     Attributes
     ----------
