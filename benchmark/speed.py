@@ -10,23 +10,23 @@ names them: nothing guessed from argument names), and on synthetic 32 x 32 x 3 i
 measures, on the current device:
 
 * per speed variant (--variants, default all four), for every deep (torch) detector, side by side:
-  fp32-nchw, fp32-cl, bf16-nchw, bf16-cl. The precision is the detectors' own `precision`
-  attribute ("bf16": each training step under torch.autocast(bfloat16), methods/torch_base.py);
-  the layout is their `memory_format` attribute ("nchw" or "channels_last": the networks' 4-D
+  fp32-nchw, fp32-cl, bf16-nchw, bf16-cl. The precision is the fit's `TrainOptions.precision`
+  ("bf16": each training step under torch.autocast(bfloat16), methods/engine/loop.py);
+  the layout its `memory_format` ("nchw" or "channels_last": the networks' 4-D
   weights and the image batches in that layout, training and scoring). Each variant is timed
   solo (one job, no stacking), after a 1-step warm-up fit of the same variant:
   - training images/second: (optimiser steps x batch, over all stages) / the wall time of fit();
   - scoring images/second: decision_function() on --n-score images with the method's own score
     batch size, and (`score@64`) with `score_batch_size=64` where the method has that argument.
     The bf16 variants score under torch.autocast(bfloat16) put around decision_function() by this
-    script (the detectors' `precision` leaves their own scoring in fp32);
+    script (the training precision leaves the detectors' own scoring in fp32);
   a non-torch detector (iForest) gets one row (variant n/a);
 * stacked training images/second at K = 1, 4, 10 (--stack): K jobs trained as one batched model
-  (methods/stacking.py), for the detectors that support it, fp32 in the detector's default
+  (methods/engine/, `fit_jobs`), for the detectors that support it, fp32 in the detector's default
   layout (GANomaly and Mem_GANomaly choose channels_last on the CPU, the others NCHW), shown on
   the row of that variant; K x images / wall time;
 * on a GPU, the same stacked fits with every training step replayed from a CUDA graph
-  (methods/graphs.py; the capture and its 3 eager warm-up steps are inside the timed fit);
+  (methods/engine/graphs.py; the capture and its 3 eager warm-up steps are inside the timed fit);
 * the extrapolated wall time of the whole paper profile for the method (3 datasets x 10
   classes, one seed, jobs one after the other, default precision and layout) on this device,
   from benchmark/estimate.py's calibration of the paper settings and the datasets' nominal sizes;
@@ -79,13 +79,14 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from benchmark.estimate import calibrate, format_seconds
 from methods import REGISTRY, get_method
-from methods.stacking import fit_stacked, supports_stacking
+from methods.base import TrainOptions, supports_stacking
+from methods.engine import fit_jobs
 from methods.torch_base import TorchDetector, resolve_device
 
 BATCH = 64
 # anomalib GANomaly on this project's 2-core CPU machine type, from the issue: quoted, not measured.
 ANOMALIB_QUOTED = {"train_img_s": 175.0, "peak_fraction": 0.83, "peak_gflops": 170.0, "score_img_s": 830.0}
-# --variants: name -> (the detectors' `precision`, their `memory_format`), timed solo.
+# --variants: name -> (TrainOptions' `precision`, its `memory_format`), timed solo.
 VARIANTS: dict[str, tuple[str, str]] = {
     "fp32-nchw": ("fp32", "nchw"), "fp32-cl": ("fp32", "channels_last"),
     "bf16-nchw": ("bf16", "nchw"), "bf16-cl": ("bf16", "channels_last"),
@@ -247,7 +248,8 @@ def build(name: str, device: str, steps: int, n_train: int, random_state: int = 
     random_state : int, default=0
         Seed.
     variant : str, optional
-        A VARIANTS name: the deep detector's `precision` and `memory_format` (default: left as built).
+        Unused (the variant's precision and memory format reach training as `variant_options`); kept so
+        callers name the variant they build for.
 
     Returns
     -------
@@ -270,9 +272,45 @@ def build(name: str, device: str, steps: int, n_train: int, random_state: int = 
         if key in accepted:
             overrides[key] = value
     detector = cls(**{**settings, **overrides})
-    if variant is not None:
-        detector.precision, detector.memory_format = VARIANTS[variant]
     return detector, overrides
+
+
+def variant_options(variant: Optional[str]) -> TrainOptions:
+    """The training options of a VARIANTS name (None: the defaults).
+
+    Parameters
+    ----------
+    variant : str or None
+        A VARIANTS name.
+
+    Returns
+    -------
+    TrainOptions
+    """
+    if variant is None:
+        return TrainOptions()
+    precision, layout = VARIANTS[variant]
+    return TrainOptions(precision=precision, memory_format=layout)
+
+
+def fit_with(detector: Any, X: np.ndarray, options: TrainOptions) -> None:
+    """Fit one detector: a torch detector through the engine with `options`, another as it fits.
+
+    Parameters
+    ----------
+    detector : Any
+        The detector.
+    X : np.ndarray
+        Training images.
+    options : TrainOptions
+        The training options (torch detectors only).
+    """
+    if not isinstance(detector, TorchDetector):
+        detector.fit(X)
+        return
+    (error,) = fit_jobs([detector], [X], options=options)
+    if error is not None:
+        raise error
 
 
 def trained_images(detector: Any, n_train: int) -> int:
@@ -372,9 +410,10 @@ def bench_variant(name: str, variant: Optional[str], args: argparse.Namespace, d
     """
     precision, layout = VARIANTS[variant] if variant is not None else (None, None)
     # Warm-up of this variant (allocator, oneDNN primitives of this layout and dtype, lazy CUDA init).
-    build(name, args.device, 1, len(x_train), variant=variant)[0].fit(x_train)
+    options = variant_options(variant)
+    fit_with(build(name, args.device, 1, len(x_train), variant=variant)[0], x_train, options)
     detector, overrides = build(name, args.device, args.steps, len(x_train), variant=variant)
-    fit_s = timed(lambda: detector.fit(x_train), device, args.repeats)
+    fit_s = timed(lambda: fit_with(detector, x_train, options), device, args.repeats)
 
     def score_rate() -> float:
         def run() -> None:
@@ -442,9 +481,8 @@ def bench_method(name: str, args: argparse.Namespace, device: torch.device, rng:
         for graphs in graph_modes:
             for k in args.stack:
                 dets = [build(name, args.device, args.steps, args.n_train, random_state=s)[0] for s in range(k)]
-                for det in dets:
-                    det.cuda_graphs = graphs
-                seconds = timed(lambda: fit_stacked(dets, [x_train] * k), device, args.repeats)
+                options = TrainOptions(cuda_graphs=graphs)
+                seconds = timed(lambda: fit_jobs(dets, [x_train] * k, options=options), device, args.repeats)
                 result["graphed_img_s" if graphs else "stacked_img_s"][k] = k * images / seconds
     if args.paper:
         result["paper_s"] = paper_profile_seconds(name, args.device, args.calibration_steps)

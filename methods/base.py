@@ -285,7 +285,8 @@ def resolve_device(device: str) -> Any:
 
 
 def supports_stacking(detector: Any) -> bool:
-    """Whether the detector's class can train stacked (implements `_fit_stacked`).
+    """Whether the detector's class can train stacked: it describes its training to the engine
+    (`_stage_plans`, methods/engine/) rather than running a loop of its own.
 
     Parameters
     ----------
@@ -296,4 +297,4 @@ def supports_stacking(detector: Any) -> bool:
     -------
     bool
     """
-    return callable(getattr(type(detector), "_fit_stacked", None))
+    return callable(getattr(type(detector), "_stage_plans", None))

@@ -31,26 +31,23 @@ Numerical stability (a reproduction's choices, not the paper's):
 """
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Sequence
-from typing import Any, Iterable, Optional
+from typing import Iterable, Optional
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from methods.base import (
     DivergedError,
-    EpochCallback,
     check_nonneg_float,
     check_positive_float,
     check_positive_int,
 )
+from methods.engine import Job, OptimiserSpec, ParamGroup, Phase, Stage, StagePlan, StageResult
 from methods.preprocess import flatten
-from methods.stacking import StackedAdam, StackedModules, clip_grad_norm_per_job, job_draws, train_stacked_stage
-from methods.torch_base import Stage, StageResult, TorchDetector
+from methods.torch_base import TorchDetector
 
 # paper: the budget published for KDDCUP (200 epochs, batch 1024), used for every dataset here
 # (about 5 optimiser steps per epoch at 6000 images, ~1000 steps in all).
@@ -388,89 +385,42 @@ class DAGMM(TorchDetector):
                                          self.dropout).to(self.device_)
 
     # ---- training ----
-    def _fit(self, x_train: torch.Tensor, epoch_callback: Optional[EpochCallback]) -> None:
-        self._build_networks(x_train)
-        params = [p for net in self._networks() for p in net.parameters()]
-        opt = torch.optim.Adam(params, lr=self.lr)
-
-        def step(idx: torch.Tensor, step_number: int) -> torch.Tensor:
-            loss, values = self._loss(x_train[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if self.grad_clip_norm is not None:
-                torch.nn.utils.clip_grad_norm_(params, self.grad_clip_norm)
-            opt.step()
-            return values.detach()
-
-        def end_epoch(epoch: int, result: StageResult) -> None:
-            if epoch_callback is not None:
-                self._estimate_mixture(x_train, epoch)  # eval-mode passes only: training is unchanged
-
-        self.training_log_ = {}
-        self._set_mode(train=True)
-        (stage,) = self._stages(len(x_train))
-        result = self._train_stage(stage, len(x_train), step, ("loss", "reconstruction", "energy", "cov_penalty"),
-                                   epoch_callback, end_epoch=end_epoch)
-        self.training_log_ = result.history
-        self._estimate_mixture(x_train, result.last_epoch)
-
     def _stages(self, n_train: int) -> list[Stage]:
         return [Stage("train", self.batch_size, epochs=self.epochs, max_steps=self.max_steps, drop_last=True)]
 
-    @classmethod
-    def _fit_stacked(cls, detectors: list["DAGMM"], xs: list[torch.Tensor], callbacks: list[Optional[EpochCallback]],
-                     rng: Any) -> list[Optional[DivergedError]]:
-        """K jobs as one batched model (methods/stacking.py): the solo step per job in its own slice.
+    def _step_losses(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[list[torch.Tensor], dict, list]:
+        """The step's loss for the engine: eq. 7 with the drawn dropout mask, and its logged terms."""
+        loss, values = self._loss(x, mask)
+        return [loss], dict(zip(("loss", "reconstruction", "energy", "cov_penalty"), values.unbind())), []
 
-        Job k's dropout masks are drawn outside vmap from job k's own global-RNG stream, as its
-        solo fit's Dropout layer draws them (`dropout_mask`); its gradient is clipped to its own
-        norm; a non-positive-definite covariance makes its loss NaN and ends it alone; after
-        training, its GMM is estimated over its whole training set.
-        """
-        first = detectors[0]
-        for det in detectors:
-            det.training_log_ = {}
-            det._set_mode(train=True)
-        stacked = StackedModules([{"compression": det.compression_, "estimation": det.estimation_}
-                                  for det in detectors])
-        template = copy.copy(first)  # runs the detector's own loss code on the template modules
-        template.compression_, template.estimation_ = stacked.template["compression"], stacked.template["estimation"]
-        mask_dtype = torch.bfloat16 if first.precision == "bf16" else torch.float32  # the solo layer's input dtype
+    def _draw_dropout_mask(self, rows: int) -> tuple[torch.Tensor]:
+        """The step's dropout mask, from the job's global RNG stream as the Dropout layer draws it
+        (`dropout_mask`), in the layer input's dtype (bfloat16 under bf16 autocast)."""
+        dtype = torch.bfloat16 if self._options().precision == "bf16" else torch.float32
+        return (dropout_mask((rows, self.estimation_hidden), self.dropout, dtype, self.device_),)
 
-        def masks(active: np.ndarray, idx: list[torch.Tensor]) -> list[torch.Tensor]:
-            def draw(k: int) -> list[torch.Tensor]:
-                out: list[torch.Tensor] = []
-                rng.run(k, lambda: out.append(dropout_mask((len(idx[k]), first.estimation_hidden), first.dropout,
-                                                           mask_dtype, first.device_)))
-                return out
-            return job_draws(active, draw)
+    def _stage_plans(self, n_train: int) -> list[StagePlan]:
+        """The training, described once for any number of jobs: one stage, Adam on both networks
+        (gradient clipped per job with `grad_clip_norm`), the dropout masks drawn per job outside the
+        step; a non-positive-definite covariance makes a job's loss NaN (it diverges alone); after
+        training, each job's GMM is estimated over its whole training set."""
+        def begin(job: Job) -> None:
+            job.detector.training_log_ = {}
 
-        def forward(modules: nn.ModuleDict, x: torch.Tensor, mask: torch.Tensor) -> tuple[list, torch.Tensor]:
-            loss, values = template._loss(x, mask)
-            return [loss], values
+        def end_epoch(job: Job, result: StageResult) -> None:
+            job.detector.training_log_ = result.history
+            if job.callback is not None:  # eval-mode passes only: training is unchanged
+                job.detector._estimate_mixture(job.x, result.last_epoch)
 
-        params = [p for name in stacked.names for p in stacked.group_params(name)]
-        last_epoch = [0] * len(detectors)
+        def end(job: Job, result: StageResult) -> None:
+            job.detector._estimate_mixture(job.x, result.last_epoch)
 
-        def end_epoch(k: int, epoch: int, steps: int, history: dict) -> None:
-            last_epoch[k] = epoch
-            detectors[k].training_log_ = history
-            if callbacks[k] is not None:  # eval-mode passes only: training is unchanged
-                detectors[k]._estimate_mixture(xs[k], epoch)
-
-        clip = None if first.grad_clip_norm is None else (lambda: clip_grad_norm_per_job(params, first.grad_clip_norm))
-        (stage,) = first._stages(min(len(x) for x in xs))
-        errors = train_stacked_stage(detectors, xs, callbacks, stage, stacked, forward,
-                                     [(StackedAdam(params, first.lr), params)],
-                                     ("loss", "reconstruction", "energy", "cov_penalty"), end_epoch,
-                                     inputs=masks, after_backward=clip)
-        for k, det in enumerate(detectors):
-            if errors[k] is None:
-                try:
-                    det._estimate_mixture(xs[k], last_epoch[k])
-                except DivergedError as exc:
-                    errors[k] = exc
-        return errors
+        (stage,) = self._stages(n_train)
+        group = ParamGroup(("compression_", "estimation_"), OptimiserSpec("adam", self.lr),
+                           clip_grad_norm=self.grad_clip_norm)
+        phase = Phase(type(self)._step_losses, (group,), draws=type(self)._draw_dropout_mask)
+        return [StagePlan(stage, ("compression_", "estimation_"), (phase,), begin=begin, end_epoch=end_epoch,
+                          end=end)]
 
     @torch.no_grad()
     def _estimate_mixture(self, x_train: torch.Tensor, epoch: int) -> None:

@@ -22,24 +22,22 @@ by default (`lr_decay_at_epoch_start=True`); False decays from epoch milestone +
 """
 from __future__ import annotations
 
-from typing import Any, Iterable, Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from methods.base import (
     DivergedError,
-    EpochCallback,
     check_choice,
     check_nonneg_float,
     check_positive_float,
     check_positive_int,
 )
+from methods.engine import Job, OptimiserSpec, ParamGroup, Phase, Stage, StagePlan, StageResult, StepEvent
 from methods.preprocess import global_contrast_normalization
-from methods.stacking import StackedAdam, StackedModules, train_stacked_stage
-from methods.torch_base import Stage, TorchDetector
+from methods.torch_base import TorchDetector
 
 BN_EPS = 1e-4
 
@@ -442,29 +440,75 @@ class DeepSVDD(TorchDetector):
         return stages
 
     @staticmethod
-    def _scalar_means(sums: torch.Tensor, n_steps: int) -> list[float]:
-        return [float(sums[0]) / n_steps]
+    def _scalar_means(sums: torch.Tensor, counts: torch.Tensor) -> list[float]:
+        return [float(sums[0]) / int(counts[0])]
 
-    def _pretrain(self, ae: nn.Module, x_train: torch.Tensor, stage: Stage) -> list[float]:
-        """AE pretraining: loss = mean over the batch of the per-image sum of squared errors."""
-        optimizer = torch.optim.Adam(ae.parameters(), lr=self.ae_lr, weight_decay=self.ae_weight_decay)
+    def _ae_losses(self, x: torch.Tensor) -> tuple[list[torch.Tensor], dict[str, torch.Tensor], list]:
+        """AE pretraining's loss: mean over the batch of the per-image sum of squared errors."""
+        loss = (self.ae_(x) - x).pow(2).flatten(1).sum(dim=1).mean()
+        return [loss], {"loss": loss}, []
 
-        def begin_epoch(epoch: int) -> None:
-            for group in optimizer.param_groups:
-                group["lr"] = self.ae_lr * lr_factor(epoch, self.ae_lr_milestones, self.lr_decay_at_epoch_start)
+    def _svdd_losses(self, x: torch.Tensor) -> tuple[list[torch.Tensor], dict[str, torch.Tensor], list]:
+        """The one-class objective on a batch, from the centre c and radius R held by `center_` (per
+        job when stacked); the squared distances go to `after_step` for the radius update."""
+        dist = (self.net_(x) - self.center_.c).pow(2).sum(dim=1)
+        loss = self._svdd_loss(dist, self.center_.R)
+        return [loss], {"loss": loss}, [dist]
 
-        def step(idx: torch.Tensor, step_number: int) -> torch.Tensor:
-            x = x_train[idx]
-            loss = (ae(x) - x).pow(2).flatten(1).sum(dim=1).mean()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            return loss.detach().reshape(1)
+    def _stage_plans(self, n_train: int) -> list[StagePlan]:
+        """The training, described once for any number of jobs: the AE pretraining, then per job the
+        encoder copy and the centre c (`_begin_svdd`), then the one-class training with c and R as
+        buffers of `center_`. Soft-boundary: after the warm-up epochs, R is set after each optimiser
+        step to the (1 - nu) quantile of sqrt(dist) over the job's batch (distances from before the
+        update). Stacked jobs' training sets must have one size (the last batch's rule depends on it)."""
+        stages = self._stages(n_train)
+        plans = []
+        if self.pretrain:
+            def ae_end_epoch(job: Job, result: StageResult) -> None:
+                job.detector.training_log_["ae_epoch_mean_loss"] = result.history["loss"]
 
-        ae.train()
-        result = self._train_stage(stage, len(x_train), step, ("loss",), None, begin_epoch,
-                                   epoch_means=self._scalar_means)
-        return result.history["loss"]
+            adam = OptimiserSpec("adam", self.ae_lr, weight_decay=self.ae_weight_decay)
+            plans.append(StagePlan(
+                stages[0], ("ae_",), (Phase(type(self)._ae_losses, (ParamGroup(("ae_",), adam),)),),
+                lr_factor=lambda epoch: lr_factor(epoch, self.ae_lr_milestones, self.lr_decay_at_epoch_start),
+                end_epoch=ae_end_epoch, epoch_means=self._scalar_means))
+
+        def update_radius(event: StepEvent) -> None:
+            # The authors update R on every batch once epoch (0-based) >= warm-up epochs.
+            if self.objective == "soft-boundary" and event.epoch > self.warm_up_epochs:
+                R = event.modules.buffer("center_", "R")
+                with torch.no_grad():
+                    R.copy_(torch.where(event.active_t, self._radius(event.outputs[1]).to(R.dtype), R))
+
+        def end_epoch(job: Job, result: StageResult) -> None:
+            job.detector.training_log_["epoch_mean_loss"] = result.history["loss"]
+
+        def end(job: Job, result: StageResult) -> None:
+            det = job.detector
+            det.R_ = det.center_.R.clone()
+            del det.center_
+            det.training_log_["center_abs_mean"] = float(det.c_.abs().mean())
+            if det.objective == "soft-boundary":
+                det.training_log_["radius"] = float(det.R_)
+
+        adam = OptimiserSpec("adam", self.lr, weight_decay=self.weight_decay)
+        plans.append(StagePlan(
+            stages[-1], ("net_", "center_"), (Phase(type(self)._svdd_losses, (ParamGroup(("net_",), adam),)),),
+            begin=type(self)._begin_svdd,
+            lr_factor=lambda epoch: lr_factor(epoch, self.lr_milestones, self.lr_decay_at_epoch_start),
+            after_step=update_radius, end_epoch=end_epoch, epoch_means=self._scalar_means, end=end))
+        return plans
+
+    @staticmethod
+    def _begin_svdd(job: Job) -> None:
+        """Between the stages, per job: the pretrained encoder into the SVDD network, the centre c
+        (a DivergedError if it is not finite), c and R = 0 as the buffers of `center_`."""
+        det = job.detector
+        if det.ae_ is not None:
+            copy_encoder_state(det.ae_, det.net_)
+        det.ae_ = None
+        det._init_center(job.x)
+        det.center_ = _Center(det.c_, det.R_)
 
     @torch.no_grad()
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
@@ -489,42 +533,6 @@ class DeepSVDD(TorchDetector):
             raise DivergedError(epoch=0, step=0, detail="non-finite centre c after pretraining")
         self.R_ = torch.zeros((), device=self.device_)  # soft-boundary radius (authors: R = 0 at start)
 
-    def _fit(self, x_train: torch.Tensor, epoch_callback: Optional[EpochCallback]) -> None:
-        self._build_networks(x_train)
-        stages = self._stages(len(x_train))
-        if self.pretrain:
-            self.training_log_["ae_epoch_mean_loss"] = self._pretrain(self.ae_, x_train, stages[0])
-            copy_encoder_state(self.ae_, self.net_)
-            self.ae_ = None
-        self._init_center(x_train)
-
-        optimizer = torch.optim.Adam(self.net_.parameters(), lr=self.lr, weight_decay=self.weight_decay)
-        epoch_now = [1]
-
-        def begin_epoch(epoch: int) -> None:
-            epoch_now[0] = epoch
-            for group in optimizer.param_groups:
-                group["lr"] = self.lr * lr_factor(epoch, self.lr_milestones, self.lr_decay_at_epoch_start)
-
-        def step(idx: torch.Tensor, step_number: int) -> torch.Tensor:
-            dist = (self.net_(x_train[idx]) - self.c_).pow(2).sum(dim=1)
-            loss = self._svdd_loss(dist, self.R_)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            # The authors update R on every batch once epoch (0-based) >= warm-up epochs.
-            if self.objective == "soft-boundary" and epoch_now[0] > self.warm_up_epochs:
-                self.R_ = self._radius(dist.detach())
-            return loss.detach().reshape(1)
-
-        self.net_.train()
-        losses = self._train_stage(stages[-1], len(x_train), step, ("loss",), epoch_callback, begin_epoch,
-                                   epoch_means=self._scalar_means).history["loss"]
-        self.training_log_["epoch_mean_loss"] = losses
-        self.training_log_["center_abs_mean"] = float(self.c_.abs().mean())
-        if self.objective == "soft-boundary":
-            self.training_log_["radius"] = float(self.R_)
-
     def _svdd_loss(self, dist: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
         """The objective on a batch's squared distances (B,) to c: mean dist (one-class), or
         R^2 + mean(max(0, dist - R^2)) / nu (soft-boundary)."""
@@ -536,93 +544,6 @@ class DeepSVDD(TorchDetector):
         """The soft-boundary radius from a batch's squared distances (..., B): the (1 - nu)
         quantile of sqrt(dist) over the last axis (per job when stacked)."""
         return torch.quantile(dist.sqrt(), 1 - self.nu, dim=-1)
-
-    @classmethod
-    def _fit_stacked(cls, detectors: list["DeepSVDD"], xs: list[torch.Tensor],
-                     callbacks: list[Optional[EpochCallback]], rng: Any) -> list[Optional[DivergedError]]:
-        """K jobs as one batched model (methods/stacking.py), stage by stage: the AE pretraining
-        stacked, then per job the encoder copy and the centre c, then the one-class training
-        stacked (c a per-job buffer). Soft-boundary: the radius R is a per-job buffer too, used by
-        the loss and, after the warm-up epochs, set after each optimiser step to the (1 - nu)
-        quantile of sqrt(dist) over that job's batch (distances from before the update, as the
-        solo step). The jobs' training sets must have one size (the last batch's rule depends on it)."""
-        first = detectors[0]
-        if len({len(x) for x in xs}) > 1:
-            raise ValueError("stacked Deep SVDD jobs need training sets of one size")
-        stages = first._stages(len(xs[0]))
-        errors: list[Optional[DivergedError]] = [None] * len(detectors)
-
-        def run(stage: Any, jobs: list[int], modules: str, forward: Any, lr: float, weight_decay: float,
-                milestones: Sequence[int], log_key: str, after_step: Any = None) -> None:
-            dets = [detectors[k] for k in jobs]
-            stacked = StackedModules([{"net": getattr(det, modules)} for det in dets])
-            net = stacked.template["net"]
-            params = stacked.group_params("net")
-            optimiser = StackedAdam(params, lr, weight_decay=weight_decay)
-
-            def begin_epoch(epoch: int) -> None:
-                optimiser.lr = lr * lr_factor(epoch, milestones, first.lr_decay_at_epoch_start)
-
-            def end_epoch(k: int, epoch: int, steps: int, history: dict) -> None:
-                dets[k].training_log_[log_key] = history["loss"]
-
-            stage_errors = train_stacked_stage(dets, [xs[k] for k in jobs], [callbacks[k] for k in jobs], stage,
-                                               stacked, lambda modules, x: forward(net, x),
-                                               [(optimiser, params)], ("loss",), end_epoch,
-                                               after_step=after_step and (lambda *a: after_step(stacked, *a)),
-                                               begin_epoch=begin_epoch)
-            for k, error in zip(jobs, stage_errors):
-                errors[k] = errors[k] or error
-
-        if first.pretrain:
-            for det in detectors:
-                det.ae_.train()
-
-            def ae_loss(ae: nn.Module, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-                loss = (ae(x) - x).pow(2).flatten(1).sum(dim=1).mean()
-                return [loss], loss.reshape(1)
-
-            run(stages[0], list(range(len(detectors))), "ae_", ae_loss, first.ae_lr, first.ae_weight_decay,
-                first.ae_lr_milestones, "ae_epoch_mean_loss")
-        for k, det in enumerate(detectors):
-            if errors[k] is None:
-                if det.ae_ is not None:
-                    copy_encoder_state(det.ae_, det.net_)
-                det.ae_ = None
-                try:
-                    det._init_center(xs[k])
-                except DivergedError as exc:
-                    errors[k] = exc
-                det.net_.train()
-                det.center_ = _Center(det.c_, det.R_)
-        alive = [k for k in range(len(detectors)) if errors[k] is None]
-        if alive:
-            def svdd_loss(net: nn.Module, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor, list]:
-                dist = (net.net(x) - net.center.c).pow(2).sum(dim=1)
-                loss = first._svdd_loss(dist, net.center.R)
-                return [loss], loss.reshape(1), [dist]
-
-            def update_radius(stacked: Any, active: np.ndarray, steps: np.ndarray, epoch: int,
-                              outputs: list[torch.Tensor]) -> None:
-                if first.objective == "soft-boundary" and epoch > first.warm_up_epochs:
-                    R = stacked.buffers["net.center.R"]
-                    keep = torch.from_numpy(active).to(R.device)
-                    with torch.no_grad():
-                        R.copy_(torch.where(keep, first._radius(outputs[1]).to(R.dtype), R))
-
-            for k in alive:
-                detectors[k].svdd_ = nn.ModuleDict({"net": detectors[k].net_, "center": detectors[k].center_})
-            run(stages[-1], alive, "svdd_", svdd_loss, first.lr, first.weight_decay, first.lr_milestones,
-                "epoch_mean_loss", update_radius)
-        for k in alive:
-            det = detectors[k]
-            det.R_ = det.center_.R.clone()
-            del det.svdd_, det.center_
-            if errors[k] is None:
-                det.training_log_["center_abs_mean"] = float(det.c_.abs().mean())
-                if det.objective == "soft-boundary":
-                    det.training_log_["radius"] = float(det.R_)
-        return errors
 
     def _score_batch(self, x: torch.Tensor) -> torch.Tensor:
         dist = (self.net_(x) - self.c_).pow(2).sum(dim=1)

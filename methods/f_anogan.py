@@ -33,25 +33,21 @@ Choices written down (the authors' TensorFlow code works at 64 x 64 with 4-block
 """
 from __future__ import annotations
 
-import copy
-from typing import Any, Callable, Iterable, Optional
+from typing import Callable, Iterable, Optional
 
-import numpy as np
 import torch
 from torch import nn
 
 from methods.base import (
-    DivergedError,
-    EpochCallback,
     check_choice,
     check_nonneg_float,
     check_positive_float,
     check_positive_int,
 )
 from methods.blocks import DCGANDecoder, DCGANFeatures, batch_norm, layer_norm
+from methods.engine import Job, OptimiserSpec, ParamGroup, Phase, Stage, StagePlan, StageResult, in_vmap
 from methods.preprocess import resize, to_minus_one_one
-from methods.stacking import StackedAdam, StackedModules, StackedRMSprop, graphed_step, job_draws, train_stacked_stage
-from methods.torch_base import Stage, StageResult, TorchDetector, init_dcgan_weights
+from methods.torch_base import TorchDetector, init_dcgan_weights
 
 # paper: the authors' budgets, 7 critic-batch epochs of WGAN-GP and 50,000 encoder iterations,
 # published for their retinal OCT data (far more images than one class here): at N = 6000 images,
@@ -318,11 +314,6 @@ class FAnoGAN(TorchDetector):
     def _preprocess(self, x: torch.Tensor) -> torch.Tensor:
         return to_minus_one_one(resize(x, self.image_size))
 
-    def _augment(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.hflip:
-            return x
-        return apply_flips(x, self._draw_flips(x.shape[0]))
-
     def _draw_flips(self, n: int) -> torch.Tensor:
         """(n,) bool, which images of a batch to mirror (p 0.5), from the shuffling generator; all
         False without `hflip` (then nothing is drawn)."""
@@ -346,16 +337,6 @@ class FAnoGAN(TorchDetector):
         for net in self._networks():
             net.apply(init_dcgan_weights)
 
-    def _fit(self, x_train: torch.Tensor, epoch_callback: Optional[EpochCallback]) -> None:
-        self._build_networks(x_train)
-        self.training_log_ = {"stage1": {}, "stage2": {}}
-        gan_stage, encoder_stage = self._stages(len(x_train))
-        self._stage_name = "gan"
-        result = self._train_gan(x_train, gan_stage)
-        self._stage_name = "encoder"
-        self._train_encoder(x_train, Stage(**{**vars(encoder_stage), "first_epoch": result.last_epoch + 1}),
-                            epoch_callback)
-
     def _stages(self, n_train: int) -> list[Stage]:
         # Stage 1 counts critic steps (5 per generator step); the callback runs in stage 2 only.
         return [Stage("gan", self.batch_size, epochs=self.gan_epochs, max_steps=self.gan_max_steps,
@@ -369,45 +350,6 @@ class FAnoGAN(TorchDetector):
         if train and getattr(self, "_stage_name", None) == "encoder":
             self.netG_.eval()  # stage 2: G stays in BatchNorm inference mode, D is frozen
             self.netD_.eval()
-
-    def _train_gan(self, x: torch.Tensor, stage: Stage) -> StageResult:
-        """Stage 1, WGAN-GP."""
-        G, D = self.netG_, self.netD_
-        G.train()
-        D.train()
-        opt_g = torch.optim.Adam(G.parameters(), lr=self.gan_lr, betas=(self.gan_beta1, self.gan_beta2))
-        opt_d = torch.optim.Adam(D.parameters(), lr=self.gan_lr, betas=(self.gan_beta1, self.gan_beta2))
-        generator_steps = [0, 0]  # in all, in this epoch
-        zero = torch.zeros((), device=self.device_)
-
-        def begin_epoch(epoch: int) -> None:
-            generator_steps[1] = 0
-
-        def step(idx: torch.Tensor, critic_steps: int) -> torch.Tensor:
-            real = self._augment(x[idx])
-            loss_d, values = self._critic_loss(real, *self._critic_draws(len(idx)))
-            opt_d.zero_grad(set_to_none=True)
-            loss_d.backward()
-            opt_d.step()
-            loss_g = zero
-            if critic_steps % self.n_critic == 0:
-                D.requires_grad_(False)
-                loss_g = self._generator_loss(self._noise(self.batch_size))
-                opt_g.zero_grad(set_to_none=True)
-                loss_g.backward()
-                opt_g.step()
-                D.requires_grad_(True)
-                generator_steps[0] += 1
-                generator_steps[1] += 1
-            return torch.cat([values, loss_g.reshape(1)]).detach()
-
-        def epoch_means(sums: torch.Tensor, n_d: int) -> list[float]:
-            return self._gan_epoch_means(sums, n_d, generator_steps[1])
-
-        result = self._train_stage(stage, len(x), step, self._gan_names, None, begin_epoch, epoch_means=epoch_means)
-        self.training_log_["stage1"] = {**result.history, "epochs": result.epochs, "critic_steps": result.steps,
-                                        "generator_steps": generator_steps[0]}
-        return result
 
     _gan_names = ("critic_loss", "wasserstein", "gradient_penalty", "generator_loss")
     _encoder_names = ("loss", "img_mse", "feat_mse")
@@ -433,11 +375,6 @@ class FAnoGAN(TorchDetector):
         """WGAN generator loss -mean D(G(z))."""
         return -self.netD_(self.netG_(z))[0].mean()
 
-    def _gan_epoch_means(self, sums: torch.Tensor, n_critic_steps: int, n_generator_steps: int) -> list[float]:
-        """Stage 1's epoch means: the critic values per critic step, the generator loss per generator step."""
-        n_d, n_g = n_critic_steps, max(n_generator_steps, 1)
-        return (sums / torch.tensor([n_d, n_d, n_d, n_g], device=sums.device)).tolist()
-
     def _encoder_loss(self, real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Stage 2's izi_f loss on a batch, and the logged [loss, img_mse, feat_mse]."""
         G, D, E = self.netG_, self.netD_, self.netE_
@@ -447,149 +384,61 @@ class FAnoGAN(TorchDetector):
         loss = img + self.kappa * feat
         return loss, torch.stack([loss, img, feat])
 
-    def _train_encoder(self, x: torch.Tensor, stage: Stage, epoch_callback: Optional[EpochCallback]) -> None:
-        """Stage 2, izi_f: only E learns; G stays in BatchNorm inference mode, D is frozen."""
-        G, D, E = self.netG_, self.netD_, self.netE_
-        G.requires_grad_(False)
-        D.requires_grad_(False)
-        self._set_mode(train=True)
-        opt = torch.optim.RMSprop(E.parameters(), lr=self.encoder_lr)
+    # ---- the training, described once for the engine (methods/engine/) ----
+    def _flipped(self, x: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+        return apply_flips(x, flip) if self.hflip else x
 
-        def step(idx: torch.Tensor, step_number: int) -> torch.Tensor:
-            loss, values = self._encoder_loss(self._augment(x[idx]))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            return values.detach()
+    def _critic_step(self, x: torch.Tensor, flip: torch.Tensor, z: torch.Tensor,
+                     alpha: torch.Tensor) -> tuple[list[torch.Tensor], dict[str, torch.Tensor], list]:
+        loss_d, values = self._critic_loss(self._flipped(x, flip), z, alpha, functional=in_vmap())
+        return [loss_d], dict(zip(self._gan_names[:3], values.unbind())), []
 
-        result = self._train_stage(stage, len(x), step, self._encoder_names, epoch_callback)
-        self.training_log_["stage2"] = {**result.history, "epochs": result.epochs, "iterations": result.steps}
+    def _generator_step(self, x: torch.Tensor, z: torch.Tensor) -> tuple[list[torch.Tensor], dict, list]:
+        loss_g = self._generator_loss(z)
+        return [loss_g], {"generator_loss": loss_g}, []
 
-    # ---- stacked training (methods/stacking.py) ---------------------------------------------
-    @classmethod
-    def _fit_stacked(cls, detectors: list["FAnoGAN"], xs: list[torch.Tensor],
-                     callbacks: list[Optional[EpochCallback]], rng: Any) -> list[Optional[DivergedError]]:
-        """K jobs as one batched model, both stages as the solo fit.
+    def _encoder_step(self, x: torch.Tensor, flip: torch.Tensor) -> tuple[list[torch.Tensor], dict, list]:
+        loss, values = self._encoder_loss(self._flipped(x, flip))
+        return [loss], dict(zip(self._encoder_names, values.unbind())), []
 
-        Stage 1 per step: the critic update of every active job, then, for the jobs whose critic
-        step count (per job) is a multiple of n_critic, a generator update computed after it (the
-        other jobs' G BatchNorm statistics restored); with `cuda_graphs`, each of the two phases is
-        captured (graph statistics under "gan" and "gan_generator"). Stage 2: the izi_f step with
-        a stacked RMSprop, jobs grouped by the epoch their stage 1 ended (epochs are numbered on).
-        Every random draw (flips, z, alpha) comes from the job's own generator, in the solo step's
-        order and shapes, made outside vmap and passed in.
-        """
-        first, k_jobs = detectors[0], len(detectors)
-        for det in detectors:
-            det.training_log_ = {"stage1": {}, "stage2": {}}
-            det._stage_name = "gan"
-            det.netG_.train()
-            det.netD_.train()
-        gan_stage, encoder_stage = first._stages(min(len(x) for x in xs))
-        stacked = StackedModules([{"g": det.netG_, "d": det.netD_} for det in detectors])
-        template = copy.copy(first)  # runs the detector's own loss code on the template modules
-        template.netG_, template.netD_ = stacked.template["g"], stacked.template["d"]
-        g_params, d_params = stacked.group_params("g"), stacked.group_params("d")
-        betas = (first.gan_beta1, first.gan_beta2)
-        opt_g, opt_d = StackedAdam(g_params, first.gan_lr, betas), StackedAdam(d_params, first.gan_lr, betas)
-        generator_steps = np.zeros(k_jobs, dtype=np.int64)  # in all
-        epoch_generator_steps = np.zeros(k_jobs, dtype=np.int64)
-        last_epoch = [0] * k_jobs
-        device = first.device_
+    def _stage_plans(self, n_train: int) -> list[StagePlan]:
+        """Both stages, described once for any number of jobs. Stage 1 per step: the critic update,
+        then, on every n_critic-th critic step of the job, a generator update computed after it (a
+        phase of its own: captured in its own CUDA graph, statistics under "gan_generator"). Stage 2:
+        the izi_f step with RMSprop on E alone, epochs numbered on from the job's stage 1. Every
+        random draw (flips, z, alpha) comes from the job's own generator in the solo order."""
+        gan_stage, encoder_stage = self._stages(n_train)
+        adam = OptimiserSpec("adam", self.gan_lr, (self.gan_beta1, self.gan_beta2))
 
-        def critic_fn(modules: nn.ModuleDict, x: torch.Tensor, flip: torch.Tensor, z: torch.Tensor,
-                      alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            return template._critic_loss(apply_flips(x, flip), z, alpha, functional=True)
+        def begin_gan(job: Job) -> None:
+            job.detector.training_log_ = {"stage1": {}, "stage2": {}}
+            job.detector._stage_name = "gan"
 
-        def critic_update(x: torch.Tensor, active_t: torch.Tensor, *draws: torch.Tensor) -> torch.Tensor:
-            with first._autocast():
-                loss_d, values = stacked.call(critic_fn, x, *draws)
-                opt_d.zero_grad()
-                loss_d.sum().backward(inputs=d_params)
-            opt_d.step(active_t)
-            return values.detach()
+        def gan_end_epoch(job: Job, result: StageResult) -> None:
+            job.detector.training_log_["stage1"] = {**result.history, "epochs": result.epochs,
+                                                    "critic_steps": result.steps,
+                                                    "generator_steps": result.steps // self.n_critic}
 
-        def generator_update(z: torch.Tensor, due_t: torch.Tensor) -> torch.Tensor:
-            snapshot = stacked.buffers_snapshot()  # G's BatchNorm statistics move for the due jobs only
-            with first._autocast():
-                loss_g = stacked.call(lambda modules, zk: template._generator_loss(zk), z)
-                opt_g.zero_grad()
-                loss_g.sum().backward(inputs=g_params)
-            opt_g.step(due_t)
-            stacked.restore_buffers(snapshot, due_t)
-            return torch.where(due_t, loss_g.detach(), torch.zeros_like(loss_g))
+        def begin_encoder(job: Job) -> None:
+            job.detector._stage_name = "encoder"
+            job.detector.netG_.requires_grad_(False)  # G and D frozen; the engine's modes keep them in eval
+            job.detector.netD_.requires_grad_(False)
 
-        # Each phase is one function of device tensors (a CUDA graph each with cuda_graphs).
-        critic_phase = graphed_step(detectors, critic_update, gan_stage.name)
-        generator_phase = graphed_step(detectors, generator_update, gan_stage.name + "_generator")
+        def encoder_end_epoch(job: Job, result: StageResult) -> None:
+            job.detector.training_log_["stage2"] = {**result.history, "epochs": result.epochs,
+                                                    "iterations": result.steps}
 
-        def gan_step(x: torch.Tensor, active: np.ndarray, active_t: torch.Tensor,
-                     steps: np.ndarray) -> tuple[list, torch.Tensor]:
-            n = x.shape[1]
-            draws = job_draws(active, lambda k: (detectors[k]._draw_flips(n), *detectors[k]._critic_draws(n)))
-            values = critic_phase(x, active_t, *draws)
-            due = active & ((steps + 1) % first.n_critic == 0)  # the job's critic step count, 1-based
-            loss_g = torch.zeros(k_jobs, dtype=values.dtype, device=device)
-            if due.any():  # decided on the host from host counts: no device sync
-                (z,) = job_draws(due, lambda k: (detectors[k]._noise(first.batch_size),))
-                loss_g = generator_phase(z, torch.from_numpy(due).to(device))
-                generator_steps[:] += due
-                epoch_generator_steps[:] += due
-            return [], torch.cat([values, loss_g[:, None]], dim=1)
-
-        def begin_epoch(epoch: int) -> None:
-            epoch_generator_steps[:] = 0
-
-        def gan_means(k: int, sums: torch.Tensor, n_steps: int) -> list[float]:
-            return first._gan_epoch_means(sums, n_steps, int(epoch_generator_steps[k]))
-
-        def gan_end_epoch(k: int, epoch: int, steps: int, history: dict) -> None:
-            last_epoch[k] = epoch
-            detectors[k].training_log_["stage1"] = {**history, "epochs": epoch - gan_stage.first_epoch + 1,
-                                                    "critic_steps": steps, "generator_steps": int(generator_steps[k])}
-
-        errors = train_stacked_stage(detectors, xs, callbacks, gan_stage, stacked, None, [], first._gan_names,
-                                     gan_end_epoch, begin_epoch=begin_epoch, step=gan_step, epoch_means=gan_means)
-        for epoch in sorted({last_epoch[k] for k in range(k_jobs) if errors[k] is None}):
-            jobs = [k for k in range(k_jobs) if errors[k] is None and last_epoch[k] == epoch]
-            stage = Stage(**{**vars(encoder_stage), "first_epoch": epoch + 1})
-            for k, error in zip(jobs, cls._fit_stacked_encoder([detectors[k] for k in jobs], [xs[k] for k in jobs],
-                                                              [callbacks[k] for k in jobs], stage)):
-                errors[k] = error
-        return errors
-
-    @staticmethod
-    def _fit_stacked_encoder(detectors: list["FAnoGAN"], xs: list[torch.Tensor],
-                             callbacks: list[Optional[EpochCallback]], stage: Stage) -> list[Optional[DivergedError]]:
-        """Stage 2 of `_fit_stacked` for jobs whose stage 1 ended in the same epoch."""
-        first = detectors[0]
-        for det in detectors:
-            det._stage_name = "encoder"
-            det.netG_.requires_grad_(False)
-            det.netD_.requires_grad_(False)
-            det._set_mode(train=True)  # E trains, G in BatchNorm inference mode, D frozen
-        stacked = StackedModules([{"g": det.netG_, "d": det.netD_, "e": det.netE_} for det in detectors])
-        for key, p in stacked.params.items():
-            if not key.startswith("e."):
-                p.requires_grad_(False)
-        template = copy.copy(first)
-        template.netG_, template.netD_, template.netE_ = (stacked.template[name] for name in ("g", "d", "e"))
-        e_params = stacked.group_params("e")
-
-        def flips(active: np.ndarray, idx: list[torch.Tensor]) -> list[torch.Tensor]:
-            return job_draws(active, lambda k: (detectors[k]._draw_flips(len(idx[k])),))
-
-        def forward(modules: nn.ModuleDict, x: torch.Tensor, flip: torch.Tensor) -> tuple[list, torch.Tensor]:
-            loss, values = template._encoder_loss(apply_flips(x, flip))
-            return [loss], values
-
-        def end_epoch(k: int, epoch: int, steps: int, history: dict) -> None:
-            detectors[k].training_log_["stage2"] = {**history, "epochs": epoch - stage.first_epoch + 1,
-                                                    "iterations": steps}
-
-        return train_stacked_stage(detectors, xs, callbacks, stage, stacked, forward,
-                                   [(StackedRMSprop(e_params, first.encoder_lr), e_params)], first._encoder_names,
-                                   end_epoch, inputs=flips)
+        critic = Phase(type(self)._critic_step, (ParamGroup(("netD_",), adam),),
+                       draws=lambda det, n: (det._draw_flips(n), *det._critic_draws(n)))
+        generator = Phase(type(self)._generator_step, (ParamGroup(("netG_",), adam),),
+                          draws=lambda det, n: (det._noise(det.batch_size),), every=self.n_critic,
+                          names=("generator_loss",), label="generator")
+        encoder = Phase(type(self)._encoder_step, (ParamGroup(("netE_",), OptimiserSpec("rmsprop", self.encoder_lr)),),
+                        draws=lambda det, n: (det._draw_flips(n),))
+        return [StagePlan(gan_stage, ("netG_", "netD_"), (critic, generator), begin=begin_gan,
+                          end_epoch=gan_end_epoch),
+                StagePlan(encoder_stage, ("netG_", "netD_", "netE_"), (encoder,), begin=begin_encoder,
+                          end_epoch=encoder_end_epoch, continue_epochs=True)]
 
     # ---- score ----
     def _score_batch(self, x: torch.Tensor) -> torch.Tensor:

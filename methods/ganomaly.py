@@ -24,8 +24,7 @@ scored once, in eval mode, so a score never depends on which images share its ba
 """
 from __future__ import annotations
 
-import copy
-from typing import Any, Iterable, Optional
+from typing import Iterable, Optional
 
 import numpy as np
 import torch
@@ -33,17 +32,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from methods.base import (
-    DivergedError,
-    EpochCallback,
     check_images,
     check_nonneg_float,
     check_positive_float,
     check_positive_int,
 )
 from methods.blocks import DCGANDecoder, DCGANDiscriminator, DCGANEncoder
+from methods.engine import Job, OptimiserSpec, ParamGroup, Phase, Stage, StagePlan, StageResult, StepEvent
 from methods.preprocess import resize, to_minus_one_one
-from methods.stacking import StackedAdam, StackedModules, train_stacked_stage
-from methods.torch_base import Stage, StageResult, TorchDetector, init_dcgan_weights
+from methods.torch_base import TorchDetector, init_dcgan_weights
 
 IMAGE_SIZE = 32  # the authors' isize; MNIST and Fashion-MNIST are resized 28 -> 32
 
@@ -285,95 +282,48 @@ class GANomaly(TorchDetector):
                 "d_reinit_count": len(reinit_epochs), "d_reinit_epochs": reinit_epochs,
                 "d_collapse_check_every_steps": check_every, **self._training_facts()}
 
-    def _fit(self, x_train: torch.Tensor, epoch_callback: Optional[EpochCallback]) -> None:
-        self._build_networks(x_train)
-        g_params = list(self.netg_.parameters())
-        d_params = list(self.netd_.parameters())
-        betas = (self.beta1, self.beta2)
-        g_opt = torch.optim.Adam(g_params, lr=self.lr, betas=betas)
-        d_opt = torch.optim.Adam(d_params, lr=self.lr, betas=betas)
+    def _step_losses(self, x: torch.Tensor) -> tuple[list[torch.Tensor], dict[str, torch.Tensor], list]:
+        """The step's loss function for the engine (methods/engine/): [L_G, L_D] from one forward pass,
+        each trained into its own network, and the logged values (both losses, then L_G's terms)."""
+        g_loss, d_loss, parts = self._forward_losses(x)
+        return [g_loss, d_loss], {"g": g_loss, "d": d_loss, **parts}, []
 
+    def _stage_plans(self, n_train: int) -> list[StagePlan]:
+        """The training, described once for any number of jobs: one stage; per step one shared forward
+        pass, G's and D's Adam steps (`_step_losses`), then the D re-initialisation rule: every
+        `check_every` steps, D is re-initialised (from the job's global RNG stream; its optimiser
+        state kept) when its smallest loss since the last look fell under `d_reinit_threshold`."""
+        adam = OptimiserSpec("adam", self.lr, (self.beta1, self.beta2))
         check_every = self._d_check_every.get(self.device_.type, 20)
-        d_min = torch.full((), float("inf"), device=self.device_)
-        reinit_epochs: list[int] = []
-        epoch_now = [1]
-        names: list[str] = []
+        threshold = self.d_reinit_threshold
+        d_min: list[torch.Tensor] = []  # (K,) each job's smallest D loss since the last look
 
-        def begin_epoch(epoch: int) -> None:
-            epoch_now[0] = epoch
+        def begin(job: Job) -> None:
+            job.detector.reinit_epochs_ = []
 
-        def step(idx: torch.Tensor, step_number: int) -> torch.Tensor:
-            g_loss, d_loss, parts = self._forward_losses(x_train[idx])
-            g_opt.zero_grad()
-            d_opt.zero_grad()
-            g_loss.backward(inputs=g_params, retain_graph=True)  # D's fake pass is shared
-            d_loss.backward(inputs=d_params)
-            g_opt.step()
-            d_opt.step()
-            if not names:
-                names.extend(["g", "d", *parts])
-            d_min.copy_(torch.minimum(d_min, d_loss.detach()))
-            if self.d_reinit_threshold > 0 and step_number % check_every == 0:
-                if float(d_min) < self.d_reinit_threshold:
-                    with torch.no_grad():
-                        self.netd_.apply(init_dcgan_weights)
-                    reinit_epochs.append(epoch_now[0])
-                d_min.fill_(float("inf"))
-            return torch.stack([g_loss.detach(), d_loss.detach(), *(p.detach() for p in parts.values())])
-
-        def end_epoch(epoch: int, result: StageResult) -> None:
-            self.training_log_ = self._training_log(epoch, result.steps, result.history, reinit_epochs, check_every)
-
-        self._set_mode(train=True)
-        (stage,) = self._stages(len(x_train))
-        self._train_stage(stage, len(x_train), step, names, epoch_callback, begin_epoch, end_epoch)
-
-    # ---- stacked training (methods/stacking.py) ---------------------------------------------
-    @classmethod
-    def _fit_stacked(cls, detectors: list["GANomaly"], xs: list[torch.Tensor],
-                     callbacks: list[Optional[EpochCallback]], rng: Any) -> list[Optional[DivergedError]]:
-        """K jobs as one batched model: the solo loop's step (one shared forward pass, G and D
-        Adam steps, D re-init on a collapsed D loss), per job in its own slice."""
-        first, k_jobs = detectors[0], len(detectors)
-        device = first.device_
-        for det in detectors:
-            det._set_mode(train=True)
-        stacked = StackedModules([{"g": det.netg_, "d": det.netd_} for det in detectors])
-        template = copy.copy(first)  # runs the detector's own loss code on the template modules
-        template.netg_, template.netd_ = stacked.template["g"], stacked.template["d"]
-        names: list[str] = []
-
-        def forward(modules: nn.ModuleDict, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-            g_loss, d_loss, parts = template._forward_losses(x)
-            if not names:
-                names.extend(["g", "d", *parts])
-            return [g_loss, d_loss], torch.stack([g_loss, d_loss, *parts.values()])
-
-        g_params, d_params = stacked.group_params("g"), stacked.group_params("d")
-        betas = (first.beta1, first.beta2)
-        optimisers = [(StackedAdam(g_params, first.lr, betas), g_params),
-                      (StackedAdam(d_params, first.lr, betas), d_params)]
-        check_every = first._d_check_every.get(device.type, 20)
-        d_min = torch.full((k_jobs,), float("inf"), device=device)
-        reinit_epochs: list[list[int]] = [[] for _ in detectors]
-
-        def after_step(active: np.ndarray, steps: np.ndarray, epoch: int, losses: list[torch.Tensor]) -> None:
-            nonlocal d_min
-            d_min = torch.where(torch.from_numpy(active).to(device), torch.minimum(d_min, losses[1]), d_min)
-            due = active & (steps % check_every == 0)
-            if first.d_reinit_threshold > 0 and due.any():
-                low = (d_min < first.d_reinit_threshold).cpu().numpy()
+        def after_step(event: StepEvent) -> None:
+            d_loss = event.outputs[1]
+            if not d_min:
+                d_min.append(torch.full_like(d_loss, float("inf")))
+            d_min[0] = torch.where(event.active_t, torch.minimum(d_min[0], d_loss), d_min[0])
+            due = event.active & (event.steps % check_every == 0)
+            if threshold > 0 and due.any():
+                low = (d_min[0] < threshold).cpu().numpy()  # one host sync per look
                 for k in np.flatnonzero(due):
-                    if low[k]:  # job k's D re-initialised from job k's own global RNG stream
-                        rng.run(k, lambda k=k: detectors[k].netd_.apply(init_dcgan_weights))
-                        stacked.load_params_from(k, "d")
-                        reinit_epochs[k].append(epoch)
-                    d_min[k] = float("inf")
+                    if low[k]:
+                        job = event.jobs[k]
+                        with torch.no_grad():
+                            job.with_own_rng(lambda: job.detector.netd_.apply(init_dcgan_weights))
+                        event.modules.load_params_from(k, "netd_")
+                        job.detector.reinit_epochs_.append(event.epoch)
+                    d_min[0][k] = float("inf")
 
-        def end_epoch(k: int, epoch: int, steps: int, history: dict) -> None:
-            detectors[k].training_log_ = detectors[k]._training_log(epoch, steps, history, reinit_epochs[k],
-                                                                    check_every)
+        def end_epoch(job: Job, result: StageResult) -> None:
+            det = job.detector
+            det.training_log_ = det._training_log(result.last_epoch, result.steps, result.history,
+                                                  det.reinit_epochs_, check_every)
 
-        (stage,) = first._stages(min(len(x) for x in xs))
-        return train_stacked_stage(detectors, xs, callbacks, stage, stacked, forward, optimisers, names, end_epoch,
-                                   after_step)
+        (stage,) = self._stages(n_train)
+        phase = Phase(type(self)._step_losses, (ParamGroup(("netg_",), adam), ParamGroup(("netd_",), adam)))
+        return [StagePlan(stage, ("netg_", "netd_"), (phase,), begin=begin, after_step=after_step,
+                          end_epoch=end_epoch)]

@@ -29,24 +29,22 @@ the authors' video code: sqrt(sum over channels of r^2) per pixel, averaged over
 """
 from __future__ import annotations
 
-from typing import Any, Iterable, Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from methods.base import (
-    DivergedError,
-    EpochCallback,
     check_choice,
     check_nonneg_float,
     check_positive_float,
     check_positive_int,
 )
+from methods.engine import Job, OptimiserSpec, ParamGroup, Phase, Stage, StagePlan, StageResult
 from methods.memory import MemoryModule, addressing_entropy, check_memory_params, memory_health
 from methods.preprocess import to_minus_one_one
-from methods.stacking import StackedAdam, StackedModules, train_stacked_stage
-from methods.torch_base import Stage, TorchDetector, init_dcgan_weights
+from methods.torch_base import TorchDetector, init_dcgan_weights
 
 MNIST_LIKE = {"num_slots": 100, "widths": (16, 32, 64), "memory_layout": "position"}
 CIFAR = {"num_slots": 500, "widths": (64, 128, 256), "memory_layout": "position"}
@@ -311,49 +309,22 @@ class MemAE(TorchDetector):
                              self.shrink_threshold, self.addressing, self.output_activation,
                              self.memory_layout).to(self.device_)
 
-    def _fit(self, x_train: torch.Tensor, epoch_callback: Optional[EpochCallback]) -> None:
-        self._build_networks(x_train)
-        optimizer = torch.optim.Adam(self.net_.parameters(), lr=self.lr)
+    def _step_losses(self, x: torch.Tensor) -> tuple[list[torch.Tensor], dict[str, torch.Tensor], list]:
+        """The step's loss for the engine: MemAE's objective and its two terms, logged."""
+        x_hat, weights = self.net_(x)
+        loss, mse, entropy = memae_loss(x, x_hat, weights, self.entropy_weight)
+        return [loss], {"loss": loss, "mse": mse, "entropy": entropy}, []
 
-        def step(idx: torch.Tensor, step_number: int) -> torch.Tensor:
-            x = x_train[idx]
-            x_hat, weights = self.net_(x)
-            loss, mse, entropy = memae_loss(x, x_hat, weights, self.entropy_weight)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            return torch.stack([loss.detach(), mse.detach(), entropy.detach()])
+    def _stage_plans(self, n_train: int) -> list[StagePlan]:
+        """The training, described once for any number of jobs: one stage, Adam on the whole network.
+        The last incomplete batch is kept, so stacked jobs' training sets must have one size."""
+        def end_epoch(job: Job, result: StageResult) -> None:
+            log = {"epoch_mean_" + key: values for key, values in result.history.items()}
+            job.detector.training_log_ = {**log, "steps": result.steps}
 
-        self.net_.train()
-        (stage,) = self._stages(len(x_train))
-        result = self._train_stage(stage, len(x_train), step, ("loss", "mse", "entropy"), epoch_callback)
-        self.training_log_ = {"epoch_mean_" + key: values for key, values in result.history.items()}
-        self.training_log_["steps"] = result.steps
-
-    @classmethod
-    def _fit_stacked(cls, detectors: list["MemAE"], xs: list[torch.Tensor], callbacks: list[Optional[EpochCallback]],
-                     rng: Any) -> list[Optional[DivergedError]]:
-        """K jobs as one batched model (methods/stacking.py): the solo step, per job in its own slice.
-        The last incomplete batch is kept, so the jobs' training sets must have one size."""
-        first = detectors[0]
-        for det in detectors:
-            det.net_.train()
-        stacked = StackedModules([{"net": det.net_} for det in detectors])
-        net = stacked.template["net"]
-
-        def forward(modules: nn.ModuleDict, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-            x_hat, weights = net(x)
-            loss, mse, entropy = memae_loss(x, x_hat, weights, first.entropy_weight)
-            return [loss], torch.stack([loss, mse, entropy])
-
-        def end_epoch(k: int, epoch: int, steps: int, history: dict) -> None:
-            detectors[k].training_log_ = {"epoch_mean_" + key: values for key, values in history.items()}
-            detectors[k].training_log_["steps"] = steps
-
-        params = stacked.group_params("net")
-        (stage,) = first._stages(min(len(x) for x in xs))
-        return train_stacked_stage(detectors, xs, callbacks, stage, stacked, forward,
-                                   [(StackedAdam(params, first.lr), params)], ("loss", "mse", "entropy"), end_epoch)
+        (stage,) = self._stages(n_train)
+        phase = Phase(type(self)._step_losses, (ParamGroup(("net_",), OptimiserSpec("adam", self.lr)),))
+        return [StagePlan(stage, ("net_",), (phase,), end_epoch=end_epoch)]
 
     def _score_batch(self, x: torch.Tensor) -> torch.Tensor:
         x_hat, _ = self.net_(x)

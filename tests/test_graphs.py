@@ -1,4 +1,4 @@
-"""CUDA-graph capture of the training step (methods/graphs.py, --cuda-graphs).
+"""CUDA-graph capture of the training step (methods/engine/graphs.py, --cuda-graphs).
 
 On a CPU machine (CI) the capture itself cannot run: the tests that capture skip without CUDA.
 What the CPU can check: the optimiser state the capture relies on lives on the device and an lr
@@ -16,8 +16,10 @@ import pytest
 import torch
 
 from benchmark.cli import main
-from methods.graphs import GraphedStep
-from methods.stacking import StackedAdam, fit_stacked
+from methods.base import TrainOptions
+from methods.engine import fit_jobs
+from methods.engine.graphs import GraphedStep
+from methods.engine.optimisers import StackedAdam
 from test_stacking import RTOL, STABLE, STACKABLE, rel_diff, smoke
 
 CUDA = torch.cuda.is_available()
@@ -69,9 +71,9 @@ def test_graphs_are_refused_on_a_cpu():
     with pytest.raises(ValueError, match="CUDA device"):
         GraphedStep(lambda x: x, torch.device("cpu"))
     det = smoke("ganomaly")(0)
-    det.cuda_graphs = True
     with pytest.raises(ValueError, match="cuda_graphs needs a CUDA device"):
-        det.fit(np.random.default_rng(0).random((32, 1, 28, 28), dtype=np.float32))
+        fit_jobs([det], [np.random.default_rng(0).random((32, 1, 28, 28), dtype=np.float32)],
+                 options=TrainOptions(cuda_graphs=True))
 
 
 def test_cli_refuses_cuda_graphs_without_a_gpu(tmp_path, capsys):
@@ -84,10 +86,11 @@ def test_cli_refuses_cuda_graphs_without_a_gpu(tmp_path, capsys):
     assert not results.exists()
 
 
-def build(name: str, seed: int, graphs: bool, **extra):
-    det = smoke(name, narrow=True, device="cuda", **{**STABLE.get(name, {}), **extra})(seed)
-    det.cuda_graphs = graphs
-    return det
+def build(name: str, seed: int, **extra):
+    return smoke(name, narrow=True, device="cuda", **{**STABLE.get(name, {}), **extra})(seed)
+
+
+GRAPHS = TrainOptions(cuda_graphs=True)
 
 
 def graph_budget(name: str) -> dict:
@@ -106,8 +109,9 @@ def graph_budget(name: str) -> dict:
 def test_a_graphed_fit_scores_as_an_eager_fit(name, separable_task):
     X, X_test, _ = separable_task(n_train=128)
     budget = graph_budget(name)
-    eager = build(name, 0, False, **budget).fit(X)
-    graphed = build(name, 0, True, **budget).fit(X)
+    eager = build(name, 0, **budget).fit(X)
+    graphed = build(name, 0, **budget)
+    assert fit_jobs([graphed], [X], options=GRAPHS) == [None]
     stats = graphed.run_info()["graph_steps"]
     assert all(s["captured"] and s["replayed_steps"] > 0 for s in stats.values()), stats
     assert rel_diff(graphed.decision_function(X_test), eager.decision_function(X_test)) <= RTOL
@@ -119,17 +123,9 @@ def test_a_graphed_fit_scores_as_an_eager_fit(name, separable_task):
 def test_graphed_stacked_jobs_score_as_solo_jobs(name, separable_task):
     tasks = [separable_task(n_train=128, seed=i) for i in range(3)]
     budget = graph_budget(name)
-    stacked = [build(name, s, True, **budget) for s in range(3)]
-    assert fit_stacked(stacked, [X for X, _, _ in tasks]) == [None, None, None]
+    stacked = [build(name, s, **budget) for s in range(3)]
+    assert fit_jobs(stacked, [X for X, _, _ in tasks], options=GRAPHS) == [None, None, None]
     for seed, (X, X_test, _) in enumerate(tasks):
-        solo = build(name, seed, False, **budget).fit(X)
+        solo = build(name, seed, **budget).fit(X)
         assert rel_diff(stacked[seed].decision_function(X_test), solo.decision_function(X_test)) <= RTOL
 
-
-def test_bf16_jobs_do_not_stack():
-    dets = [smoke("memae")(seed) for seed in range(2)]
-    for det in dets:
-        det.precision = "bf16"
-    X = np.random.default_rng(0).random((32, 1, 28, 28), dtype=np.float32)
-    with pytest.raises(ValueError, match="fp32 only"):
-        fit_stacked(dets, [X, X])

@@ -1,5 +1,5 @@
 """benchmark/speed.py on tiny settings (1 step, a few images, narrow networks, tiny peak kernels), and
-the `memory_format` switch of the torch detectors it times (methods/torch_base.py). No timing is
+the `memory_format` option of the torch detectors it times (`TrainOptions`, methods/torch_base.py). No timing is
 asserted: only that the figures exist, are positive and finite, and that each variant really runs
 in its precision and layout."""
 from __future__ import annotations
@@ -15,6 +15,8 @@ from torch import nn
 
 from benchmark import speed
 from methods import get_method
+from methods.base import TrainOptions
+from methods.engine import fit_jobs
 
 CPU = torch.device("cpu")
 TINY_PEAK = {"mm": {"fp32": (16, 32), "bf16": (16, 32)}, "conv": (2, 4, 8, 3)}
@@ -92,7 +94,7 @@ def test_variant_layout_reaches_weights_and_batches(name, variant):
     precision, layout_name = speed.VARIANTS[variant]
     layout = LAYOUTS[layout_name]
     detector = smoke_detector(name)
-    detector.precision, detector.memory_format = precision, layout_name
+    options = TrainOptions(precision=precision, memory_format=layout_name)
     calls: list[tuple[str, bool, bool]] = []  # (phase, input in layout, weight in layout) per Conv2d call
     phase = ["fit"]
 
@@ -103,7 +105,7 @@ def test_variant_layout_reaches_weights_and_batches(name, variant):
 
     handle = nn.modules.module.register_module_forward_pre_hook(record)
     try:
-        detector.fit(images(64))
+        assert fit_jobs([detector], [images(64)], options=options) == [None]
         phase[0] = "score"
         scores = detector.decision_function(images(8, seed=1))
     finally:
@@ -126,25 +128,23 @@ def test_variant_layout_reaches_weights_and_batches(name, variant):
 def test_default_memory_format_leaves_scores_bit_identical(name, own):
     X, X_test = images(64), images(16, seed=1)
     untouched = smoke_detector(name, random_state=2)
-    assert untouched.memory_format == "default"
+    assert TrainOptions().memory_format == "default"
     reference = untouched.fit(X).decision_function(X_test)
     explicit = smoke_detector(name, random_state=2)
-    explicit.memory_format = "default"
-    np.testing.assert_array_equal(explicit.fit(X).decision_function(X_test), reference)
+    assert fit_jobs([explicit], [X], options=TrainOptions(memory_format="default")) == [None]
+    np.testing.assert_array_equal(explicit.decision_function(X_test), reference)
     # The detector's own layout named explicitly computes the same thing (the switch adds nothing else).
     same_layout = smoke_detector(name, random_state=2)
-    same_layout.memory_format = own
-    np.testing.assert_array_equal(same_layout.fit(X).decision_function(X_test), reference)
+    assert fit_jobs([same_layout], [X], options=TrainOptions(memory_format=own)) == [None]
+    np.testing.assert_array_equal(same_layout.decision_function(X_test), reference)
     weights = [p for net in untouched._networks() for p in net.parameters() if p.dim() == 4]
     assert all(p.is_contiguous(memory_format=LAYOUTS[own]) for p in weights)  # the default is unchanged
     assert untouched.run_info()["memory_format"] == "default"
 
 
 def test_unknown_memory_format_is_rejected():
-    detector = smoke_detector("memae")
-    detector.memory_format = "nhwc"
     with pytest.raises(ValueError, match="memory_format"):
-        detector.fit(images(16))
+        TrainOptions(memory_format="nhwc")
 
 
 def test_anomalib_absent_is_reported(monkeypatch, capsys):

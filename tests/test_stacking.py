@@ -1,4 +1,4 @@
-"""Stacked training (methods/stacking.py, benchmark/stacking.py) and the shared training engine.
+"""Stacked training (methods/engine/, benchmark/stacking.py) and the shared training engine.
 
 Tolerance of the stacked-vs-solo comparisons: the largest score difference relative to the
 largest score, <= 1e-2 after the smoke budgets. A stacked fit runs the same arithmetic in
@@ -22,8 +22,9 @@ from benchmark.records import JobKey
 from benchmark.runner import Job
 from benchmark.stacking import group_jobs
 from methods import get_method
-from methods.base import DivergedError
-from methods.stacking import StackedAdam, StackedRMSprop, clip_grad_norm_per_job, fit_stacked
+from methods.base import DivergedError, TrainOptions
+from methods.engine import fit_jobs
+from methods.engine.optimisers import StackedAdam, StackedRMSprop, clip_grad_norm_per_job
 from methods.torch_base import TorchDetector
 
 RTOL = 1e-2
@@ -96,7 +97,7 @@ def test_stacked_smoke_jobs_score_as_solo_jobs(name, separable_task):
     X, X_test, _ = separable_task(n_train=64)
     build = smoke(name, narrow=True, **STABLE[name])  # the smoke budget: 4 steps at batch 16
     stacked = [build(0), build(1)]
-    assert fit_stacked(stacked, [X, X]) == [None, None]
+    assert fit_jobs(stacked, [X, X]) == [None, None]
     for seed, det in enumerate(stacked):
         solo = build(seed).fit(X)
         assert rel_diff(det.decision_function(X_test), solo.decision_function(X_test)) <= RTOL
@@ -121,7 +122,7 @@ def test_stacked_jobs_of_different_sizes_score_as_solo_jobs(name, separable_task
     seeds = [0, 1, 2]
     solo = [build(s).fit(X) for s, (X, _, _) in zip(seeds, tasks)]
     stacked = [build(s) for s in seeds]
-    assert fit_stacked(stacked, [X for X, _, _ in tasks]) == [None, None, None]
+    assert fit_jobs(stacked, [X for X, _, _ in tasks]) == [None, None, None]
     for k, (X, X_test, y) in enumerate(tasks):
         expected = solo[k].decision_function(X_test)
         got = stacked[k].decision_function(X_test)
@@ -143,7 +144,7 @@ def test_a_diverging_job_is_recorded_and_the_others_go_on(name, separable_task):
     bad = X.copy()
     bad[:] = np.nan  # every loss of this job is NaN from its first step
     dets = [build(0), build(1)]
-    errors = fit_stacked(dets, [X, bad])
+    errors = fit_jobs(dets, [X, bad])
     assert errors[0] is None
     assert isinstance(errors[1], DivergedError) and errors[1].epoch == 1 and errors[1].step == 1
     alone = build(0).fit(X).decision_function(X_test)
@@ -266,8 +267,7 @@ def test_bf16_precision_trains_under_autocast_and_is_recorded(name, separable_ta
 
     monkeypatch.setattr(torch.nn.functional, "conv2d", spy)
     det = smoke(name, narrow=True)(0)
-    det.precision = "bf16"
-    det.fit(X)
+    assert fit_jobs([det], [X], options=TrainOptions(precision="bf16")) == [None]
     assert torch.bfloat16 in dtypes  # the training convolutions ran in bfloat16
     dtypes.clear()
     scores = det.decision_function(X_test)
@@ -314,31 +314,24 @@ def test_dropout_mask_is_the_dropout_layers_mask_and_draws_as_it_does():
 
 def test_stacked_dagmm_jobs_use_their_solo_fits_dropout_masks(separable_task, monkeypatch):
     # Scores alone would not show wrong masks: masks from a wrongly advanced stream move the
-    # scores by only 2e-3 to 7e-3 after these steps (see the module docstring).
+    # scores by only 2e-3 to 7e-3 after these steps (see the module docstring). A solo fit draws its
+    # masks as the Dropout layer would (test above); each stacked job must draw its solo fit's masks.
     import methods.dagmm as dagmm
 
     build = smoke("dagmm", epochs=2, batch_size=16)
     tasks = [separable_task(n_train=48, seed=i) for i in range(2)]
-    solo_masks: list = []
-    original = torch.nn.Dropout.forward
-
-    def recording(self, x):
-        out = original(self, x)
-        if self.training:
-            solo_masks[-1].append(out != 0)
-        return out
-
-    monkeypatch.setattr(torch.nn.Dropout, "forward", recording)
-    for seed, (X, _, _) in enumerate(tasks):
-        solo_masks.append([])
-        build(seed).fit(X)
-    monkeypatch.setattr(torch.nn.Dropout, "forward", original)
     drawn: list = []
     original_mask = dagmm.dropout_mask
     monkeypatch.setattr(dagmm, "dropout_mask", lambda *a: drawn.append(original_mask(*a)) or drawn[-1])
-    assert fit_stacked([build(0), build(1)], [X for X, _, _ in tasks]) == [None, None]
+    solo_masks = []
+    for seed, (X, _, _) in enumerate(tasks):
+        drawn.clear()
+        build(seed).fit(X)
+        solo_masks.append(list(drawn))
+    drawn.clear()
+    assert fit_jobs([build(0), build(1)], [X for X, _, _ in tasks]) == [None, None]
     assert len(solo_masks[0]) == len(solo_masks[1]) == 6  # 3 steps per epoch, 2 epochs
-    stacked_masks = [[m != 0 for m in drawn[k::2]] for k in range(2)]  # per step, job 0 then job 1
+    stacked_masks = [drawn[k::2] for k in range(2)]  # per step, job 0 then job 1
     for k in range(2):
         assert len(stacked_masks[k]) == 6
         assert all(torch.equal(a, b) for a, b in zip(stacked_masks[k], solo_masks[k]))
@@ -360,7 +353,7 @@ def test_a_dagmm_job_whose_covariance_goes_singular_diverges_alone(separable_tas
     with pytest.raises(DivergedError) as solo_error:
         build(1).fit(constant)
     dets = [build(0), build(1)]
-    errors = fit_stacked(dets, [X, constant])
+    errors = fit_jobs(dets, [X, constant])
     assert errors[0] is None
     assert isinstance(errors[1], DivergedError)
     assert (errors[1].epoch, errors[1].step) == (solo_error.value.epoch, solo_error.value.step) == (1, 1)
@@ -377,7 +370,7 @@ def test_f_anogan_jobs_whose_gan_stage_ends_in_different_epochs(separable_task):
     seen: list = [[], []]
     callbacks = [lambda epoch, det, k=k: seen[k].append(epoch) for k in range(2)]
     dets = [build(0), build(1)]
-    assert fit_stacked(dets, [X for X, _, _ in tasks], callbacks) == [None, None]
+    assert fit_jobs(dets, [X for X, _, _ in tasks], callbacks) == [None, None]
     for k, (X, X_test, _) in enumerate(tasks):
         solo_seen: list = []
         solo = build(k).fit(X, epoch_callback=lambda epoch, det: solo_seen.append(epoch))

@@ -13,14 +13,14 @@ one launch afterwards, following PyTorch's whole-network capture recipe
 * a call whose inputs differ in shape or dtype from the captured ones (the last, smaller batch of
   an epoch when a detector keeps it) runs eagerly instead.
 
-What the captured function must respect (the stacked engine, methods/stacking.py, does): no host
+What the captured function must respect (the engine's phase step, methods/engine/loop.py, does): no host
 synchronisation and no CPU-side values that change between steps (step counts, learning rates,
 masks are device tensors: `StackedAdam` / `StackedRMSprop` keep theirs on the device), random draws
 made outside and passed in as inputs, parameters and buffers updated in place (never replaced),
 and autocast without its weight cache (`cache_enabled=False`).
 
 Not measured yet: no GPU was available when this was written. The tests that capture
-(tests/test_graphs.py) skip without CUDA; on a CPU the flag is refused with a usage error.
+(tests/test_graphs.py) skip without CUDA; on a CPU `fit_jobs` refuses the option with a usage error.
 """
 from __future__ import annotations
 
