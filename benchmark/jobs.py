@@ -39,7 +39,7 @@ from benchmark.records import (
 )
 from benchmark.splits import Task, make_task
 from methods import MethodSpec, get_method
-from methods.base import DivergedError, EpochCallback, TrainOptions, supports_stacking
+from methods.base import DivergedError, EpochCallback, TrainOptions, trains_through_engine
 
 # Share of the normal training images held out (never fitted on) to set a threshold without test labels.
 # 0 by default: Tables 1-3 train on every normal training image, as the paper does (section 4.1). A
@@ -253,11 +253,9 @@ def train_jobs(detectors: Sequence[Any], Xs: Sequence[np.ndarray], callbacks: Se
                ) -> list[Optional[DivergedError]]:
     """Train K >= 1 detectors: the runner's one way into the training engine.
 
-    The run options reach the detectors here and nowhere else. Today's engine reads them as detector
-    attributes, so this function sets them: `precision` and `memory_format` on detectors that have them,
-    `cuda_graphs` on those that train stacked (the graph path is the stacked engine's; others train as
-    usual and their run_info says cuda_graphs False). When `methods.engine.fit_jobs(detectors, Xs,
-    callbacks, options)` lands, this body becomes that one call (and the progress hooks its concern).
+    The run options reach the training here and nowhere else, as one `TrainOptions` object passed to
+    `methods.engine.fit_jobs` (never set on the detectors). A detector outside the torch engine (numpy,
+    pyod) has no options to take and trains alone through its own `fit`.
 
     Parameters
     ----------
@@ -271,7 +269,8 @@ def train_jobs(detectors: Sequence[Any], Xs: Sequence[np.ndarray], callbacks: Se
     options : methods.base.TrainOptions
         Precision, memory format, CUDA graphs.
     progress : sequence of callable, optional
-        Per job, `progress(stage, epochs done, epochs planned)` after every epoch (the progress bar).
+        Per job, `progress(stage, epochs done, epochs planned)` after every epoch (the progress bar: a
+        display hook, not a run option).
 
     Returns
     -------
@@ -285,23 +284,19 @@ def train_jobs(detectors: Sequence[Any], Xs: Sequence[np.ndarray], callbacks: Se
         of memory; the caller then trains the jobs alone).
     """
     for index, detector in enumerate(detectors):
-        if hasattr(detector, "precision"):
-            detector.precision = options.precision
-        if hasattr(detector, "memory_format"):
-            detector.memory_format = options.memory_format
-        if options.cuda_graphs and supports_stacking(detector):
-            detector.cuda_graphs = True
         if progress is not None and hasattr(detector, "progress_callback"):
             detector.progress_callback = progress[index]
-    if len(detectors) == 1:
+    if not trains_through_engine(detectors[0]):
+        if len(detectors) != 1:
+            raise ValueError(f"{type(detectors[0]).__name__} cannot be trained stacked")
         try:
             detectors[0].fit(Xs[0], epoch_callback=callbacks[0])
         except DivergedError as exc:
             return [exc]
         return [None]
-    from methods.stacking import fit_stacked  # loads torch: this module imports without it (the command line's)
+    from methods.engine import fit_jobs  # loads torch: this module imports without it (the command line's)
 
-    return fit_stacked(detectors, Xs, callbacks)
+    return fit_jobs(detectors, Xs, callbacks, options)
 
 
 @dataclass

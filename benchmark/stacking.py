@@ -1,11 +1,10 @@
 """Which jobs train together (`run_all.py --stack K`): pending jobs that share method, dataset,
 profile, protocol and hyperparameters (they differ in class and/or seed) form groups of up to K,
-each trained as one batched model (methods/stacking.py) in one process; each job still writes its
+each trained as one batched model (methods/engine/) in one process; each job still writes its
 own record and scores, and its record's `stack` field names the jobs that trained together and how
 long the group's training took.
 
-This module only decides: the run's stack size (`stack_size`; `trains_stacked` is the one place of
-the rule "stacked training, and so CUDA graphs, is fp32 only") and the groups (`group_jobs`). Every
+This module only decides: the run's stack size (`stack_size`) and the groups (`group_jobs`). Every
 group, of one job or more, then runs through `benchmark.jobs.run_jobs`.
 """
 from __future__ import annotations
@@ -43,28 +42,12 @@ def auto_stack(device: str) -> int:
     return max(1, min(10, int(total_gib // 4)))
 
 
-def trains_stacked(options: TrainOptions) -> bool:
-    """Whether jobs of these options can train stacked (and so through CUDA graphs, the stacked engine's
-    path): in fp32 only. Measured on torch 2.14 (CPU): under vmap, bf16 autocast leaves some convolutions
-    with fp32 weights and bf16 inputs (MemAE, Deep SVDD, Mem_GANomaly, f-AnoGAN fail).
-
-    Parameters
-    ----------
-    options : methods.base.TrainOptions
-        The run's training options.
-
-    Returns
-    -------
-    bool
-    """
-    return options.precision == "fp32"
-
-
 def stack_size(requested: Optional[int], device: str, options: TrainOptions) -> tuple[int, str]:
-    """The run's stack size: `requested` (None: `auto_stack`), or 1 where the jobs cannot stack.
+    """The run's stack size: `requested` (None: `auto_stack`).
 
-    Stacked training runs in fp32 only (`trains_stacked`), so a run of another precision trains its jobs
-    one at a time.
+    Every precision stacks: the engine casts the stacked weights as autocast does (methods/engine/), so
+    `--precision bf16 --stack K` trains K jobs as one batched bf16 model (tests/test_engine.py checks it
+    against solo bf16 fits).
 
     Parameters
     ----------
@@ -83,8 +66,6 @@ def stack_size(requested: Optional[int], device: str, options: TrainOptions) -> 
         Why the stack is 1 although more was asked for or allowed, else "".
     """
     stack = requested if requested is not None else auto_stack(device)
-    if not trains_stacked(options) and stack > 1:
-        return 1, f"--precision {options.precision} jobs train one at a time (stacking is fp32 only)"
     return stack, ""
 
 

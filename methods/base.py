@@ -284,6 +284,22 @@ def resolve_device(device: str) -> Any:
     return resolved
 
 
+def trains_through_engine(detector: Any) -> bool:
+    """Whether the detector trains through the torch engine (`methods.engine.fit_jobs`, which takes the
+    run's `TrainOptions`): every `TorchDetector`, told apart without importing torch by its `_begin_fit`.
+
+    Parameters
+    ----------
+    detector : Detector
+        The detector.
+
+    Returns
+    -------
+    bool
+    """
+    return callable(getattr(type(detector), "_begin_fit", None))
+
+
 def supports_stacking(detector: Any) -> bool:
     """Whether the detector's class can train stacked: it describes its training to the engine
     (`_stage_plans`, methods/engine/) rather than running a loop of its own.

@@ -48,8 +48,8 @@ LOCAL_THIRD_PARTY_IMPORTS = {
 LOCAL_PACKAGE_IMPORTS = {
     ("benchmark.estimate", "methods.torch_base"): "calibrate() tells the staged torch detectors from the rest "
                                                   "(isinstance TorchDetector) once a detector has been built",
-    ("benchmark.stacking", "methods.stacking"): "run_group() trains a group through fit_stacked, the torch "
-                                                "engine of stacked training",
+    ("benchmark.jobs", "methods.engine"): "train_jobs() trains a group of K >= 1 jobs through fit_jobs, the "
+                                          "torch training engine",
 }
 
 

@@ -3,7 +3,7 @@ more, runs claim -> prepare -> train (through the one seam, `train_jobs`) -> sco
 decisions around it: which jobs stack (benchmark/stacking.py), the fp32-only rule, the backends by name.
 
 The detectors here score an image by its mean brightness, so every score is known in advance; the stacked
-engine is replaced by a recording stand-in (methods/stacking.py has its own tests), so these tests check
+engine is replaced by a recording stand-in (methods/engine/ has its own tests), so these tests check
 what the runner does with a group, not the batched arithmetic.
 """
 from __future__ import annotations
@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 
 import benchmark.jobs as jobs
-import methods.stacking
+import methods.engine
 from benchmark.backends import BACKENDS
 from benchmark.data import Dataset
 from benchmark.jobs import Job, RunSettings, prepare, run_job, run_jobs, train_jobs
 from benchmark.records import JobKey, JobLock, read_record, read_scores
-from benchmark.stacking import group_jobs, stack_size, trains_stacked
+from benchmark.stacking import group_jobs, stack_size
 from methods.base import Detector, DivergedError, TrainOptions, check_images
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,9 +54,11 @@ class StackableBrightness(Brightness):
     cuda_graphs = False
     progress_callback = None
 
-    @classmethod
-    def _fit_stacked(cls, detectors, xs, callbacks, rng):  # pragma: no cover - fit_stacked is replaced here
-        raise AssertionError("the stand-in for methods.stacking.fit_stacked trains these")
+    def _begin_fit(self, X):  # pragma: no cover - fit_jobs is replaced here
+        raise AssertionError("the stand-in for methods.engine.fit_jobs trains these")
+
+    def _stage_plans(self, n_train):  # pragma: no cover - fit_jobs is replaced here
+        raise AssertionError("the stand-in for methods.engine.fit_jobs trains these")
 
 
 def _dark_and_bright(n: int = 30) -> Dataset:
@@ -80,19 +82,21 @@ def stacked_calls(monkeypatch):
     """Replace the stacked engine by a stand-in that fits each detector alone and records the groups."""
     calls: list[list[int]] = []
 
-    def fake_fit_stacked(detectors, Xs, callbacks=None):
+    def fake_fit_jobs(detectors, Xs, callbacks=None, options=None):
+        assert isinstance(options, TrainOptions)
         calls.append([det.random_state for det in detectors])
         errors = []
         for det, X, callback in zip(detectors, Xs, callbacks):
             try:
                 det.fit(X, epoch_callback=callback)
-                det.training_log_ = {"trained": "stacked"}
+                if len(detectors) > 1:
+                    det.training_log_ = {"trained": "stacked"}
                 errors.append(None)
             except DivergedError as exc:
                 errors.append(exc)
         return errors
 
-    monkeypatch.setattr(methods.stacking, "fit_stacked", fake_fit_stacked)
+    monkeypatch.setattr(methods.engine, "fit_jobs", fake_fit_jobs)
     return calls
 
 
@@ -116,7 +120,7 @@ def _expected_scores(seed: int) -> np.ndarray:
 def test_a_job_is_a_group_of_one(fake_data, stacked_calls, tmp_path):
     outcomes = run_jobs([_job(0)], _settings(tmp_path))
     assert [(o.status, o.auroc) for o in outcomes] == [("ok", 1.0)]
-    assert stacked_calls == []  # one job trains alone, never through the stacked engine
+    assert stacked_calls == [[0]]  # one job is a group of one through the same engine
     record = read_record(_job(0).key.json_path(tmp_path))
     assert "stack" not in record and record["training_log"] == {"trained": "alone"}
     assert record["train_seconds"] >= 0
@@ -143,10 +147,13 @@ def test_a_group_trains_once_through_the_stacked_engine_and_each_job_names_it(fa
 
 
 def test_a_failed_stacked_training_trains_the_jobs_alone(fake_data, monkeypatch, tmp_path):
-    def out_of_memory(detectors, Xs, callbacks=None):
+    def out_of_memory(detectors, Xs, callbacks=None, options=None):
+        if len(detectors) == 1:  # the jobs retried alone
+            detectors[0].fit(Xs[0], epoch_callback=callbacks[0])
+            return [None]
         raise RuntimeError("CUDA out of memory")
 
-    monkeypatch.setattr(methods.stacking, "fit_stacked", out_of_memory)
+    monkeypatch.setattr(methods.engine, "fit_jobs", out_of_memory)
     outcomes = run_jobs([_job(0), _job(1)], _settings(tmp_path))
     assert [o.status for o in outcomes] == ["ok", "ok"]
     for job in (_job(0), _job(1)):
@@ -186,22 +193,27 @@ def test_a_job_another_runner_holds_is_left_out_and_the_rest_train(fake_data, st
     finally:
         held.release()
     assert [(o.key.seed, o.status) for o in outcomes] == [(1, "claimed"), (0, "ok")]
-    assert stacked_calls == []  # one job left: it trains alone
+    assert stacked_calls == [[0]]  # one job left: a group of one
     assert "stack" not in read_record(_job(0).key.json_path(tmp_path))
     assert not _job(1).key.json_path(tmp_path).exists()
 
 
 # ---- the seam -------------------------------------------------------------------------------------
-def test_run_options_reach_the_detectors_only_through_train_jobs(fake_data, tmp_path):
-    options = TrainOptions(precision="bf16", memory_format="channels_last", cuda_graphs=True)
+def test_run_options_reach_the_engine_as_one_object_never_as_detector_attributes(fake_data, stacked_calls,
+                                                                                tmp_path, monkeypatch):
+    options = TrainOptions(precision="bf16", memory_format="channels_last")
+    seen = []
+    monkeypatch.setattr(methods.engine, "fit_jobs", lambda dets, Xs, cbs=None, opts=None: seen.append(opts) or
+                        [None] * len(dets))
     settings = _settings(tmp_path, train_options=options)
     stackable, plain = (prepare(_job(0, cls=cls), settings, {})[1] for cls in ("StackableBrightness", "Brightness"))
-    assert (stackable.precision, stackable.memory_format, stackable.cuda_graphs) == ("fp32", "default", False)
+    before = dict(vars(stackable))
     X = np.zeros((2, 1, 4, 4), dtype=np.float32)
     assert train_jobs([stackable], [X], [None], options) == [None]
-    assert (stackable.precision, stackable.memory_format, stackable.cuda_graphs) == ("bf16", "channels_last", True)
+    assert seen == [options] and vars(stackable) == before  # nothing set on the detector
     assert train_jobs([plain], [X], [None], options) == [None]
-    assert not hasattr(plain, "precision") and not hasattr(plain, "cuda_graphs")  # none where a detector has none
+    assert seen == [options]  # a detector outside the engine trains through its own fit
+    assert not hasattr(plain, "precision") and not hasattr(plain, "cuda_graphs")
 
 
 def test_train_jobs_returns_a_solo_jobs_divergence_and_calls_its_hooks(tmp_path):
@@ -214,13 +226,10 @@ def test_train_jobs_returns_a_solo_jobs_divergence_and_calls_its_hooks(tmp_path)
 
 
 # ---- which jobs stack, and the fp32 rule --------------------------------------------------------------
-def test_stacking_is_fp32_only_and_decided_in_one_place():
-    assert trains_stacked(TrainOptions()) and not trains_stacked(TrainOptions(precision="bf16"))
+def test_every_precision_stacks():
     assert stack_size(4, "cpu", TrainOptions()) == (4, "")
     assert stack_size(None, "cpu", TrainOptions()) == (1, "")  # auto: 1 on the CPU
-    assert stack_size(4, "cpu", TrainOptions(precision="bf16")) == (
-        1, "--precision bf16 jobs train one at a time (stacking is fp32 only)")
-    assert stack_size(1, "cpu", TrainOptions(precision="bf16")) == (1, "")
+    assert stack_size(4, "cpu", TrainOptions(precision="bf16")) == (4, "")
 
 
 def test_groups_hold_only_stackable_jobs_of_one_setting():
