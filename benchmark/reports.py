@@ -4,8 +4,12 @@ Per profile, under <reports-dir>/<profile>/ (files of protocol "standard" get a 
 for each dataset WITH records:
 
 - table{1,2,3}_<dataset>_auroc.{md,tex}: AUROC per normal class and the mean, one column per method
-  with records (paper's order first); each cell ours with the paper's value beside it; bold = best
-  complete value of the row; then ours - paper for the methods the paper has.
+  with records (paper's order first); each cell ours with the published value of the records' protocol
+  beside it (`benchmark.labels.published_values`, read through `benchmark.references`): under "paper"
+  the Mem_GANomaly paper's Tables 1-3, under "standard" every other source's (Ruff et al.'s Deep SVDD per
+  class; GEOM's and GOAD's CIFAR-10 means, in the mean row, as columns of their published values alone
+  since the benchmark has no such detector), cited in the notes; bold = best complete value of the row;
+  then ours - published for the methods with a published value.
 - table{1,2,3}_<dataset>_auroc.png: per-class AUROC dot plot; roc_<dataset>.png: ROC curves per task.
 - best_epoch_<dataset>.md (benchmark/verdict.py): only for runs with --track-auroc.
 
@@ -15,18 +19,20 @@ without test labels (the 95th percentile of held-out normal training images' sco
 columns come from the records themselves when they hold them (runs made with a held-out share), else,
 for a profile folder without a "+val" tag, from the opt-in held-out run beside it
 (<results>/<profile>+val<f>/, `--val-fraction f`, trained on 1 - f of the normal images); without
-either, Table 4 has the Youden columns only and its notes say how to get the others. Finally
-records.csv (one row per record) and index.html (every table and figure on one self-contained page).
+either, Table 4 has the Youden columns only and its notes say how to get the others. With more than two
+detectors and at least five (dataset, class) tasks where all have a result, friedman.{md,tex} and
+critical_difference.png: the Friedman test over those tasks, the Nemenyi critical difference and the CD
+diagram (benchmark/friedman.py) with a line in plain words. Finally records.csv (one row per record) and
+index.html (every table and figure on one self-contained page).
 
 Every table lists the detectors in one order, `method_order`'s (benchmark/labels.py): the paper's Table 1
 columns, then any other detector alphabetically.
 
 How it is built: the records are read once (`load_records`, benchmark/records.py) into a
 `benchmark.render.ReportContext`; each of `PRODUCERS` (Tables 1-3, the verdict of benchmark/verdict.py,
-Table 4) makes `benchmark.render.Section` objects from it, and `write_reports` writes every section the
-same way (Markdown, LaTeX where it has it, its PNG figures, one part of index.html) and removes the files
-of the producers' stems that it did not write. Another table or figure (published results of other
-papers, a Friedman test with its critical-difference diagram) is one more `Producer`.
+Table 4, the Friedman test) makes `benchmark.render.Section` objects from it, and `write_reports` writes
+every section the same way (Markdown, LaTeX where it has it, its PNG figures, one part of index.html) and
+removes the files of the producers' stems that it did not write. Another table or figure is one more `Producer`.
 
 The report layer reads records and scores only: it imports no detector module and no torch (the
 registry, `methods`, which is torch-free, tells which detectors have a memory). A method's display label
