@@ -285,7 +285,8 @@ def auroc_tables(
             f"Ours: the final model's AUROC, mean over seeds; (published): the value another paper reports under "
             f"the {protocol} protocol, {DASH} where it has none. Bold: best of ours in the row among complete values; "
             f"a mean is complete when it covers every class and seed. [k/n]: only part of the classes or seeds; "
-            f"failed / diverged: no ok seed." + thread_note + " " + published_note(protocol, dataset, published_only)
+            f"failed / diverged: no ok seed." + thread_note + " "
+            + published_note(protocol, dataset, published_only, methods)
         )
     paired = ReportTable(
         caption=caption,
@@ -313,7 +314,7 @@ def auroc_tables(
     return paired, diff_table
 
 
-def published_note(protocol: str, dataset: str, published_only: list[str]) -> str:
+def published_note(protocol: str, dataset: str, published_only: list[str], shown: list[str]) -> str:
     """The notes' sentences on the published values of a protocol other than the paper's: their sources,
     the columns of published values alone, and the sources that give only a mean.
 
@@ -325,16 +326,18 @@ def published_note(protocol: str, dataset: str, published_only: list[str]) -> st
         Dataset name.
     published_only : list of str
         The columns of published values without a detector here.
+    shown : list of str
+        The table's columns: only their sources are cited.
 
     Returns
     -------
     str
         The sentences.
     """
-    sources = published_citations(protocol, dataset)
+    sources = {m: cite for m, cite in published_citations(protocol, dataset).items() if m in shown}
     if not sources:
         return (f"No source in benchmark/reference/sources/ reports {TITLES[dataset]} under the {protocol} protocol "
-                f"(the Mem_GANomaly paper's values belong to the paper protocol only).")
+                f"for the detectors shown (the Mem_GANomaly paper's values belong to the paper protocol only).")
     paper = published_values(protocol, dataset)
     mean_only = [m for m in paper.columns if paper.loc[CLASS_NAMES[dataset], m].isna().all()]
     text = "Published values: " + "; ".join(f"{m}: {cite}" for m, cite in sources.items()) + "."
