@@ -1,6 +1,7 @@
 """Report figures (matplotlib, Agg backend), drawn from the record frame and the stored scores.
 
-- `auroc_figure`: per-class AUROC, ours (filled) and the paper's (hollow), one colour per method.
+- `auroc_figure`: per-class AUROC, ours (filled) and the paper's or other published values (hollow), one
+  colour per method.
 - `roc_figure`: ROC curves per task (one panel per normal class), every detector overlaid, from
   the per-image scores in the records' .npz files, averaged vertically over the ok seeds.
 
@@ -39,7 +40,7 @@ def _png(fig) -> bytes:
     return buffer.getvalue()
 
 
-def auroc_figure(ours: pd.DataFrame, paper: pd.DataFrame, title: str) -> bytes:
+def auroc_figure(ours: pd.DataFrame, paper: pd.DataFrame, title: str, reference_label: str = "paper") -> bytes:
     """Dot plot of per-class AUROC.
 
     Parameters
@@ -50,6 +51,8 @@ def auroc_figure(ours: pd.DataFrame, paper: pd.DataFrame, title: str) -> bytes:
         The paper's values, same rows; methods it lacks are simply not drawn hollow.
     title : str
         Figure title.
+    reference_label : str, default="paper"
+        What the hollow markers are, for the legend ("paper", or "published" for other papers' values).
 
     Returns
     -------
@@ -69,7 +72,7 @@ def auroc_figure(ours: pd.DataFrame, paper: pd.DataFrame, title: str) -> bytes:
             ax.scatter(
                 x, paper[method].reindex(classes).to_numpy(float), facecolors="none", edgecolors=colour, s=22, zorder=2
             )
-    ax.scatter([], [], facecolors="none", edgecolors="grey", s=22, label="paper (hollow)")
+    ax.scatter([], [], facecolors="none", edgecolors="grey", s=22, label=f"{reference_label} (hollow)")
     ax.set_xticks(np.arange(len(classes)), classes)
     ax.set_xlabel("normal class")
     ax.set_ylabel("AUROC")

@@ -18,10 +18,12 @@ Missing values are an error (`friedman_test` names the task and detector); `comp
 incomplete tasks for a caller that prefers that, and says how many it dropped. Demsar reads the post-hoc
 test only when the Friedman test rejects; `FriedmanResult.reading` says so when it does not.
 
-Imports neither torch nor `methods`; matplotlib only inside `plot_cd_diagram`.
+Imports neither torch nor `methods`; matplotlib only inside `cd_figure`. The reports' section (the
+table, the figure, the reading) is `benchmark.reports.friedman_sections`.
 """
 from __future__ import annotations
 
+import io
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -305,8 +307,8 @@ def friedman_test(scores: pd.DataFrame, alpha: float = ALPHA) -> FriedmanResult:
                           cliques=cliques(average, cd))
 
 
-def plot_cd_diagram(result: FriedmanResult, path: Path, title: str = "") -> list[Path]:
-    """The critical-difference diagram (Demsar 2006, Fig. 1), as PNG and PDF.
+def cd_figure(result: FriedmanResult, title: str = ""):
+    """The critical-difference diagram (Demsar 2006, Fig. 1) as a matplotlib figure.
 
     The rank axis on top, best (1) on the right; the better half of the detectors labelled on the
     right, the other half on the left, each joined to its average rank by an elbow line; thick bars
@@ -315,15 +317,13 @@ def plot_cd_diagram(result: FriedmanResult, path: Path, title: str = "") -> list
     Parameters
     ----------
     result : FriedmanResult
-    path : Path
-        Where to write; the suffix is replaced by ``.png`` and ``.pdf``.
     title : str
         Optional title; the Friedman p-value and N are appended.
 
     Returns
     -------
-    list of Path
-        The PNG and the PDF (each written atomically).
+    matplotlib.figure.Figure
+        The figure (Agg backend); the caller saves and closes it.
     """
     import matplotlib
 
@@ -376,6 +376,53 @@ def plot_cd_diagram(result: FriedmanResult, path: Path, title: str = "") -> list
     verdict = f"Friedman p = {_p(result.p_value)}, N = {result.n_tasks} tasks, alpha = {result.alpha:g}"
     ax.set_title(f"{title}\n{verdict}" if title else verdict, fontsize=9)
 
+    return fig
+
+
+def cd_diagram_png(result: FriedmanResult, title: str = "") -> bytes:
+    """`cd_figure` as PNG bytes, the same for the same result (no timestamp in the metadata).
+
+    Parameters
+    ----------
+    result : FriedmanResult
+    title : str
+        Optional title (`cd_figure`).
+
+    Returns
+    -------
+    bytes
+        The PNG, at the report figures' resolution (110 dpi).
+    """
+    fig = cd_figure(result, title)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", bbox_inches="tight", dpi=110, metadata={"Software": None})
+    _close(fig)
+    return buffer.getvalue()
+
+
+def _close(fig) -> None:
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+
+def plot_cd_diagram(result: FriedmanResult, path: Path, title: str = "") -> list[Path]:
+    """The critical-difference diagram (`cd_figure`), written as PNG and PDF.
+
+    Parameters
+    ----------
+    result : FriedmanResult
+    path : Path
+        Where to write; the suffix is replaced by ``.png`` and ``.pdf``.
+    title : str
+        Optional title; the Friedman p-value and N are appended.
+
+    Returns
+    -------
+    list of Path
+        The PNG and the PDF (each written atomically).
+    """
+    fig = cd_figure(result, title)
     written = []
     for suffix, options in ((".png", {"dpi": 110, "metadata": {"Software": None}}),
                             (".pdf", {"metadata": {"CreationDate": None, "Creator": None, "Producer": None}})):
@@ -385,5 +432,5 @@ def plot_cd_diagram(result: FriedmanResult, path: Path, title: str = "") -> list
         fig.savefig(tmp, format=suffix[1:], bbox_inches="tight", **options)
         tmp.replace(target)
         written.append(target)
-    plt.close(fig)
+    _close(fig)
     return written

@@ -52,7 +52,8 @@ def html_page(
     title : str
         Page title.
     sections : list of (heading, tables, figures)
-        One section per report table file; figures are (file name, caption, PNG bytes).
+        One section per report table file; figures are (file name, caption, PNG bytes) or (file name,
+        caption, PNG bytes, reading), the reading a line of plain words shown under the image.
     footer : str
         Provenance text (Markdown-ish: `code` spans and "- " list lines are converted).
     records_csv : str
@@ -86,11 +87,13 @@ def html_page(
     for i, (heading, tables, figures) in enumerate(sections):
         parts.append(f'<section id="sec-{i}"><h2>{esc(heading)}</h2>')
         parts += [table.to_html() for table in tables]
-        for name, caption, png in figures:
+        for name, caption, png, *reading in figures:
             data = base64.b64encode(png).decode("ascii")
+            text = reading[0] if reading else ""
+            below = f'<p class="reading"><strong>Reading:</strong> {esc(text)}</p>' if text else ""
             parts.append(
                 f'<figure class="figure"><figcaption>{esc(caption)} <a href="{esc(name)}">{esc(name)}</a>'
-                f'</figcaption><img alt="{esc(caption)}" src="data:image/png;base64,{data}"></figure>'
+                f'</figcaption><img alt="{esc(caption)}" src="data:image/png;base64,{data}">{below}</figure>'
             )
         parts.append("</section>")
     parts.append(f'<h2>Provenance</h2><div class="footer">{_inline(footer)}</div>')

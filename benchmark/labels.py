@@ -1,6 +1,7 @@
-"""The paper's reference tables (benchmark/reference/), the detectors' display labels, the one
-detector order of every table (Tables 1-4, seeds, verdicts, best epoch, memory health, records.csv) and
-which detectors have a memory (`memory_size_param`).
+"""The published values a report compares with (read through `benchmark.references`, the one reader
+of benchmark/reference/), the detectors' display labels, the one detector order of every table
+(Tables 1-4, seeds, verdicts, best epoch, memory health, records.csv) and which detectors have a memory
+(`memory_size_param`).
 
 Below both the reports (benchmark/reports.py) and the verdict (benchmark/verdict.py), which import it.
 Like them, it never loads torch: it reads the detector registry (`methods`, torch-free) but no detector
@@ -12,39 +13,116 @@ import ast
 import functools
 import importlib.util
 import re
-from importlib import resources
 from typing import Iterable, Optional, Union
 
 import pandas as pd
 
+from benchmark.datasets import CLASS_NAMES
 from benchmark.datasets import PAPER_TABLES as TABLES  # dataset -> ("table<k>", reference CSV)
+from benchmark.metrics import THRESHOLD_METRICS
+from benchmark.references import MEAN_ROW, citations, load_sources, reference_values
 from methods import REGISTRY
 
 #: The class attribute through which a detector says which constructor argument sizes its memory
 #: (`methods.base.Detector.memory_size_param`).
 MEMORY_SIZE_ATTRIBUTE = "memory_size_param"
+#: The old file name of the paper's Table 4 (`reference_table`).
+TABLE4_CSV = "table4_mnist_threshold_metrics.csv"
 
 
-def reference_table(csv_name: str) -> pd.DataFrame:
-    """The paper's numbers, shipped as package data (benchmark/reference/).
+@functools.lru_cache(maxsize=1)
+def _sources() -> pd.DataFrame:
+    """Every source of benchmark/reference/sources/, read and validated once per process."""
+    return load_sources()
+
+
+def published_values(protocol: str, dataset: str, metric: str = "auroc") -> pd.DataFrame:
+    """The published values a report of `protocol` compares with, by class name.
 
     Parameters
     ----------
-    csv_name : str
-        File name of the table under benchmark/reference/.
+    protocol : str
+        The records' protocol: "paper" gives the Mem_GANomaly paper's values (Tables 1-4), another
+        protocol every source's values for it (e.g. Ruff et al.'s Deep SVDD, GEOM, GOAD under
+        "standard"), never the Mem_GANomaly paper's.
+    dataset : str
+        A registered dataset name.
+    metric : str, default="auroc"
+        One of `benchmark.references.METRICS`.
 
     Returns
     -------
     pandas.DataFrame
-        The table.
+        Index: the dataset's class names in label order, then "mean" (always all of them); columns: the
+        method labels of `benchmark.references.reference_values` (none when no source matches); values
+        as fractions, NaN where a source gives none (a mean-only source has values in "mean" only).
     """
-    with resources.files("benchmark").joinpath("reference", csv_name).open("r") as handle:
-        return pd.read_csv(handle, index_col=0)
+    classes = CLASS_NAMES[dataset]
+    values = reference_values(protocol, dataset, metric, sources=_sources())
+    values = values.rename(index={i: name for i, name in enumerate(classes)})
+    return values.reindex(index=[*classes, MEAN_ROW]).astype(float)
+
+
+def published_citations(protocol: str, dataset: str, metric: str = "auroc") -> dict[str, str]:
+    """Column label of `published_values` -> where its values come from (`benchmark.references.citations`)."""
+    return citations(protocol, dataset, metric, sources=_sources())
+
+
+def reference_word(protocol: str) -> str:
+    """What the tables call the published values: "paper" (the Mem_GANomaly paper's, under its own
+    protocol), else "published" (other papers' values, several sources)."""
+    return "paper" if protocol == "paper" else "published"
+
+
+def runnable_labels() -> set[str]:
+    """The labels of the registered detectors: a published method outside this set (GEOM, GOAD) gets a
+    column of its published values alone in the AUROC tables."""
+    return {spec.label for spec in REGISTRY.values()}
+
+
+def reference_table(csv_name: str) -> pd.DataFrame:
+    """One of the Mem_GANomaly paper's tables in its old wide layout, read through `benchmark.references`.
+
+    benchmark/reference/table*.csv, which the paper's tables were typed into, are no longer read by the
+    package: their numbers are the source zhou2022_mem_ganomaly.csv (tests/test_references.py checks
+    that every cell agrees).
+
+    Parameters
+    ----------
+    csv_name : str
+        A Tables 1-3 name of `benchmark.datasets.PAPER_TABLES` (e.g. "table1_mnist_auroc.csv") or
+        "table4_mnist_threshold_metrics.csv".
+
+    Returns
+    -------
+    pandas.DataFrame
+        Tables 1-3: index the class names (`benchmark.datasets.CLASS_NAMES`) and "mean", one column per
+        method, in the paper's order;
+        Table 4: index gmean, false_alarm_rate, miss_rate, one column per method.
+    """
+    if csv_name == TABLE4_CSV:
+        rows = {metric: reference_values("paper", "mnist", metric, sources=_sources()).loc[MEAN_ROW]
+                for metric in THRESHOLD_METRICS}
+        table = pd.DataFrame(rows).T
+        table.index.name = "metric"
+        return table
+    dataset = next((name for name, (_, csv) in TABLES.items() if csv == csv_name), None)
+    if dataset is None:
+        raise ValueError(f"no paper table named {csv_name!r}; known: "
+                         f"{', '.join([csv for _, csv in TABLES.values()] + [TABLE4_CSV])}")
+    table = published_values("paper", dataset)
+    table.index.name = "normal_class"
+    return table
 
 
 def paper_labels() -> list[str]:
     """The paper's seven method labels in its column order (Tables 1-3)."""
-    return list(reference_table(TABLES["mnist"][1]).columns)
+    return list(_paper_labels())
+
+
+@functools.lru_cache(maxsize=1)
+def _paper_labels() -> tuple[str, ...]:
+    return tuple(reference_values("paper", "mnist", sources=_sources()).columns)
 
 
 def _key(name: str) -> str:

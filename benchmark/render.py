@@ -513,11 +513,33 @@ class Figure:
         The caption on the page.
     png : bytes
         The image.
+    reading : str, optional
+        A line in plain words shown under the image (e.g. what a test concludes); none by default.
     """
 
     stem: str
     caption: str
     png: bytes
+    reading: str = ""
+
+    def to_latex(self, suffix: str = "") -> str:
+        """A `figure` float including ``<stem><suffix>.png`` (beside the .tex file), its caption and reading.
+
+        Parameters
+        ----------
+        suffix : str, default=""
+            The file names' protocol suffix (`ReportContext.suffix`).
+
+        Returns
+        -------
+        str
+            The float; it needs ``\\usepackage{graphicx}``.
+        """
+        caption = latex_escape(self.caption + (f" {self.reading}" if self.reading else ""))
+        return "\n".join(["\\begin{figure}[htbp]", "\\centering",
+                          f"\\includegraphics[width=\\linewidth]{{{self.stem}{suffix}.png}}",
+                          f"\\caption{{{caption}}}", f"\\label{{fig:{self.stem}{suffix}}}",
+                          "\\end{figure}"]) + "\n"
 
 
 @dataclass
@@ -542,6 +564,9 @@ class Section:
         In order, after the tables on the page.
     latex : bool
         Whether the tables are also written as a LaTeX file.
+    latex_figures : bool
+        Whether that LaTeX file also includes the figures (`Figure.to_latex`; it then needs graphicx and
+        the PNG files beside it). Off by default: the other sections' LaTeX holds their tables only.
     """
 
     stem: str
@@ -550,14 +575,47 @@ class Section:
     footer: str = ""
     figures: list[Figure] = field(default_factory=list)
     latex: bool = False
+    latex_figures: bool = False
 
-    def to_markdown(self) -> str:
-        """The Markdown file: heading, tables, footer."""
-        return "\n".join([f"# {self.title}\n"] + [table.to_markdown() for table in self.tables] + [self.footer])
+    def to_markdown(self, suffix: str = "") -> str:
+        """The Markdown file: heading, tables, each figure with its reading (figures with a reading only:
+        the others are shown on the page alone), footer.
 
-    def to_latex(self) -> str:
-        """The LaTeX file: one `table` float per table."""
-        return "\n".join(table.to_latex() for table in self.tables)
+        Parameters
+        ----------
+        suffix : str, default=""
+            The file names' protocol suffix, for the figures' links.
+
+        Returns
+        -------
+        str
+            The Markdown text.
+        """
+        pictures = [f"![{_md(figure.caption)}]({figure.stem}{suffix}.png)\n\n{figure.reading}\n"
+                    for figure in self.figures if figure.reading]
+        return "\n".join([f"# {self.title}\n"] + [table.to_markdown() for table in self.tables] + pictures
+                         + [self.footer])
+
+    def to_latex(self, suffix: str = "") -> str:
+        """The LaTeX file: one `table` float per table, then (with `latex_figures`) one `figure` float per
+        figure, after a first line naming the packages it needs.
+
+        Parameters
+        ----------
+        suffix : str, default=""
+            The file names' protocol suffix, for the figures' file names.
+
+        Returns
+        -------
+        str
+            The LaTeX source.
+        """
+        tables = "\n".join(table.to_latex() for table in self.tables)
+        if not (self.latex_figures and self.figures):
+            return tables
+        head = ("% Needs \\usepackage{booktabs} and \\usepackage{graphicx} in a one-column article, and the PNG "
+                "files beside this one.\n")
+        return head + tables + "\n" + "\n".join(figure.to_latex(suffix) for figure in self.figures)
 
 
 @dataclass(frozen=True)

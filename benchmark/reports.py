@@ -4,8 +4,12 @@ Per profile, under <reports-dir>/<profile>/ (files of protocol "standard" get a 
 for each dataset WITH records:
 
 - table{1,2,3}_<dataset>_auroc.{md,tex}: AUROC per normal class and the mean, one column per method
-  with records (paper's order first); each cell ours with the paper's value beside it; bold = best
-  complete value of the row; then ours - paper for the methods the paper has.
+  with records (paper's order first); each cell ours with the published value of the records' protocol
+  beside it (`benchmark.labels.published_values`, read through `benchmark.references`): under "paper"
+  the Mem_GANomaly paper's Tables 1-3, under "standard" every other source's (Ruff et al.'s Deep SVDD per
+  class; GEOM's and GOAD's CIFAR-10 means, in the mean row, as columns of their published values alone
+  since the benchmark has no such detector), cited in the notes; bold = best complete value of the row;
+  then ours - published for the methods with a published value.
 - table{1,2,3}_<dataset>_auroc.png: per-class AUROC dot plot; roc_<dataset>.png: ROC curves per task.
 - best_epoch_<dataset>.md (benchmark/verdict.py): only for runs with --track-auroc.
 
@@ -15,18 +19,20 @@ without test labels (the 95th percentile of held-out normal training images' sco
 columns come from the records themselves when they hold them (runs made with a held-out share), else,
 for a profile folder without a "+val" tag, from the opt-in held-out run beside it
 (<results>/<profile>+val<f>/, `--val-fraction f`, trained on 1 - f of the normal images); without
-either, Table 4 has the Youden columns only and its notes say how to get the others. Finally
-records.csv (one row per record) and index.html (every table and figure on one self-contained page).
+either, Table 4 has the Youden columns only and its notes say how to get the others. With more than two
+detectors and at least five (dataset, class) tasks where all have a result, friedman.{md,tex} and
+critical_difference.png: the Friedman test over those tasks, the Nemenyi critical difference and the CD
+diagram (benchmark/friedman.py) with a line in plain words. Finally records.csv (one row per record) and
+index.html (every table and figure on one self-contained page).
 
 Every table lists the detectors in one order, `method_order`'s (benchmark/labels.py): the paper's Table 1
 columns, then any other detector alphabetically.
 
 How it is built: the records are read once (`load_records`, benchmark/records.py) into a
 `benchmark.render.ReportContext`; each of `PRODUCERS` (Tables 1-3, the verdict of benchmark/verdict.py,
-Table 4) makes `benchmark.render.Section` objects from it, and `write_reports` writes every section the
-same way (Markdown, LaTeX where it has it, its PNG figures, one part of index.html) and removes the files
-of the producers' stems that it did not write. Another table or figure (published results of other
-papers, a Friedman test with its critical-difference diagram) is one more `Producer`.
+Table 4, the Friedman test) makes `benchmark.render.Section` objects from it, and `write_reports` writes
+every section the same way (Markdown, LaTeX where it has it, its PNG figures, one part of index.html) and
+removes the files of the producers' stems that it did not write. Another table or figure is one more `Producer`.
 
 The report layer reads records and scores only: it imports no detector module and no torch (the
 registry, `methods`, which is torch-free, tells which detectors have a memory). A method's display label
@@ -44,17 +50,19 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 
-from benchmark import figures
+from benchmark import figures, friedman
 from benchmark.data import CLASS_NAMES
 from benchmark.datasets import PAPER_TABLES as TABLES  # dataset -> ("table<k>", reference CSV)
 from benchmark.datasets import TITLES
 from benchmark.html_report import html_page
+from benchmark.labels import TABLE4_CSV as TABLE4_CSV
 
 # The names imported `as` themselves are defined in benchmark/labels.py (below this module and the verdict)
 # and re-exported: the reports' users import them from here.
 from benchmark.labels import display_label as display_label
 from benchmark.labels import method_order as method_order
 from benchmark.labels import paper_labels as paper_labels
+from benchmark.labels import published_citations, published_values, reference_word, runnable_labels
 from benchmark.labels import reference_table as reference_table
 from benchmark.metrics import METRICS, THRESHOLD_METRICS
 from benchmark.records import COLUMNS, VAL_METRICS, _atomic_write
@@ -63,8 +71,6 @@ from benchmark.records import COLUMNS, VAL_METRICS, _atomic_write
 from benchmark.records import load_records as load_records
 from benchmark.render import DASH, Cell, Figure, Producer, ReportContext, ReportTable, Section, format_value
 from benchmark.verdict import VERDICT
-
-TABLE4_CSV = "table4_mnist_threshold_metrics.csv"
 
 
 def thread_counts_note(frame: pd.DataFrame, listed: int = 8) -> str:
@@ -240,14 +246,16 @@ def auroc_tables(
     difference : ReportTable or None
         The difference table ours - paper, or None.
     """
-    number, csv_name = TABLES[dataset]
+    number, _ = TABLES[dataset]
     classes = CLASS_NAMES[dataset]
     subset = frame[frame["dataset"] == dataset]
-    methods = method_order(subset)
+    ran = method_order(subset)
+    paper = published_values(protocol, dataset)
+    # A published method that no registered detector implements (GEOM, GOAD) gets a column of its values alone.
+    published_only = sorted(m for m in paper.columns if m not in ran and m not in runnable_labels())
+    methods = ran + published_only
     values, notes = _cell_frame(subset, "auroc", classes, methods)
     means, mean_notes, complete_mean = _means(values, notes)
-    reference = reference_table(csv_name)
-    paper = reference.rename(index={str(i): c for i, c in zip(range(10), classes)}).reindex(index=classes + ["mean"])
 
     rows = {}
     for class_name in classes:
@@ -263,19 +271,31 @@ def auroc_tables(
     cells.index.name = "normal class"
     where = f"{profile} profile, {protocol} protocol" if profile else f"{protocol} protocol"
     title = TITLES[dataset]
-    paired = ReportTable(
-        caption=f"AUROC on {title} per normal class, ours (paper) ({where}; the paper's Table {number[-1]})",
-        label=f"{number}_{dataset}_auroc" + ("" if protocol == "paper" else f"_{protocol}"),
-        frame=cells,
-        notes=(
+    thread_note = f" {note}" if (note := thread_counts_note(subset)) else ""
+    if protocol == "paper":
+        caption = f"AUROC on {title} per normal class, ours (paper) ({where}; the paper's Table {number[-1]})"
+        notes_text = (
             f"Ours: the final model's AUROC, mean over seeds; (paper): the paper's value, {DASH} where it has none. "
             f"Bold: best of ours in the row among complete values; a mean is complete when it covers every class "
-            f"and seed. [k/n]: only part of the classes or seeds; failed / diverged: no ok seed."
-            + (f" {note}" if (note := thread_counts_note(subset)) else "")
-        ),
+            f"and seed. [k/n]: only part of the classes or seeds; failed / diverged: no ok seed." + thread_note
+        )
+    else:
+        caption = f"AUROC on {title} per normal class, ours (published) ({where})"
+        notes_text = (
+            f"Ours: the final model's AUROC, mean over seeds; (published): the value another paper reports under "
+            f"the {protocol} protocol, {DASH} where it has none. Bold: best of ours in the row among complete values; "
+            f"a mean is complete when it covers every class and seed. [k/n]: only part of the classes or seeds; "
+            f"failed / diverged: no ok seed." + thread_note + " "
+            + published_note(protocol, dataset, published_only, methods)
+        )
+    paired = ReportTable(
+        caption=caption,
+        label=f"{number}_{dataset}_auroc" + ("" if protocol == "paper" else f"_{protocol}"),
+        frame=cells,
+        notes=notes_text,
     )
 
-    with_paper = [m for m in methods if m in reference.columns]
+    with_paper = [m for m in ran if m in paper.columns]
     diff_table = None
     if with_paper:
         class_diff = values.loc[classes, with_paper] - paper.loc[classes, with_paper].astype(float)
@@ -283,14 +303,54 @@ def auroc_tables(
             diff = pd.concat([class_diff, class_diff.mean().to_frame("mean").T])
             diff = diff.map(lambda v: DASH if pd.isna(v) else f"{v:+.4f}")
             diff.index.name = "normal class"
+            the = "the paper's" if protocol == "paper" else "the published values"
             diff_table = ReportTable(
-                caption=f"AUROC on {title}: ours minus the paper's ({where})",
+                caption=f"AUROC on {title}: ours minus {the} ({where})",
                 label=f"{number}_{dataset}_auroc_difference" + ("" if protocol == "paper" else f"_{protocol}"),
                 frame=diff,
-                notes="The mean row averages the per-class differences, so a partial column is compared with the "
-                "paper on the same classes only.",
+                notes="The mean row averages the per-class differences, so a partial column is compared with "
+                f"{'the paper' if protocol == 'paper' else 'the published values'} on the same classes only.",
             )
     return paired, diff_table
+
+
+def published_note(protocol: str, dataset: str, published_only: list[str], shown: list[str]) -> str:
+    """The notes' sentences on the published values of a protocol other than the paper's: their sources,
+    the columns of published values alone, and the sources that give only a mean.
+
+    Parameters
+    ----------
+    protocol : str
+        The records' protocol.
+    dataset : str
+        Dataset name.
+    published_only : list of str
+        The columns of published values without a detector here.
+    shown : list of str
+        The table's columns: only their sources are cited.
+
+    Returns
+    -------
+    str
+        The sentences.
+    """
+    sources = {m: cite for m, cite in published_citations(protocol, dataset).items() if m in shown}
+    if not sources:
+        return (f"No source in benchmark/reference/sources/ reports {TITLES[dataset]} under the {protocol} protocol "
+                f"for the detectors shown (the Mem_GANomaly paper's values belong to the paper protocol only).")
+    paper = published_values(protocol, dataset)
+    mean_only = [m for m in paper.columns if paper.loc[CLASS_NAMES[dataset], m].isna().all()]
+    text = "Published values: " + "; ".join(f"{m}: {cite}" for m, cite in sources.items()) + "."
+    if published_only:
+        their = "its" if len(published_only) == 1 else "their"
+        text += f" {_join(published_only)}: not a detector of this benchmark, {their} published values alone."
+    if mean_only:
+        text += f" {_join(mean_only)}: the source gives only the mean over the classes ({DASH} per class)."
+    return text
+
+
+def _join(names: list[str]) -> str:
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
 
 
 def _auroc_cell(value: float, note: str, bold: bool, paper_value: Optional[float]) -> Cell:
@@ -328,7 +388,10 @@ def table4(
     subset = frame[frame["dataset"] == "mnist"]
     if subset.empty:
         return None
-    reference = reference_table(TABLE4_CSV)
+    reference = pd.DataFrame({metric: published_values(protocol, "mnist", metric).loc["mean"]
+                              for metric in THRESHOLD_METRICS}).T
+    # Under a protocol no source reports threshold metrics for, ours stand alone (no "(paper)" line).
+    has_reference = reference.notna().any().any()
     classes = CLASS_NAMES["mnist"]
     own_val = subset[list(VAL_METRICS)].notna().any().any()
     val_rows = subset if own_val else held_out.frame if held_out is not None else None
@@ -350,7 +413,8 @@ def table4(
         paper = reference.loc[metric] if metric in reference.index else pd.Series(dtype=float)
         cells = []
         for m in methods:
-            ref = None if is_val else (format_value(float(paper[m])) if m in paper.index else DASH)
+            ref = None if is_val or not has_reference else (
+                format_value(float(paper[m])) if m in paper.index and not pd.isna(paper[m]) else DASH)
             if pd.isna(means[m]):
                 cells.append(Cell(DASH, ref))
             else:
@@ -363,6 +427,11 @@ def table4(
         "the paper's Table 4 rule, the ROC point maximising Youden's J chosen on the test labels (optimistic: "
         "no deployed detector can do this), ours (paper). "
     )
+    if protocol != "paper":
+        youden = youden.replace("ours (paper). ", "ours (published). " if has_reference else "ours. ")
+        if not has_reference:
+            youden += (f"No source reports these metrics under the {protocol} protocol (the paper's Table 4 belongs "
+                       "to the paper protocol only). ")
     if has_val and not own_val:
         f, kept, held = f"{held_out.fraction:g}", f"{100 * (1 - held_out.fraction):g}%", f"{100 * held_out.fraction:g}%"
         sides = (
@@ -434,10 +503,11 @@ def auroc_sections(context: ReportContext) -> list[Section]:
         stem, title = csv_name.replace(".csv", ""), TITLES[dataset]
         paired, diff = auroc_tables(frame, dataset, context.profile, context.protocol)
         values, _ = _cell_frame(subset, "auroc", CLASS_NAMES[dataset], method_order(subset))
-        paper = reference_table(csv_name).drop(index="mean")
-        paper.index = CLASS_NAMES[dataset]
-        pictures = [Figure(stem, f"AUROC per normal class on {title}: ours (filled), the paper's (hollow).",
-                           figures.auroc_figure(values, paper, f"{title}: AUROC per normal class"))]
+        paper = published_values(context.protocol, dataset).drop(index="mean")
+        theirs = "the paper's" if context.protocol == "paper" else "published values"
+        pictures = [Figure(stem, f"AUROC per normal class on {title}: ours (filled), {theirs} (hollow).",
+                           figures.auroc_figure(values, paper, f"{title}: AUROC per normal class",
+                                               reference_word(context.protocol)))]
         roc = figures.roc_figure(subset, context.results_dir, CLASS_NAMES[dataset], method_order(subset),
                                  f"{title}: ROC curves per task ({context.where})")
         if roc is not None:
@@ -484,15 +554,105 @@ def table4_sections(context: ReportContext) -> list[Section]:
                     [table], footer, latex=True)]
 
 
+FRIEDMAN_STEM = "friedman"
+CD_STEM = "critical_difference"
+
+
+def friedman_sections(context: ReportContext) -> list[Section]:
+    """One comparison over every task of the run: the Friedman test, the Nemenyi critical difference and
+    the critical-difference diagram (Demsar 2006; `benchmark.friedman`), with a line in plain words.
+
+    A task is a (dataset, normal class) pair; each detector counts with its seed-mean AUROC over the ok
+    seeds (`benchmark.friedman.wide_scores`). Only the tasks where every detector of the run has a result
+    are ranked (the footer names the others). Made when `benchmark.friedman.applies`: more than two
+    detectors and at least five such tasks.
+
+    Parameters
+    ----------
+    context : ReportContext
+        The profile's records and provenance footer.
+
+    Returns
+    -------
+    list of Section
+        One section, stem ``friedman``, with the figure ``critical_difference``; none when the test
+        does not apply.
+    """
+    frame = context.frame
+    ok = frame[(frame["status"] == "ok") & frame["auroc"].notna()] if len(frame) else frame
+    if ok.empty:
+        return []
+    scores = friedman.wide_scores(ok.assign(auroc=ok["auroc"].astype(float)))
+    scores = scores.reindex(columns=method_order(ok))
+    complete, dropped = friedman.complete_tasks(scores)
+    if not friedman.applies(scores.shape[1], len(complete)):
+        return []
+    result = friedman.friedman_test(complete)
+    letters = {detector: [] for detector in result.detectors}
+    for i, clique in enumerate(result.cliques):
+        for detector in clique:
+            letters[detector].append(chr(ord("a") + i) if i < 26 else str(i + 1))
+    ranks = pd.DataFrame({"average rank": [f"{result.average_ranks[d]:.2f}" for d in result.detectors],
+                          "group": [", ".join(letters[d]) or DASH for d in result.detectors]},
+                         index=pd.Index(result.detectors, name="detector"))
+    k, n = len(result.detectors), result.n_tasks
+    statistics = pd.DataFrame({"value": [
+        str(n), str(k),
+        f"{result.chi2:.3f}", _p_text(result.p_value),
+        f"{result.f_statistic:.3f}" if np.isfinite(result.f_statistic) else "inf", _p_text(result.f_p_value),
+        f"{result.q_alpha:.3f}", f"{result.critical_difference:.3f}",
+    ]}, index=pd.Index([
+        "tasks N", "detectors k",
+        f"Friedman chi2_F ({k - 1} df)", "p (chi-square)",
+        f"Iman-Davenport F_F ({k - 1}, {(k - 1) * (n - 1)} df)", "p (F)",
+        f"Nemenyi q at alpha {result.alpha:g}", "critical difference CD",
+    ], name="statistic"))
+    suffix = context.suffix
+    tables = [
+        ReportTable(
+            caption=f"Average AUROC rank over {n} tasks (rank 1 = best; {context.where})",
+            label=f"{FRIEDMAN_STEM}{suffix}-ranks", frame=ranks,
+            notes=(f"Per task (dataset, normal class), the detectors' seed-mean AUROCs ranked, ties averaged. "
+                   f"Detectors sharing a letter are not significantly different (Nemenyi, CD = "
+                   f"{result.critical_difference:.2f} at alpha {result.alpha:g}); {DASH}: in no group, significantly "
+                   "different from every other detector. Read the groups only when the Friedman test rejects."),
+        ),
+        ReportTable(
+            caption=f"Friedman test over every task ({context.where})",
+            label=f"{FRIEDMAN_STEM}{suffix}-tests", frame=statistics,
+            notes=("Friedman's chi2_F with the tie correction of scipy.stats.friedmanchisquare; Iman-Davenport "
+                   "F_F = (N - 1) chi2_F / (N (k - 1) - chi2_F); CD = q sqrt(k (k + 1) / (6 N)) (Demsar 2006)."),
+        ),
+    ]
+    datasets = ", ".join(TITLES.get(d, d) for d in dict.fromkeys(t[0] for t in complete.index))
+    caption = (f"Critical-difference diagram of the average AUROC ranks over {n} tasks ({datasets}): detectors "
+               f"joined by a bar are not significantly different (Nemenyi, alpha {result.alpha:g}).")
+    figure = Figure(CD_STEM, caption, friedman.cd_diagram_png(result, f"Average AUROC rank ({context.where})"),
+                    reading=result.reading)
+    footer = (f"Tasks ranked: every (dataset, normal class) with a result from each of the {k} detectors "
+              f"({n} of {len(scores)}).")
+    if dropped:
+        names = [f"{dataset}/{CLASS_NAMES[dataset][int(c)]}" for dataset, c in dropped]
+        footer += f" Left out, some detector has no ok result there: {', '.join(names)}."
+    return [Section(FRIEDMAN_STEM, f"Friedman test and critical-difference diagram over every task ({context.where})",
+                    tables, footer + "\n\n" + context.footer, [figure], latex=True, latex_figures=True)]
+
+
+def _p_text(p: float) -> str:
+    return f"{p:.3g}" if p >= 1e-4 else f"{p:.1e}"
+
+
 #: Tables 1-3 (AUROC per normal class, with their figures).
 AUROC_TABLES = Producer("Tables 1-3: AUROC per normal class", auroc_sections,
                         tuple(stem for dataset, (_, csv_name) in TABLES.items()
                               for stem in (csv_name.replace(".csv", ""), f"roc_{dataset}")))
 #: Table 4 (threshold metrics on MNIST).
 TABLE4 = Producer("Table 4: threshold metrics", table4_sections, ("table4_mnist_threshold_metrics",))
+#: The Friedman test and critical-difference diagram over every task of the run.
+FRIEDMAN = Producer("the Friedman test and critical-difference diagram", friedman_sections, (FRIEDMAN_STEM, CD_STEM))
 #: Every report section, in the page's order: Tables 1-3, the verdict (seeds, best epoch, memory health),
-#: Table 4. A new kind of table or figure is one more `Producer` here.
-PRODUCERS: tuple[Producer, ...] = (AUROC_TABLES, VERDICT, TABLE4)
+#: Table 4, the Friedman test. A new kind of table or figure is one more `Producer` here.
+PRODUCERS: tuple[Producer, ...] = (AUROC_TABLES, VERDICT, TABLE4, FRIEDMAN)
 #: File stems that earlier versions wrote and no producer writes now: removed as stale like the producers'.
 RETIRED_STEMS: tuple[str, ...] = tuple(f"diagnostics_{dataset}" for dataset in TABLES)
 #: The extensions of a section's files (`benchmark.render.Section`).
@@ -549,10 +709,10 @@ def write_reports(results_dir: Path, reports_dir: Path, profile: str, protocol: 
 
     page = []  # (heading, tables, [(file name, caption, PNG)]) per section, for the HTML page
     for section in (section for producer in producers for section in producer.sections(context)):
-        save(f"{section.stem}{suffix}.md", section.to_markdown().encode())
+        save(f"{section.stem}{suffix}.md", section.to_markdown(suffix).encode())
         if section.latex:
-            save(f"{section.stem}{suffix}.tex", section.to_latex().encode())
-        pictures = [(save(f"{figure.stem}{suffix}.png", figure.png).name, figure.caption, figure.png)
+            save(f"{section.stem}{suffix}.tex", section.to_latex(suffix).encode())
+        pictures = [(save(f"{figure.stem}{suffix}.png", figure.png).name, figure.caption, figure.png, figure.reading)
                     for figure in section.figures]
         page.append((section.title, section.tables, pictures))
     stems = [stem for producer in producers for stem in producer.stems] + list(RETIRED_STEMS)

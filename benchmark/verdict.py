@@ -12,9 +12,13 @@ read through `benchmark.labels.memory_size_param`).
 Rules (stated again in each table's footer):
 - a cell is the mean ± sd (ddof = 1) over the seeds whose run is `ok`, of the FINAL model's
   AUROC; "n=k" is shown when fewer seeds than the most any cell of the dataset has are present;
-- verdict: "reproduced" when the paper's value lies in [mean - 2 sd, mean + 2 sd]; "not
+- the published values are those of the records' protocol (`benchmark.labels.published_values`, read
+  through `benchmark.references`): the Mem_GANomaly paper's under the paper protocol, other sources'
+  (Ruff et al.'s Deep SVDD, GEOM, GOAD) under "standard", never the Mem_GANomaly paper's there;
+- verdict: "reproduced" when the paper's (published) value lies in [mean - 2 sd, mean + 2 sd]; "not
   reproduced (ours lower)" when the paper's value is above that band, "not reproduced (ours
-  higher)" when below; no verdict with fewer than two seeds;
+  higher)" when below; no verdict with fewer than two seeds. It applies to every published value
+  present: where a source gives only the mean over the classes, to the mean row only (the footer says so);
 - the dataset row "mean" is, per seed, the mean over the classes, then mean ± sd over the seeds
   that have every class (otherwise the mean of the class means, without sd and without verdict);
 - ranks: per class, the detectors' seed-mean AUROCs ranked (1 = best, ties averaged,
@@ -33,9 +37,8 @@ import pandas as pd
 from scipy import stats
 
 from benchmark.data import CLASS_NAMES
-from benchmark.datasets import PAPER_TABLES as TABLES  # dataset -> ("table<k>", reference CSV)
 from benchmark.datasets import TITLES
-from benchmark.labels import method_order, reference_table
+from benchmark.labels import method_order, published_values, reference_word
 from benchmark.metrics import METRICS
 from benchmark.render import Producer, ReportContext, ReportTable, Section
 
@@ -140,15 +143,47 @@ def _labels(frame: pd.DataFrame) -> list[str]:
     return method_order(frame)
 
 
-def _paper(dataset: str) -> pd.DataFrame:
+def _paper(dataset: str, protocol: str = "paper") -> pd.DataFrame:
+    """The published values of `protocol` (`benchmark.labels.published_values`): the Mem_GANomaly paper's
+    under "paper", other sources' under another protocol; no columns where no source reports the dataset."""
+    return published_values(protocol, dataset)
+
+
+def verdict_rule(protocol: str = "paper") -> str:
+    """`VERDICT_RULE`, naming the published values of a protocol other than the paper's as such."""
+    return VERDICT_RULE if protocol == "paper" else VERDICT_RULE.replace("the paper's value", "the published value")
+
+
+def mean_only_note(frame: pd.DataFrame, dataset: str, protocol: str = "paper") -> str:
+    """A sentence naming the detectors shown whose source gives only a mean over the classes, or "".
+
+    Parameters
+    ----------
+    frame : pandas.DataFrame
+        Record rows (`load_records`' columns).
+    dataset : str
+        Dataset name.
+    protocol : str, default="paper"
+        The records' protocol.
+
+    Returns
+    -------
+    str
+        "X: its source gives only the mean over the classes, so its verdict is on the mean row only." or "".
+    """
+    paper = _paper(dataset, protocol)
     classes = CLASS_NAMES[dataset]
-    if dataset not in TABLES:  # a dataset the paper did not run: no paper values, no verdicts
-        return pd.DataFrame(index=[*classes, "mean"])
-    reference = reference_table(TABLES[dataset][1])
-    return reference.rename(index={str(i): c for i, c in enumerate(classes)})
+    shown = _labels(frame[frame["dataset"] == dataset])
+    mean_only = [m for m in shown if m in paper.columns and paper.loc[classes, m].isna().all()
+                 and not pd.isna(paper.loc["mean", m])]
+    if not mean_only:
+        return ""
+    names = mean_only[0] if len(mean_only) == 1 else ", ".join(mean_only[:-1]) + " and " + mean_only[-1]
+    return (f"{names}: {'its source gives' if len(mean_only) == 1 else 'their sources give'} only the mean over the "
+            "classes, so the verdict is on the mean row only.")
 
 
-def seed_stats(frame: pd.DataFrame, dataset: str, metric: str = "auroc") -> pd.DataFrame:
+def seed_stats(frame: pd.DataFrame, dataset: str, metric: str = "auroc", protocol: str = "paper") -> pd.DataFrame:
     """Per (class, detector): mean, sd, n over the ok seeds, the number of runs and the statuses
     of the others, and the paper's value and our verdict.
 
@@ -159,14 +194,17 @@ def seed_stats(frame: pd.DataFrame, dataset: str, metric: str = "auroc") -> pd.D
     dataset : str
     metric : str
         A metric column of the frame (default "auroc").
+    protocol : str
+        The records' protocol, which chooses the published values (default "paper": the paper's).
 
     Returns
     -------
     pd.DataFrame
-        Columns class_name, normal_class, label, mean, sd, n, runs, not_ok, paper, verdict.
+        Columns class_name, normal_class, label, mean, sd, n, runs, not_ok, paper (the published value),
+        verdict.
     """
     subset = frame[frame["dataset"] == dataset]
-    paper = _paper(dataset) if metric == "auroc" else None
+    paper = _paper(dataset, protocol) if metric == "auroc" else None
     rows = []
     for (normal_class, label), group in subset.groupby(["normal_class", "label"]):
         ok = group[group["status"] == "ok"]
@@ -216,7 +254,8 @@ def dataset_mean_stats(frame: pd.DataFrame, dataset: str, label: str, metric: st
 
 
 # ---- tables -------------------------------------------------------------------------------------
-def seeds_tables(frame: pd.DataFrame, dataset: str) -> tuple[pd.DataFrame, pd.DataFrame, str]:
+def seeds_tables(frame: pd.DataFrame, dataset: str, protocol: str = "paper"
+                 ) -> tuple[pd.DataFrame, pd.DataFrame, str]:
     """Per-class and dataset-mean tables over the seeds, detectors as columns in the paper's order.
 
     Parameters
@@ -225,6 +264,8 @@ def seeds_tables(frame: pd.DataFrame, dataset: str) -> tuple[pd.DataFrame, pd.Da
         Record rows (`load_records`' columns).
     dataset : str
         Dataset name.
+    protocol : str, default="paper"
+        The records' protocol, which chooses the published values (`_paper`).
 
     Returns
     -------
@@ -240,8 +281,8 @@ def seeds_tables(frame: pd.DataFrame, dataset: str) -> tuple[pd.DataFrame, pd.Da
     classes = CLASS_NAMES[dataset]
     cells = pd.DataFrame(DASH, index=[*classes, "mean"], columns=labels)
     verdicts = pd.DataFrame(DASH, index=[*classes, "mean"], columns=labels)
-    paper = _paper(dataset)
-    stats_frame = seed_stats(subset, dataset)
+    paper = _paper(dataset, protocol)
+    stats_frame = seed_stats(subset, dataset, protocol=protocol)
     expected = int(stats_frame["n"].max()) if len(stats_frame) else 0
     expected = max(expected, int(subset["seed"].nunique()) if len(subset) else 0)
 
@@ -268,9 +309,12 @@ def seeds_tables(frame: pd.DataFrame, dataset: str) -> tuple[pd.DataFrame, pd.Da
         ref = paper.loc["mean", label] if label in paper.columns else None
         verdicts.loc["mean", label] = (verdict(m["mean"], m["sd"], m["n"], ref) if m["n"] else "") or DASH
     cells.index.name = verdicts.index.name = "normal class"
-    footer = (f"Cells: mean ± sd over seeds of the final model's AUROC (paper's value in brackets); (n=k): only k of "
+    value = "paper's value" if protocol == "paper" else "published value"
+    footer = (f"Cells: mean ± sd over seeds of the final model's AUROC ({value} in brackets); (n=k): only k of "
               f"{expected} seeds ok; a single seed shows its value alone. Row 'mean': per seed the mean over the "
-              f"{len(classes)} classes, then mean ± sd over the seeds that have them all. {VERDICT_RULE}\n")
+              f"{len(classes)} classes, then mean ± sd over the seeds that have them all. {verdict_rule(protocol)}\n")
+    if note := mean_only_note(frame, dataset, protocol):
+        footer += f"{note}\n"
     return cells, verdicts, footer
 
 
@@ -281,10 +325,11 @@ def _class_means(frame: pd.DataFrame, dataset: str) -> pd.DataFrame:
     return table.reindex(columns=[m for m in _labels(frame[frame["dataset"] == dataset]) if m in table.columns])
 
 
-def rank_table(frame: pd.DataFrame, dataset: str) -> tuple[Optional[pd.DataFrame], str]:
+def rank_table(frame: pd.DataFrame, dataset: str, protocol: str = "paper") -> tuple[Optional[pd.DataFrame], str]:
     """Mean rank (1 = best, ties averaged) of each detector over the classes where every detector has a result.
 
-    Ours and the paper's ranks are taken on the same classes.
+    Ours and the paper's ranks are taken on the same classes (the published ranks among the detectors with a
+    published value for each of those classes).
 
     Parameters
     ----------
@@ -292,6 +337,8 @@ def rank_table(frame: pd.DataFrame, dataset: str) -> tuple[Optional[pd.DataFrame
         Record rows (`load_records`' columns).
     dataset : str
         Dataset name.
+    protocol : str, default="paper"
+        The records' protocol, which chooses the published values (`_paper`).
 
     Returns
     -------
@@ -307,16 +354,17 @@ def rank_table(frame: pd.DataFrame, dataset: str) -> tuple[Optional[pd.DataFrame
     sign = -1.0 if METRICS["auroc"].higher_is_better else 1.0  # rank 1 = the best
     ranks = pd.DataFrame([stats.rankdata(sign * row.to_numpy(), method="average") for _, row in complete.iterrows()],
                          index=complete.index, columns=complete.columns)
-    paper = _paper(dataset)
-    shown = [m for m in complete.columns if m in paper.columns]
-    paper_rows = paper.loc[[CLASS_NAMES[dataset][c] for c in complete.index], shown]
+    paper = _paper(dataset, protocol)
+    rows = [CLASS_NAMES[dataset][c] for c in complete.index]
+    shown = [m for m in complete.columns if m in paper.columns and paper.loc[rows, m].notna().all()]
+    paper_rows = paper.loc[rows, shown]
     paper_ranks = pd.DataFrame([stats.rankdata(sign * row.to_numpy(dtype=float), method="average")
                                 for _, row in paper_rows.iterrows()],
                                columns=shown) if shown else pd.DataFrame()
     order = ranks.mean().sort_values(kind="stable").index
     paper_mean = paper_ranks.mean() if shown else pd.Series(dtype=float)
     table = pd.DataFrame({"mean rank (ours)": [f"{ranks[m].mean():.2f}" for m in order],
-                          "mean rank (paper, same detectors and classes)":
+                          f"mean rank ({reference_word(protocol)}, same detectors and classes)":
                               [f"{paper_mean[m]:.2f}" if m in paper_mean.index else DASH for m in order]}, index=order)
     table.index.name = "detector"
     n_classes = len(complete)
@@ -434,7 +482,7 @@ def wilcoxon_table(frame: pd.DataFrame, dataset: str, reference: str = REFERENCE
     return pd.DataFrame(rows).set_index("vs"), sentences
 
 
-def best_epoch_table(frame: pd.DataFrame, dataset: str) -> Optional[pd.DataFrame]:
+def best_epoch_table(frame: pd.DataFrame, dataset: str, protocol: str = "paper") -> Optional[pd.DataFrame]:
     """Best per-epoch AUROC table, for the runs made with --track-auroc.
 
     Per class: the final model's AUROC, the best per-epoch AUROC on the TEST set (optimistic: chosen on test
@@ -446,6 +494,8 @@ def best_epoch_table(frame: pd.DataFrame, dataset: str) -> Optional[pd.DataFrame
         Record rows (`load_records`' columns).
     dataset : str
         Dataset name.
+    protocol : str, default="paper"
+        The records' protocol, which chooses the published values (`_paper`).
 
     Returns
     -------
@@ -457,7 +507,7 @@ def best_epoch_table(frame: pd.DataFrame, dataset: str) -> Optional[pd.DataFrame
     if subset.empty:
         return None
     classes = CLASS_NAMES[dataset]
-    paper = _paper(dataset)
+    paper = _paper(dataset, protocol)
     expected = int(subset.groupby(["normal_class", "label"])["seed"].nunique().max())
     columns = {}
     for label in _labels(subset):
@@ -473,7 +523,7 @@ def best_epoch_table(frame: pd.DataFrame, dataset: str) -> Optional[pd.DataFrame
                 mean_text += f" [{len(per_class)}/{len(classes)} classes]"
             columns[f"{label}: {kind}"] = [*cells, mean_text]
         if label in paper.columns:
-            columns[f"{label}: paper"] = [f"{v:.4f}" if not pd.isna(v) else DASH
+            columns[f"{label}: {reference_word(protocol)}"] = [f"{v:.4f}" if not pd.isna(v) else DASH
                                           for v in paper.loc[[*classes, "mean"], label]]
     table = pd.DataFrame(columns, index=[*classes, "mean"])
     table.index.name = "normal class"
@@ -584,9 +634,11 @@ def verdict_sections(context: ReportContext) -> list[Section]:
         if not (frame["dataset"] == dataset).any():
             continue
         title = TITLES.get(dataset, dataset)
-        cells, verdicts, footer = seeds_tables(frame, dataset)
-        captioned = [("AUROC, mean ± sd over seeds (paper):", cells), ("Verdict against the paper:", verdicts)]
-        ranks, caption = rank_table(frame, dataset)
+        cells, verdicts, footer = seeds_tables(frame, dataset, context.protocol)
+        word = reference_word(context.protocol)
+        against = "the paper" if context.protocol == "paper" else "the published values"
+        captioned = [(f"AUROC, mean ± sd over seeds ({word}):", cells), (f"Verdict against {against}:", verdicts)]
+        ranks, caption = rank_table(frame, dataset, context.protocol)
         if ranks is not None:
             captioned.append((caption, ranks))
         else:
@@ -597,10 +649,10 @@ def verdict_sections(context: ReportContext) -> list[Section]:
                               "class, seed-mean AUROC, two-sided):\n\n" + "\n".join(f"- {s}" for s in sentences),
                               tests))
         stem = f"seeds_{dataset}"
-        sections.append(Section(stem, f"AUROC over seeds and the verdict against the paper: {title} "
+        sections.append(Section(stem, f"AUROC over seeds and the verdict against {against}: {title} "
                                 f"({context.where})", _report_tables(stem, suffix, captioned),
                                 footer + "\n\n" + context.footer))
-        best = best_epoch_table(frame, dataset)
+        best = best_epoch_table(frame, dataset, context.protocol)
         if best is not None:
             stem = f"best_epoch_{dataset}"
             sections.append(Section(

@@ -39,6 +39,9 @@ def test_report_folder_holds_only_what_was_run(demo):
     _, folder, files = demo
     assert sorted(p.name for p in files) == sorted(p.name for p in folder.iterdir())
     assert sorted(p.name for p in folder.iterdir()) == [
+        "critical_difference.png",  # the Friedman test over every task (8 detectors, 8 complete MNIST tasks)
+        "friedman.md",
+        "friedman.tex",
         "index.html",
         "records.csv",
         "roc_cifar10.png",
@@ -64,13 +67,15 @@ def test_report_folder_holds_only_what_was_run(demo):
 def test_html_page_is_self_contained(demo):
     _, folder, _ = demo
     page = (folder / "index.html").read_text()
-    assert page.count("<img alt=") == 4 and page.count("data:image/png;base64,") == 4
+    assert page.count("<img alt=") == 5 and page.count("data:image/png;base64,") == 5  # with the CD diagram
     assert 'src="http' not in page and "<script" not in page and "@media print" in page
     for label in (
         "table1_mnist_auroc",
         "table1_mnist_auroc_difference",
         "table3_cifar10_auroc",
         "table4_mnist_threshold_metrics",
+        "friedman-ranks",
+        "friedman-tests",
     ):
         assert f'id="tab-{label}"' in page
     assert "Youden point on the test labels (paper)" in page and "95th percentile of held-out normals" in page
@@ -105,11 +110,13 @@ def test_page_in_headless_chromium(demo, tmp_path):
         "AUROC on CIFAR-10 per normal class",
         "Mean threshold metrics on MNIST",
         "ROC curves on MNIST",
+        "Critical-difference diagram of the average AUROC ranks over 8 tasks",
     ):
         assert caption in text, caption
+    assert "Reading: Friedman p =" in re.sub(r"\s+", " ", text)  # the CD diagram's reading, under it
     # Tables 1, 3 (+ its difference table), 4: 5 tables; per dataset the verdict's 4 (cells, verdicts,
-    # mean ranks, Wilcoxon tests).
-    assert dom.count("<table>") == 5 + 2 * 4 and dom.count("<img") == 4
+    # mean ranks, Wilcoxon tests); the Friedman section's 2 (ranks, tests).
+    assert dom.count("<table>") == 5 + 2 * 4 + 2 and dom.count("<img") == 5
     assert "Verdict against the paper" in text
     for label in ("iForest", "DAGMM", "f-AnoGAN", "MemAE", "GANomaly", "DSVDD", "Mem_GANomaly", "pyod:knn"):
         assert label in text
