@@ -50,7 +50,7 @@ from methods.base import (
 )
 from methods.torch_base import Stage, StageResult, TorchDetector
 from methods.transformations import MAX_SHIFT, GeometricTransformer, geometric_transformations, prepare_images
-from methods.wrn import WideResNet
+from methods.wrn import WideResNet, check_wrn_params
 
 # paper: the authors' settings on every dataset (they use one setting for all 32 x 32 datasets).
 # quick: a CPU budget of ~12 min per class (one job per core: ~1 h per dataset and seed for the ten
@@ -259,11 +259,7 @@ class GEOM(TorchDetector):
         self.score_batch_size = score_batch_size
 
     def _check_params(self) -> None:
-        check_positive_int("depth", self.depth)
-        if self.depth < 10 or (self.depth - 4) % 6:
-            raise ValueError(f"depth must be 6 n + 4 with n >= 1 (10, 16, 22, ...), got {self.depth!r}")
-        check_positive_int("widen_factor", self.widen_factor)
-        check_positive_int("base_width", self.base_width)
+        check_wrn_params(self.depth, self.widen_factor, self.base_width)
         check_positive_int("max_shift", self.max_shift)
         check_positive_int("epochs", self.epochs)
         check_positive_int("batch_size", self.batch_size)

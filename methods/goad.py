@@ -45,7 +45,7 @@ from methods.base import (
 )
 from methods.torch_base import Stage, StageResult, TorchDetector
 from methods.transformations import MAX_SHIFT, GeometricTransformer, geometric_transformations, prepare_images
-from methods.wrn import WideResNet
+from methods.wrn import WideResNet, check_wrn_params
 
 # paper: the authors' CIFAR-10 settings on every dataset (their one image setting).
 # quick: a CPU budget of ~11 min per class (one job per core: ~1 h per dataset and seed for the ten
@@ -209,11 +209,7 @@ class GOAD(TorchDetector):
         self.score_batch_size = score_batch_size
 
     def _check_params(self) -> None:
-        check_positive_int("depth", self.depth)
-        if self.depth < 10 or (self.depth - 4) % 6:
-            raise ValueError(f"depth must be 6 n + 4 with n >= 1 (10, 16, 22, ...), got {self.depth!r}")
-        check_positive_int("widen_factor", self.widen_factor)
-        check_positive_int("base_width", self.base_width)
+        check_wrn_params(self.depth, self.widen_factor, self.base_width)
         check_positive_int("max_shift", self.max_shift)
         check_positive_int("epochs", self.epochs)
         check_positive_int("batch_size", self.batch_size)

@@ -33,6 +33,8 @@ import math
 import torch
 from torch import nn
 
+from methods.base import check_positive_int
+
 
 class WideBasicBlock(nn.Module):
     """One pre-activation WRN block (module docstring).
@@ -124,3 +126,23 @@ class WideResNet(nn.Module):
         """(B, C, H, W) -> (features (B, 4 b k), logits (B, num_classes))."""
         features = self.features(x)
         return features, self.fc(features)
+
+
+def check_wrn_params(depth: object, widen_factor: object, base_width: object) -> None:
+    """Check a Wide ResNet's shape hyperparameters (GEOM's and GOAD's `depth`, `widen_factor`, `base_width`).
+
+    Parameters
+    ----------
+    depth, widen_factor, base_width : object
+        The values given.
+
+    Raises
+    ------
+    ValueError
+        Naming the hyperparameter: depth must be 6 n + 4 with n >= 1; the widths positive integers.
+    """
+    check_positive_int("depth", depth)
+    if depth < 10 or (depth - 4) % 6:
+        raise ValueError(f"depth must be 6 n + 4 with n >= 1 (10, 16, 22, ...), got {depth!r}")
+    check_positive_int("widen_factor", widen_factor)
+    check_positive_int("base_width", base_width)
