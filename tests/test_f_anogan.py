@@ -6,6 +6,7 @@ tests/test_detector_contract.py."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import numpy as np
 import pytest
@@ -178,17 +179,24 @@ def test_deterministic_under_seed_with_hflip(separable_task) -> None:
 def test_stage_two_freezes_generator_and_critic(separable_task, monkeypatch) -> None:
     X_train, _, _ = separable_task(32, 4, 4, channels=3, size=32, seed=2)
     snapshots = {}
-    original = FAnoGAN._train_encoder
+    original = FAnoGAN._stage_plans
 
-    def wrapped(self, x, epoch, callback):
-        snapshots["before"] = {k: v.clone() for net in (self.netG_, self.netD_) for k, v in net.state_dict().items()}
-        original(self, x, epoch, callback)
-        snapshots["after"] = {k: v.clone() for net in (self.netG_, self.netD_) for k, v in net.state_dict().items()}
+    def plans_with_a_snapshot(self, n_train):
+        gan_plan, encoder_plan = original(self, n_train)
 
-    monkeypatch.setattr(FAnoGAN, "_train_encoder", wrapped)
-    FAnoGAN(**SMOKE).fit(X_train)
+        def begin(job):  # as the encoder stage starts: G and D as stage 1 left them
+            snapshots["before"] = {k: v.clone() for net in (job.detector.netG_, job.detector.netD_)
+                                   for k, v in net.state_dict().items()}
+            encoder_plan.begin(job)
+
+        return [gan_plan, dataclasses.replace(encoder_plan, begin=begin)]
+
+    monkeypatch.setattr(FAnoGAN, "_stage_plans", plans_with_a_snapshot)
+    model = FAnoGAN(**SMOKE).fit(X_train)
+    after = {k: v for net in (model.netG_, model.netD_) for k, v in net.state_dict().items()}
+    assert snapshots["before"]
     for key, value in snapshots["before"].items():  # weights AND BatchNorm running statistics
-        torch.testing.assert_close(snapshots["after"][key], value, rtol=0, atol=0)
+        torch.testing.assert_close(after[key], value, rtol=0, atol=0)
 
 
 def test_divergence_in_the_encoder_stage_is_numbered_after_the_gan_epochs(separable_task, monkeypatch) -> None:
