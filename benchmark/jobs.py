@@ -4,7 +4,7 @@ claim -> prepare -> train -> score -> write.
 
 Each job takes its lock (`claim`; an existing `ok` or `diverged` record is kept unless `force`), builds
 its task and detector (`prepare`); the group trains through the one training seam, `train_jobs` (alone
-for K = 1, stacked as one batched model for K > 1, methods/stacking.py); each job is scored once
+for K = 1, stacked as one batched model for K > 1, methods/engine/); each job is scored once
 (`score_into`) and written atomically (`write_result`); anything a detector raises is recorded as
 `failed` or `diverged` (`record_error`) and the run goes on. Each dataset is read once per process.
 Which jobs form a group is benchmark/stacking.py's decision.

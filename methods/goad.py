@@ -240,11 +240,13 @@ class GOAD(TorchDetector):
         feature_sums = torch.zeros(n_transforms, self.net_.feature_dim, device=self.device_)
         images_seen = torch.zeros((), device=self.device_)
 
-        def begin_epoch(epoch: int) -> None:
-            feature_sums.zero_()
-            images_seen.zero_()
+        (stage,) = self._stages(len(x_train))
+        steps_per_epoch = stage.steps_per_epoch(len(x_train))
 
         def step(idx: torch.Tensor, step_number: int) -> torch.Tensor:
+            if (step_number - 1) % steps_per_epoch == 0:  # an epoch's first step: its centres start afresh
+                feature_sums.zero_()
+                images_seen.zero_()
             loss, cross_entropy, triplet, mean_square, features = goad_loss(
                 self.net_, x_train[idx], self.transformer_, self.lmbda, self.margin, self.feature_reg)
             optimizer.zero_grad(set_to_none=True)
@@ -261,10 +263,9 @@ class GOAD(TorchDetector):
                 self._set_mode(train=True)
 
         self.net_.train()
-        (stage,) = self._stages(len(x_train))
         result = self._train_stage(stage, len(x_train), step, ("loss", "cross_entropy", "triplet_centre",
                                                                "feature_mean_square"), epoch_callback,
-                                   begin_epoch=begin_epoch, end_epoch=end_epoch)
+                                   end_epoch=end_epoch)
         if self.centres == "train_pass":
             self._fit_centres(x_train)
         self.training_log_ = {"epoch_mean_" + key: values for key, values in result.history.items()}

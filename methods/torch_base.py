@@ -173,7 +173,8 @@ class TorchDetector(Detector, abc.ABC):
         return {stage.name: stage.planned_steps(n_train) for stage in self._stages(n_train)}
 
     def _train_stage(self, stage: Stage, n_train: int, step: Callable[[torch.Tensor, int], torch.Tensor],
-                     names: Sequence[str], epoch_callback: Optional[EpochCallback]) -> StageResult:
+                     names: Sequence[str], epoch_callback: Optional[EpochCallback],
+                     end_epoch: Optional[Callable[[int, StageResult], None]] = None) -> StageResult:
         """One stage of a detector with a training loop of its own (`_fit`) through the engine's loop:
         `step(indices of the minibatch, 1-based step number)` does the forward, backward and update
         and returns the 1-D tensor of values to log.
@@ -190,6 +191,9 @@ class TorchDetector(Detector, abc.ABC):
             Names of the logged values, in order.
         epoch_callback : EpochCallback or None
             The fit's callback.
+        end_epoch : callable, optional
+            end_epoch(epoch, result so far) after each epoch, before the epoch callback (e.g. GOAD's
+            centres from the epoch's features).
 
         Returns
         -------
@@ -203,7 +207,12 @@ class TorchDetector(Detector, abc.ABC):
         """
         results: list[StageResult] = []
         job = Job(0, self, torch.empty(n_train, 0, device=self.device_), epoch_callback)
-        plan = StagePlan(stage, step=step, names=tuple(names), end_epoch=lambda job, result: results.append(result))
+        def stage_end_epoch(job: Job, result: StageResult) -> None:
+            results.append(result)
+            if end_epoch is not None:
+                end_epoch(result.last_epoch, result)
+
+        plan = StagePlan(stage, step=step, names=tuple(names), end_epoch=stage_end_epoch)
         self._begin_stage()
         run_stage(plan, stage, [job], self._options(), stacked=False)
         if job.error is not None:
