@@ -251,8 +251,11 @@ def auroc_tables(
     subset = frame[frame["dataset"] == dataset]
     ran = method_order(subset)
     paper = published_values(protocol, dataset)
-    # A published method that no registered detector implements (GEOM, GOAD) gets a column of its values alone.
-    published_only = sorted(m for m in paper.columns if m not in ran and m not in runnable_labels())
+    # Under a protocol other than the paper's, a published method without records in this run (GEOM and GOAD
+    # until they are run) gets a column of its published values alone. Under the paper protocol the columns
+    # stay the detectors that ran (the paper's own tables are the reference of every one of them).
+    published_only = sorted(m for m in paper.columns if m not in ran and (protocol != "paper" or m not in
+                                                                          runnable_labels()))
     methods = ran + published_only
     values, notes = _cell_frame(subset, "auroc", classes, methods)
     means, mean_notes, complete_mean = _means(values, notes)
@@ -343,7 +346,7 @@ def published_note(protocol: str, dataset: str, published_only: list[str], shown
     text = "Published values: " + "; ".join(f"{m}: {cite}" for m, cite in sources.items()) + "."
     if published_only:
         their = "its" if len(published_only) == 1 else "their"
-        text += f" {_join(published_only)}: not a detector of this benchmark, {their} published values alone."
+        text += f" {_join(published_only)}: no records in this run, {their} published values alone."
     if mean_only:
         text += f" {_join(mean_only)}: the source gives only the mean over the classes ({DASH} per class)."
     return text

@@ -159,6 +159,9 @@ PUBLISHED = sorted((Path(__file__).resolve().parents[1] / "reports" / "published
 @needs_pdflatex
 @pytest.mark.parametrize("tex", PUBLISHED, ids=[str(p.relative_to(p.parents[3])) for p in PUBLISHED])
 def test_every_tex_under_reports_compiles(tex, tmp_path):
-    """Every .tex kept under reports/ (the published reports) compiles as it is."""
+    """Every .tex kept under reports/ (the published reports) compiles as it is, with the figures
+    beside it (friedman.tex includes critical_difference.png)."""
+    for png in tex.parent.glob("*.png"):
+        shutil.copy(png, tmp_path)
     log = compile_tex(tex, tmp_path)
     assert "Overfull \\hbox" not in log
