@@ -20,7 +20,7 @@ from benchmark import __version__
 from benchmark.backends import BACKENDS, BackendUnavailable
 from benchmark.data import CLASS_NAMES, DATASETS, DataError, load_dataset, resolve_data_root
 from benchmark.datasets import did_you_mean
-from benchmark.estimate import describe, estimate_jobs, format_seconds
+from benchmark.estimate import describe, estimate_jobs, format_seconds, job_precision
 from benchmark.jobs import DEFAULT_VAL_FRACTION, NOT_STARTED, Job, JobOutcome, RunSettings, limit_threads
 from benchmark.profiles import PROFILE_NAMES
 from benchmark.records import (
@@ -121,9 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--stack", default="auto", metavar="K",
                         help="train up to K jobs that differ only in class / seed together as one batched model "
                              "(default auto: 1 on the CPU, more on a GPU); deep detectors that support it")
-    parser.add_argument("--precision", default="fp32", choices=PRECISIONS,
-                        help="training precision of the deep detectors: fp32 (default) or bf16 autocast; bf16 "
-                             "results go to <profile>+bf16 (not yet shown to leave AUROC unchanged)")
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS,
+                        help="training precision of the deep detectors: auto (default: bf16 autocast for the "
+                             "detectors whose bf16 AUROC was measured within seed noise of fp32 and faster, on a "
+                             "device with native bf16; fp32 for the rest; README 'Precision and memory format'), "
+                             "fp32 (all), or bf16 (all; results go to <profile>+bf16). Each record says its "
+                             "precision; a results folder never holds one detector in two precisions")
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="on a GPU: capture each training step of the deep detectors in a CUDA graph (one "
                              "launch per step instead of hundreds); not yet measured")
@@ -247,7 +250,7 @@ def parse_config(argv: Sequence[str]) -> argparse.Namespace:
     if args.cuda_graphs and device.type != "cuda":
         raise UsageError(f"--cuda-graphs needs a CUDA device, but this run's device is {device} "
                          "(--device cuda on a machine with a GPU); drop the flag here")
-    if args.cuda_graphs and args.precision != "fp32":
+    if args.cuda_graphs and args.precision == "bf16":  # under "auto", graphed jobs train in fp32
         # bf16 steps stack (methods/engine/), but no GPU has been lent to capture one in a graph yet.
         raise UsageError(f"--cuda-graphs runs in fp32 only (a bf16 step has not been captured and checked on "
                          f"a GPU yet); drop --cuda-graphs or --precision {args.precision}")
@@ -260,14 +263,14 @@ def parse_config(argv: Sequence[str]) -> argparse.Namespace:
             raise UsageError(f"--sweep {spec.name} and --set {spec.name}: the swept parameter cannot also be set")
         # A non-default --val-fraction goes into the sweep's directory names too.
         args.sweep_tag = "+".join(filter(None, [sweep_set_tag(overrides_flat, args.tag), val_tag.lstrip("+"),
-                                                "" if args.precision == "fp32" else args.precision]))
+                                                "" if args.precision != "bf16" else args.precision]))
     elif args.override_map or args.tag:
         tag = args.tag or "+".join(f"{k}={v}" for k, v in sorted(overrides_flat.items()))
         tag = re.sub(r"[^A-Za-z0-9_.=+-]", "_", tag)
         args.profile_dir = f"{args.profile}+{tag}"
     if args.sweep_spec is None:
         args.profile_dir += val_tag
-        if args.precision != "fp32":  # never mixed with fp32 results
+        if args.precision == "bf16":  # the all-bf16 experiment; "auto" and "fp32" runs share <profile>
             args.profile_dir = f"{args.profile_dir}+{args.precision}"
     return args
 
@@ -647,6 +650,46 @@ def _held_out_share(record: dict) -> float:
     return float((record.get("sampling") or {}).get("val_fraction") or 0.0)
 
 
+def _precision_conflicts(args: argparse.Namespace, jobs: list[Job]) -> list[str]:
+    """Records that would put one detector in two training precisions in one results folder.
+
+    For each (dataset, method) of the run, the precision its jobs will train in (--precision, with
+    "auto" resolved per detector on this run's device: `benchmark.estimate.job_precision`) against
+    ``run_info.precision`` of every record already in that folder (records from before the option:
+    fp32), whichever class or seed they are of: a table over the folder would otherwise average
+    across precisions.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        The parsed command line (results_dir, profile_dir, protocol, precision).
+    jobs : list of Job
+        The run's jobs.
+
+    Returns
+    -------
+    list of str
+        One line per (folder, recorded precision): how many records, and the precision this run would use.
+    """
+    conflicts = []
+    planned: dict[tuple[str, str], Job] = {}
+    for job in jobs:
+        planned.setdefault((job.key.dataset, job.key.method), job)
+    for (dataset, method), job in planned.items():
+        folder = Path(args.results_dir) / args.profile_dir / args.protocol / dataset / method
+        if not folder.is_dir():
+            continue
+        trains_in = job_precision(get_method(method).load()(**job.params), args.precision)
+        found: dict[str, int] = {}
+        for _, record, _ in iter_records(folder):
+            recorded = ((record or {}).get("run_info") or {}).get("precision", "fp32")
+            if record is not None and recorded != trains_in:
+                found[recorded] = found.get(recorded, 0) + 1
+        conflicts += [f"{folder}: {count} record(s) trained in {recorded}; this run trains {method} in {trains_in}"
+                      for recorded, count in sorted(found.items())]
+    return conflicts
+
+
 def _run_jobs(args: argparse.Namespace, jobs: list[Job], argv: list[str]) -> int:
     """Run the jobs of one configuration that have no ok / diverged record yet. Returns 0, 1 (a
     job failed, diverged or was lost, or the results folder became unwritable), 2 (the backend could not
@@ -669,6 +712,14 @@ def _run_jobs(args: argparse.Namespace, jobs: list[Job], argv: list[str]) -> int
             pending.append(job)
     for problem in unreadable:
         print(f"warning: {problem}; the job will be rerun", file=sys.stderr)
+    conflicts = _precision_conflicts(args, jobs)
+    if conflicts:
+        print(f"{prog_name()}: error: this run (--precision {args.precision}) would put a detector in two training "
+              "precisions in one results folder, and so in one table:\n  " + "\n  ".join(conflicts) +
+              "\nNothing was trained and no record was touched. Give the precision those records have "
+              "(e.g. --precision fp32 for records made before bf16 became some detectors' default), or another "
+              "--results-dir / --tag", file=sys.stderr)
+        return 2
     if mixed:
         folder = results_dir / args.profile_dir
         held = sorted({fraction for _, fraction in mixed})

@@ -53,7 +53,7 @@ from benchmark.data import load_dataset
 from benchmark.profiles import PROFILE_SUBSAMPLE
 from benchmark.records import iter_records
 from methods import get_method
-from methods.base import resolve_device
+from methods.base import TrainOptions, resolve_device
 
 CACHE_ENV = "MEMGAN_CALIBRATION_CACHE"
 STEPS_ENV = "MEMGAN_CALIBRATION_STEPS"
@@ -344,7 +344,7 @@ def _median_time(call: Callable[[], Any], repeats: int = SCORE_REPEATS) -> float
     return statistics.median(times)
 
 
-def calibrate(target: str, params: dict, shape: tuple, steps: int) -> dict:
+def calibrate(target: str, params: dict, shape: tuple, steps: int, precision: str = "fp32") -> dict:
     """Time the detector `target` built with `params` on random images.
 
     Parameters
@@ -357,6 +357,8 @@ def calibrate(target: str, params: dict, shape: tuple, steps: int) -> dict:
         Image shape (C, H, W).
     steps : int
         Training steps timed per stage, after the warm-up (rounded up to whole periods).
+    precision : str, default="fp32"
+        The training precision of the timed fit (a torch detector's; `job_precision`).
 
     Returns
     -------
@@ -364,7 +366,8 @@ def calibrate(target: str, params: dict, shape: tuple, steps: int) -> dict:
         {"kind": "stages", "step_seconds": {stage: s}, "score_seconds_per_image", "overhead_seconds",
         "steps_timed": {stage: n}} or {"kind": "linear", "fit_seconds_per_image", "score_seconds_per_image"}.
     """
-    from methods.torch_base import TorchDetector  # loads torch: this module imports without it (the command line's)
+    from methods.engine import fit_jobs  # loads torch: this module imports without it (the command line's)
+    from methods.torch_base import TorchDetector
 
     module_name, class_name = target.split(":")
     cls = getattr(importlib.import_module(module_name), class_name)
@@ -382,8 +385,10 @@ def calibrate(target: str, params: dict, shape: tuple, steps: int) -> dict:
     timed = cls(**{**params, **_calibration_params(stages, steps)})
     timed.step_clock = clock = []
     t0 = time.perf_counter()
-    timed.fit(x)
+    (error,) = fit_jobs([timed], [x], options=TrainOptions(precision=precision))
     fit_s = time.perf_counter() - t0
+    if error is not None:
+        raise error
     step_s, counted = {}, {}
     for stage in stages:
         durations = [seconds for name, seconds in clock if name == stage.name][_warmup_steps(stage):]
@@ -565,6 +570,28 @@ def _from_records(records: list[dict], steps_of: Callable[[int], int], n_train: 
             max(totals))
 
 
+def job_precision(detector: Any, precision: str) -> str:
+    """The precision a detector trains in under the run's --precision: "auto" resolved on its device
+    (`TorchDetector.resolve_train_options`); "fp32" for a detector without torch training.
+
+    Parameters
+    ----------
+    detector : Detector
+        The job's detector (not fitted).
+    precision : str
+        The run's --precision.
+
+    Returns
+    -------
+    str
+        "fp32" or "bf16".
+    """
+    resolve = getattr(detector, "resolve_train_options", None)
+    if resolve is None:
+        return "fp32"
+    return resolve(TrainOptions(precision=precision)).precision
+
+
 def estimate_jobs(jobs: list, data_root: Optional[str], download: bool, n_parallel: int = 1,
                   device: str = "auto", log: Any = None, results_dir: Optional[Path] = None,
                   precision: str = "fp32", val_fraction: float = 0.0) -> RunEstimate:
@@ -588,7 +615,8 @@ def estimate_jobs(jobs: list, data_root: Optional[str], download: bool, n_parall
     results_dir : Path, optional
         Where finished records are looked for (the run's results folder; None: none).
     precision : str, default="fp32"
-        The run's training precision (records of another precision are not used).
+        The run's --precision ("auto" resolves per detector: `job_precision`); records of another
+        precision are not used.
     val_fraction : float, default=0.0
         The run's held-out share of the normal training images (fewer images to train on).
 
@@ -611,7 +639,8 @@ def estimate_jobs(jobs: list, data_root: Optional[str], download: bool, n_parall
         if log is not None:
             log(text)
 
-    def calibration(inner: str, method: str, dataset: str, target: str, params: dict, shape: tuple) -> dict:
+    def calibration(inner: str, method: str, dataset: str, target: str, params: dict, shape: tuple,
+                    job_precision: str) -> dict:
         nonlocal busy_now
         entry = entries.get(inner)
         if entry is not None and entry.get("version") != CALIBRATION_VERSION:
@@ -630,7 +659,7 @@ def estimate_jobs(jobs: list, data_root: Optional[str], download: bool, n_parall
                 f"{WARMUP_STEPS} warm-up steps)" + (f"; the machine is busy ({busy_now:.0%} of its CPU time in "
                                                    "use by other processes), so this figure is marked to be redone"
                                                    if busy else ""))
-            entry = {**calibrate(target, dict(params), shape, steps), "version": CALIBRATION_VERSION,
+            entry = {**calibrate(target, dict(params), shape, steps, job_precision), "version": CALIBRATION_VERSION,
                      "busy": busy, "busy_fraction": busy_now, "created": time.time()}
             entries[inner] = entry
             _save_cache(cache)
@@ -658,8 +687,10 @@ def estimate_jobs(jobs: list, data_root: Optional[str], download: bool, n_parall
 
         planned = detector.planned_steps(n_train) if staged else {}
         calib_params = {k: v for k, v in job.params.items() if k != "random_state"}
-        inner = json.dumps([target, list(shape), calib_params], sort_keys=True, default=repr)
-        records = timings.matching(key.method, key.dataset, detector.get_params(), precision, this_device)
+        trains_in = job_precision(detector, precision)
+        inner = json.dumps([target, list(shape), calib_params] + ([trains_in] if trains_in != "fp32" else []),
+                           sort_keys=True, default=repr)  # fp32 keeps the key of the calibrations made before
+        records = timings.matching(key.method, key.dataset, detector.get_params(), trains_in, this_device)
         if records:
             train_s, score_s, rest_s, low, high = _from_records(records, steps_of, n_train, n_test)
             point = train_s + score_s + rest_s
@@ -683,7 +714,7 @@ def estimate_jobs(jobs: list, data_root: Optional[str], download: bool, n_parall
                     del entries[inner]
                     _save_cache(cache)
             continue
-        cal = calibration(inner, key.method, key.dataset, target, calib_params, shape)
+        cal = calibration(inner, key.method, key.dataset, target, calib_params, shape, trains_in)
         train_s, score_s, overhead_s = predicted_seconds(cal, planned, n_train, n_test)
         point = train_s + score_s + overhead_s
         estimates.append(JobEstimate(key.method, key.dataset, train_s, score_s, overhead_s, sum(planned.values()),

@@ -69,7 +69,7 @@ COLUMNS = [
     "record",
 ]
 #: The frame's columns after `COLUMNS`, for the tables only (not in records.csv).
-DETECTOR_COLUMNS = ["memory_size_param", "memory_size", "per_epoch"]
+DETECTOR_COLUMNS = ["memory_size_param", "memory_size", "per_epoch", "precision"]
 
 
 class ResultsWriteError(OSError):
@@ -429,6 +429,8 @@ def load_records(results_dir: Path, profile: str, protocol: Optional[str] = None
                 "memory_size_param": memory_param,
                 "memory_size": (record.get("hyperparameters") or {}).get(memory_param) if memory_param else None,
                 "per_epoch": per_epoch if isinstance(per_epoch, dict) else None,
+                # the training precision (records from before --precision, and non-torch detectors: fp32)
+                "precision": (record.get("run_info") or {}).get("precision") or "fp32",
             }
         )
     frame = pd.DataFrame(rows, columns=[*COLUMNS, *DETECTOR_COLUMNS])

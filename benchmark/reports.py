@@ -73,6 +73,39 @@ from benchmark.render import DASH, Cell, Figure, Producer, ReportContext, Report
 from benchmark.verdict import VERDICT
 
 
+def precision_note(frame: pd.DataFrame) -> str:
+    """A sentence naming the detectors trained in another precision than fp32, or "" when all are fp32.
+
+    The default (`--precision auto`) trains some detectors in bf16 and the others in fp32, so a table
+    says which; a detector whose records of one dataset are in two precisions (the runner refuses to
+    make such a folder, but records can be copied in) is named as mixed.
+
+    Parameters
+    ----------
+    frame : pandas.DataFrame
+        Record rows (`load_records`' columns).
+
+    Returns
+    -------
+    str
+        The note.
+    """
+    if frame.empty or "precision" not in frame or set(frame["precision"]) <= {"fp32"}:
+        return ""
+    by_method = frame.groupby("label", sort=True)["precision"].agg(lambda values: sorted(set(values)))
+    parts = [f"{precision}: {', '.join(label for label, found in by_method.items() if found == [precision])}"
+             for precision in sorted(set(frame["precision"]))
+             if any(found == [precision] for found in by_method.values)]
+    note = "Training precision (each record's run_info): " + "; ".join(parts) + "."
+    mixed = sorted({f"{r.label} on {r.dataset}" for r in
+                    frame.groupby(["label", "dataset"])["precision"].nunique().reset_index().itertuples()
+                    if r.precision > 1})
+    if mixed:
+        note += (f" MIXED precisions within one detector's results: {', '.join(mixed)}; its means average over "
+                 "both. Move one precision's records to another results folder and rebuild the reports.")
+    return note
+
+
 def thread_counts_note(frame: pd.DataFrame, listed: int = 8) -> str:
     """A sentence naming the records made at a thread count other than the most common one, or "".
 
@@ -698,6 +731,8 @@ def write_reports(results_dir: Path, reports_dir: Path, profile: str, protocol: 
     )
     if threads_note := thread_counts_note(frame):
         footer += f"\n{threads_note}\n"
+    if precision_note_text := precision_note(frame):
+        footer += f"\n{precision_note_text}\n"
     if problems:
         footer += "\nUnreadable records, treated as missing:\n" + "\n".join(f"- {p}" for p in problems) + "\n"
     context = ReportContext(Path(results_dir), profile, protocol, frame, footer)

@@ -23,8 +23,9 @@ measures, on the current device:
   a non-torch detector (iForest) gets one row (variant n/a);
 * stacked training images/second at K = 1, 4, 10 (--stack): K jobs trained as one batched model
   (methods/engine/, `fit_jobs`), for the detectors that support it, fp32 in the detector's default
-  layout (GANomaly and Mem_GANomaly choose channels_last on the CPU, the others NCHW), shown on
-  the row of that variant; K x images / wall time;
+  layout (its `default_memory_format`), shown on the row of that variant; K x images / wall time;
+  each deep detector's notes name its default variant (what `--precision auto` and the default layout
+  train it in on this device: `TorchDetector.resolve_train_options`);
 * on a GPU, the same stacked fits with every training step replayed from a CUDA graph
   (methods/engine/graphs.py; the capture and its 3 eager warm-up steps are inside the timed fit);
 * the extrapolated wall time of the whole paper profile for the method (3 datasets x 10
@@ -368,17 +369,11 @@ def paper_profile_seconds(name: str, device: str, steps: int) -> float:
     return total
 
 
-def default_layout(detector: Any) -> str:
-    """The layout a fitted detector chose itself: "cl" if its first 4-D weight with a spatial kernel
-    is channels_last, else "nchw" (also for networks without 4-D weights)."""
-    for net in detector._networks():
-        for param in net.parameters():
-            if param.dim() == 4 and not param.is_contiguous():
-                return "cl" if param.is_contiguous(memory_format=torch.channels_last) else "nchw"
-            if param.dim() == 4 and not param.is_contiguous(memory_format=torch.channels_last):
-                return "nchw"
-    return "nchw"
-
+def default_variant(detector: Any) -> str:
+    """The VARIANTS name a fitted torch detector trained in with the default options (precision "auto"
+    and its own layout, resolved on its device), e.g. "bf16-cl"."""
+    options = detector.train_options_
+    return f"{options.precision}-{'cl' if options.memory_format == 'channels_last' else 'nchw'}"
 
 def scoring_context(device: torch.device, precision: Optional[str]) -> Any:
     """The scoring context of a variant: torch.autocast(bfloat16) for bf16, else nothing."""
@@ -450,7 +445,8 @@ def bench_method(name: str, args: argparse.Namespace, device: torch.device, rng:
     -------
     dict
         "variants": {variant name ("n/a" for a non-torch detector): bench_variant's dict, or
-        {"error": message}}; GFLOP per training and scoring image; "default_layout" ("nchw" / "cl");
+        {"error": message}}; GFLOP per training and scoring image; "default_variant" (e.g. "bf16-cl"),
+        "default_layout" ("nchw" / "cl");
         stacked (and on a GPU graphed) images/second by K; "paper_s" with --paper.
     """
     x_train = rng.random((args.n_train, 3, 32, 32), dtype=np.float32)
@@ -463,7 +459,8 @@ def bench_method(name: str, args: argparse.Namespace, device: torch.device, rng:
     deep = isinstance(warm, TorchDetector)
     result: dict = {
         "deep": deep, "variants": {},
-        "default_layout": default_layout(warm) if deep else None,
+        "default_variant": default_variant(warm) if deep else None,
+        "default_layout": default_variant(warm).split("-")[1] if deep else None,
         "train_gflop_per_img": train_flops / trained_images(warm, len(flop_images)) / 1e9,
         "score_gflop_per_img": score_flops / BATCH / 1e9,
         "stacked_img_s": {},
@@ -481,7 +478,7 @@ def bench_method(name: str, args: argparse.Namespace, device: torch.device, rng:
         for graphs in graph_modes:
             for k in args.stack:
                 dets = [build(name, args.device, args.steps, args.n_train, random_state=s)[0] for s in range(k)]
-                options = TrainOptions(cuda_graphs=graphs)
+                options = TrainOptions(precision="fp32", cuda_graphs=graphs)
                 seconds = timed(lambda: fit_jobs(dets, [x_train] * k, options=options), device, args.repeats)
                 result["graphed_img_s" if graphs else "stacked_img_s"][k] = k * images / seconds
     if args.paper:
@@ -664,8 +661,8 @@ def main(argv: Optional[list[str]] = None) -> None:
             if i == 0:
                 if var["score_batch"] is not None:
                     notes += f", score batch {var['score_batch']}"
-                if res["default_layout"] is not None:
-                    notes += f", default layout {res['default_layout']}"
+                if res["default_variant"] is not None:
+                    notes += f", default {res['default_variant']}"
                 notes += f", {var['overrides']}"
             rows.append(f"{name:<18}{variant:<11}{var['train_img_s']:>12.1f}{stacked}{var['score_img_s']:>12.0f}"
                         f"{score64}{flops}{paper}  {notes}")

@@ -20,9 +20,11 @@ from typing import Any, Callable, ClassVar, Iterator, Optional
 import numpy as np
 from sklearn.base import BaseEstimator
 
-#: The training precisions: "fp32", or "bf16" (training steps under torch.autocast(bfloat16); scoring stays fp32).
-PRECISIONS = ("fp32", "bf16")
-#: The memory formats: "default" (the detector's own layout), "nchw" or "channels_last".
+#: The training precisions: "auto" (each detector's `default_precision` where the device computes bf16
+#: natively, else fp32), "fp32", or "bf16" (training steps under torch.autocast(bfloat16); scoring stays fp32).
+PRECISIONS = ("auto", "fp32", "bf16")
+#: The memory formats: "default" (the detector's own layout, its `default_memory_format`), "nchw" or
+#: "channels_last".
 MEMORY_FORMAT_NAMES = ("default", "nchw", "channels_last")
 
 
@@ -36,14 +38,14 @@ class TrainOptions:
     Parameters
     ----------
     precision : str
-        One of `PRECISIONS` (the runner's --precision).
+        One of `PRECISIONS` (the runner's --precision; default "auto": what each detector declares).
     memory_format : str
-        One of `MEMORY_FORMAT_NAMES` (a speed lever, benchmark/speed.py).
+        One of `MEMORY_FORMAT_NAMES` (a speed lever, benchmark/speed.py; default: the detector's own).
     cuda_graphs : bool
         Capture each training step in a CUDA graph (the runner's --cuda-graphs; CUDA only).
     """
 
-    precision: str = "fp32"
+    precision: str = "auto"
     memory_format: str = "default"
     cuda_graphs: bool = False
 

@@ -4,6 +4,7 @@ methods/engine/) and batched scoring under inference mode."""
 from __future__ import annotations
 
 import abc
+import dataclasses
 import time
 from typing import Any, Callable, ClassVar, Iterable, Optional, Sequence
 
@@ -58,9 +59,32 @@ def init_dcgan_weights(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
-# TrainOptions.memory_format's values -> the torch layout (None: the detector's own, nothing converted).
-MEMORY_FORMATS: dict[str, Optional[torch.memory_format]] = {
-    "default": None, "nchw": torch.contiguous_format, "channels_last": torch.channels_last}
+# A resolved TrainOptions.memory_format -> the torch layout ("default" is resolved per detector first).
+MEMORY_FORMATS: dict[str, torch.memory_format] = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether the device computes bf16 natively, so that bf16 autocast can be faster than fp32: a GPU
+    that supports bf16 (Ampere or newer), or a CPU whose oneDNN has bf16 kernels (AVX512-BF16 or AMX).
+    On other CPUs bf16 is emulated and slower, and "auto" keeps fp32.
+
+    Parameters
+    ----------
+    device : torch.device
+        The training device.
+
+    Returns
+    -------
+    bool
+    """
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        try:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):  # a torch build without oneDNN
+            return False
+    return False
 
 
 class TorchDetector(Detector, abc.ABC):
@@ -82,12 +106,20 @@ class TorchDetector(Detector, abc.ABC):
         for every optimiser step, the step alone (synchronised on a GPU): the estimate's calibration
         reads it (benchmark/estimate.py). Timing never changes what is computed.
     train_options_ : TrainOptions
-        Fitted: the options it was trained with (precision, memory format, CUDA graphs; `fit_jobs`'s
-        `options`); scoring uses its memory format, `run_info` records them.
+        Fitted: the options it was trained with (precision, memory format, CUDA graphs: `fit_jobs`'s
+        `options` resolved by `resolve_train_options`); scoring uses its memory format, `run_info`
+        records them and what was asked for (`train_options_asked_`, e.g. precision "auto").
     """
 
     progress_callback: Optional[Callable[[str, int, int], None]] = None
     step_clock: Optional[list] = None
+    #: The precision "auto" trains in where the device computes bf16 natively (`native_bf16`): "bf16"
+    #: only for a detector whose bf16 AUROC was measured within seed noise of fp32 and whose bf16
+    #: training was measured faster (README, "Precision and memory format"); fp32 otherwise.
+    default_precision: ClassVar[str] = "fp32"
+    #: The layout of the networks' 4-D weights and the image batches when the options say "default":
+    #: "channels_last" where it was measured faster (benchmark/speed.py), else "nchw".
+    default_memory_format: ClassVar[str] = "nchw"
     # None for a subclass with a training loop of its own (`_fit`): see __init_subclass__.
     _stage_plans: ClassVar[Any]
 
@@ -96,17 +128,44 @@ class TorchDetector(Detector, abc.ABC):
         if "_fit" in cls.__dict__:  # its own loop: the class (and its subclasses) cannot train stacked
             cls._stage_plans = None
 
+    def resolve_train_options(self, options: TrainOptions) -> TrainOptions:
+        """The options with "auto" and "default" replaced by what this detector trains with on its device.
+
+        Precision "auto" is the class's `default_precision` where the device computes bf16 natively
+        (`native_bf16`) and the steps are not captured in CUDA graphs (fp32 only), else "fp32";
+        memory format "default" is the class's `default_memory_format`. Explicit values pass unchanged.
+
+        Parameters
+        ----------
+        options : TrainOptions
+            The options asked for (the runner's --precision; the defaults).
+
+        Returns
+        -------
+        TrainOptions
+            The same options with a concrete precision ("fp32" or "bf16") and memory format.
+        """
+        precision, layout = options.precision, options.memory_format
+        if precision == "auto":
+            device = resolve_device(self.device)
+            bf16 = self.default_precision == "bf16" and native_bf16(device) and not options.cuda_graphs
+            precision = "bf16" if bf16 else "fp32"
+        if layout == "default":
+            layout = self.default_memory_format
+        return dataclasses.replace(options, precision=precision, memory_format=layout)
+
     def _options(self) -> TrainOptions:
-        """The options of the fit (defaults before any fit)."""
-        return getattr(self, "train_options_", None) or TrainOptions()
+        """The resolved options of the fit (`resolve_train_options` of the defaults before any fit)."""
+        options = getattr(self, "train_options_", None)
+        return options if options is not None else self.resolve_train_options(TrainOptions())
 
     def _in_memory_format(self, item: Any) -> Any:
         """The one place the memory format acts: a module's 4-D weights, or a 4-D batch, in that layout.
 
         The networks are converted as each training stage starts (`_begin_stage`); the training set
         once it is preprocessed (`_begin_fit`), so every minibatch indexed from it keeps the layout;
-        each scoring chunk once it is preprocessed (`decision_function`). "default" returns `item`
-        untouched, so the default path is the detector's own layout, bit for bit.
+        each scoring chunk once it is preprocessed (`decision_function`). The layout is the resolved
+        one (`resolve_train_options`: "default" is the detector's `default_memory_format`).
 
         Parameters
         ----------
@@ -119,8 +178,6 @@ class TorchDetector(Detector, abc.ABC):
             The module, or the batch in the layout (other ranks unchanged).
         """
         layout = MEMORY_FORMATS[self._options().memory_format]
-        if layout is None:
-            return item
         if isinstance(item, nn.Module):
             return item.to(memory_format=layout)  # only 4-D parameters and buffers change
         return item.contiguous(memory_format=layout) if item.dim() == 4 else item
@@ -380,6 +437,9 @@ class TorchDetector(Detector, abc.ABC):
             "precision": self._options().precision,
             "cuda_graphs": self._options().cuda_graphs,
             "memory_format": self._options().memory_format,
+            # What the run asked for: "auto" / "default" resolve per detector (resolve_train_options).
+            "precision_asked": getattr(self, "train_options_asked_", self._options()).precision,
+            "memory_format_asked": getattr(self, "train_options_asked_", self._options()).memory_format,
             "determinism": ("bit-identical on CPU for the same seed, torch version and thread count"
                             if device.type == "cpu"
                             else "GPU kernels (cuDNN autotuning, atomics) may differ run to run"),

@@ -92,8 +92,10 @@ def test_options_reach_training_through_fit_jobs_only(separable_task):
     assert det.train_options_ == options
     info = det.run_info()
     assert (info["precision"], info["memory_format"], info["cuda_graphs"]) == ("bf16", "channels_last", False)
-    det.fit(X)  # a plain fit trains with the default options again
-    assert det.run_info()["precision"] == "fp32" and det.run_info()["memory_format"] == "default"
+    det.fit(X)  # a plain fit trains with the default options again: MemAE's, resolved
+    info = det.run_info()
+    assert (info["precision"], info["memory_format"]) == ("fp32", "channels_last")
+    assert (info["precision_asked"], info["memory_format_asked"]) == ("auto", "default")
     assert not hasattr(det, "precision")  # no attribute set on a detector carries options any more
 
 

@@ -208,7 +208,7 @@ def test_a_busy_calibration_is_redone_once_the_machine_is_idle(shared_data, tmp_
     monkeypatch.setenv("MEMGAN_CALIBRATION_CACHE", str(tmp_path / "calibration.json"))
     calls = []
 
-    def fake_calibrate(target, params, shape, steps):
+    def fake_calibrate(target, params, shape, steps, precision="fp32"):
         calls.append(target)
         return {"kind": "linear", "fit_seconds_per_image": 1e-3, "score_seconds_per_image": 1e-4}
 

@@ -48,6 +48,8 @@ LOCAL_THIRD_PARTY_IMPORTS = {
 LOCAL_PACKAGE_IMPORTS = {
     ("benchmark.estimate", "methods.torch_base"): "calibrate() tells the staged torch detectors from the rest "
                                                   "(isinstance TorchDetector) once a detector has been built",
+    ("benchmark.estimate", "methods.engine"): "calibrate() times a fit in the job's training precision through "
+                                              "fit_jobs (its TrainOptions)",
     ("benchmark.jobs", "methods.engine"): "train_jobs() trains a group of K >= 1 jobs through fit_jobs, the "
                                           "torch training engine",
 }

@@ -17,6 +17,7 @@ from benchmark import speed
 from methods import get_method
 from methods.base import TrainOptions
 from methods.engine import fit_jobs
+from methods.torch_base import native_bf16
 
 CPU = torch.device("cpu")
 TINY_PEAK = {"mm": {"fp32": (16, 32), "bf16": (16, 32)}, "conv": (2, 4, 8, 3)}
@@ -79,13 +80,15 @@ def test_a_deep_detector_gets_all_four_variants(narrow_build):
         for key in ("train_img_s", "score_img_s", "score64_img_s"):
             assert math.isfinite(var[key]) and var[key] > 0
     assert res["train_gflop_per_img"] > 0 and res["score_gflop_per_img"] > 0
-    assert res["default_layout"] == "cl"  # GANomaly's own choice on the CPU, left as it was
+    assert res["default_layout"] == "cl"  # GANomaly's default_memory_format
+    native = native_bf16(CPU)  # "auto": bf16 for GANomaly where the CPU has bf16 kernels (AMX here)
+    assert res["default_variant"] == ("bf16-cl" if native else "fp32-cl")
 
 
 def test_a_non_torch_detector_gets_one_row():
     res = speed.bench_method("iforest", tiny_args(), CPU, np.random.default_rng(0))
     assert list(res["variants"]) == ["n/a"] and res["variants"]["n/a"]["train_img_s"] > 0
-    assert res["default_layout"] is None and not res["deep"]
+    assert res["default_layout"] is None and res["default_variant"] is None and not res["deep"]
 
 
 @pytest.mark.parametrize("name", ["ganomaly", "memae", "dsvdd"])
@@ -124,11 +127,11 @@ def test_variant_layout_reaches_weights_and_batches(name, variant):
     assert detector.run_info()["precision"] == precision
 
 
-@pytest.mark.parametrize("name, own", [("ganomaly", "channels_last"), ("memae", "nchw")])
-def test_default_memory_format_leaves_scores_bit_identical(name, own):
+@pytest.mark.parametrize("name, own", [("ganomaly", "channels_last"), ("memae", "channels_last"), ("dagmm", "nchw")])
+def test_default_memory_format_is_the_detectors_declared_layout_bit_for_bit(name, own):
     X, X_test = images(64), images(16, seed=1)
     untouched = smoke_detector(name, random_state=2)
-    assert TrainOptions().memory_format == "default"
+    assert TrainOptions().memory_format == "default" and type(untouched).default_memory_format == own
     reference = untouched.fit(X).decision_function(X_test)
     explicit = smoke_detector(name, random_state=2)
     assert fit_jobs([explicit], [X], options=TrainOptions(memory_format="default")) == [None]
@@ -138,8 +141,8 @@ def test_default_memory_format_leaves_scores_bit_identical(name, own):
     assert fit_jobs([same_layout], [X], options=TrainOptions(memory_format=own)) == [None]
     np.testing.assert_array_equal(same_layout.decision_function(X_test), reference)
     weights = [p for net in untouched._networks() for p in net.parameters() if p.dim() == 4]
-    assert all(p.is_contiguous(memory_format=LAYOUTS[own]) for p in weights)  # the default is unchanged
-    assert untouched.run_info()["memory_format"] == "default"
+    assert all(p.is_contiguous(memory_format=LAYOUTS[own]) for p in weights)
+    assert untouched.run_info()["memory_format"] == own and untouched.run_info()["memory_format_asked"] == "default"
 
 
 def test_unknown_memory_format_is_rejected():

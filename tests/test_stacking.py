@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 
+import methods.torch_base as torch_base
 from benchmark.records import JobKey
 from benchmark.runner import Job
 from benchmark.stacking import group_jobs
@@ -28,6 +29,15 @@ from methods.engine.optimisers import StackedAdam, StackedRMSprop, clip_grad_nor
 from methods.torch_base import TorchDetector
 
 RTOL = 1e-2
+
+
+@pytest.fixture(autouse=True)
+def auto_precision_is_fp32(monkeypatch):
+    """This file checks stacked = solo within RTOL in fp32: "auto" (every plain fit's and fit_jobs'
+    default) resolves to fp32 here, as on a CPU without native bf16. bf16 is asked for explicitly where
+    tested (and its stacked-vs-solo tolerance is tests/test_engine.py's)."""
+    monkeypatch.setattr(torch_base, "native_bf16", lambda device: False)
+
 # Test cases: a method's name, or a variant (its method and the settings that make it).
 VARIANTS = {"dsvdd_soft": ("dsvdd", {"objective": "soft-boundary", "warm_up_epochs": 0})}
 STACKABLE = ["ganomaly", "mem_ganomaly", "memae", "dsvdd", "dsvdd_soft", "f_anogan", "dagmm"]

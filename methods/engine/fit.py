@@ -82,7 +82,8 @@ def fit_jobs(detectors: Sequence[Any], Xs: Sequence[np.ndarray],
     jobs: list[Job] = []
     rng: Optional[JobRNG] = None
     for k, (det, X) in enumerate(zip(detectors, Xs)):
-        det.train_options_ = options
+        det.train_options_asked_ = options
+        det.train_options_ = det.resolve_train_options(options)  # "auto" precision, "default" layout
         x = det._begin_fit(X)  # seeds the global RNG with the job's seed, as its solo fit
         job = Job(k, det, x, callbacks[k])
         jobs.append(job)
@@ -97,7 +98,7 @@ def fit_jobs(detectors: Sequence[Any], Xs: Sequence[np.ndarray],
         raise ValueError("stacked jobs need training images of one shape")
     try:
         if supports_stacking(first):
-            _train(jobs, options, stacked)
+            _train(jobs, first.train_options_, stacked)  # one class, one device: one resolution
         else:
             first._fit(jobs[0].x, jobs[0].callback)
     except DivergedError as exc:
