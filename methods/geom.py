@@ -34,7 +34,6 @@ both (methods/wrn.py).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Iterable, Optional
 
 import torch
@@ -42,13 +41,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from methods.base import (
-    EpochCallback,
     check_choice,
     check_nonneg_float,
     check_positive_float,
     check_positive_int,
 )
-from methods.torch_base import Stage, StageResult, TorchDetector
+from methods.engine import Job, OptimiserSpec, ParamGroup, Phase, Stage, StagePlan, StageResult
+from methods.torch_base import TorchDetector
 from methods.transformations import MAX_SHIFT, GeometricTransformer, geometric_transformations, prepare_images
 from methods.wrn import WideResNet, check_wrn_params
 
@@ -75,19 +74,6 @@ PROFILES: dict = {
 
 #: -psi(1), the Euler-Mascheroni constant (the authors' ``-psi(1)``).
 EULER_GAMMA = 0.5772156649015329
-
-
-@dataclass(frozen=True)
-class TransformationStage(Stage):
-    """A stage whose samples are (image, transformation) pairs, `copies` per training image: its steps
-    and epochs are counted on n_train * copies samples, while ``planned_steps(n_train)`` takes the
-    number of images like every other stage's. (`_train_stage` receives n_train * copies, so its
-    progress display, which calls ``planned_epochs`` with that number, under-counts a capped stage.)"""
-
-    copies: int = 1
-
-    def steps_per_epoch(self, n: int) -> int:
-        return super().steps_per_epoch(n * self.copies)
 
 
 def geom_loss(net: nn.Module, x: torch.Tensor, t_index: torch.Tensor,
@@ -279,38 +265,44 @@ class GEOM(TorchDetector):
         return [self.net_]
 
     def _stages(self, n_train: int) -> list[Stage]:
-        return [TransformationStage(copies=len(geometric_transformations(self.max_shift)), name="train",
-                                    batch_size=self.batch_size, epochs=self.epochs, max_steps=self.max_steps,
-                                    drop_last=False)]
+        # The samples are (image, transformation) pairs: 72 copies of every training image.
+        return [Stage("train", self.batch_size, epochs=self.epochs, max_steps=self.max_steps, drop_last=False,
+                      copies=len(geometric_transformations(self.max_shift)))]
 
-    def _fit(self, x_train: torch.Tensor, epoch_callback: Optional[EpochCallback]) -> None:
+    def _build_networks(self, x_train: torch.Tensor) -> None:
         self.transformer_ = GeometricTransformer(geometric_transformations(self.max_shift))
-        n_transforms = self.transformer_.n_transforms
-        self.net_ = WideResNet(self.depth, self.widen_factor, n_transforms, x_train.shape[1],
+        self.net_ = WideResNet(self.depth, self.widen_factor, self.transformer_.n_transforms, x_train.shape[1],
                                mid_bn_relu=True, conv_init="fan_in", base_width=self.base_width).to(self.device_)
+
+    def _step_losses(self, x: torch.Tensor,
+                     t_index: torch.Tensor) -> tuple[list[torch.Tensor], dict[str, torch.Tensor], list]:
+        """The step's loss for the engine: `geom_loss` on the minibatch's (image, transformation)
+        pairs (the stage's copies are the transformations), its accuracy logged."""
+        loss, accuracy = geom_loss(self.net_, x, t_index, self.transformer_)
+        return [loss], {"loss": loss, "accuracy": accuracy}, []
+
+    def _stage_plans(self, n_train: int) -> list[StagePlan]:
+        """The training, described once for any number of jobs: one stage over the n_train x 72
+        (image, transformation) pairs, Adam (Keras' eps, coupled weight decay) on the whole network;
+        per job after each epoch the log (and, for an epoch callback, which scores, that epoch's
+        Dirichlets), after the stage the Dirichlets on the training images. The last incomplete
+        batch is kept, so stacked jobs' training sets must have one size."""
+        def end_epoch(job: Job, result: StageResult) -> None:
+            det = job.detector
+            det.training_log_ = {**{"epoch_mean_" + key: values for key, values in result.history.items()},
+                                 "steps": result.steps}
+            if job.callback is not None:  # the diagnostic scores mid-training: it needs this epoch's Dirichlets
+                det._fit_score_model(job.x)
+                det._set_mode(train=True)
+
+        def end(job: Job, result: StageResult) -> None:
+            job.detector._fit_score_model(job.x)
+
+        (stage,) = self._stages(n_train)
         # Keras' Adam defaults; its L2 regulariser on every weight is Adam's coupled weight decay.
-        optimizer = torch.optim.Adam(self.net_.parameters(), lr=self.lr, eps=1e-7, weight_decay=self.weight_decay)
-
-        def step(pair_index: torch.Tensor, step_number: int) -> torch.Tensor:
-            image_index, t_index = pair_index // n_transforms, pair_index % n_transforms
-            loss, accuracy = geom_loss(self.net_, x_train[image_index], t_index, self.transformer_)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            return torch.stack([loss.detach(), accuracy])
-
-        def end_epoch(epoch: int, result: StageResult) -> None:
-            if epoch_callback is not None:  # the diagnostic scores mid-training: it needs this epoch's Dirichlets
-                self._fit_score_model(x_train)
-                self._set_mode(train=True)
-
-        self.net_.train()
-        (stage,) = self._stages(len(x_train))
-        result = self._train_stage(stage, len(x_train) * n_transforms, step, ("loss", "accuracy"), epoch_callback,
-                                   end_epoch=end_epoch)
-        self.training_log_ = {"epoch_mean_" + key: values for key, values in result.history.items()}
-        self.training_log_["steps"] = result.steps
-        self._fit_score_model(x_train)
+        adam = OptimiserSpec("adam", self.lr, eps=1e-7, weight_decay=self.weight_decay)
+        phase = Phase(type(self)._step_losses, (ParamGroup(("net_",), adam),))
+        return [StagePlan(stage, ("net_",), (phase,), end_epoch=end_epoch, end=end)]
 
     @torch.no_grad()
     def _log_probabilities(self, x: torch.Tensor, t: int) -> torch.Tensor:

@@ -32,18 +32,19 @@ from __future__ import annotations
 
 from typing import Iterable, Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from methods.base import (
-    EpochCallback,
     check_choice,
     check_nonneg_float,
     check_positive_float,
     check_positive_int,
 )
-from methods.torch_base import Stage, StageResult, TorchDetector
+from methods.engine import Job, OptimiserSpec, ParamGroup, Phase, Stage, StagePlan, StageResult, StepEvent
+from methods.torch_base import TorchDetector
 from methods.transformations import MAX_SHIFT, GeometricTransformer, geometric_transformations, prepare_images
 from methods.wrn import WideResNet, check_wrn_params
 
@@ -231,45 +232,65 @@ class GOAD(TorchDetector):
     def _stages(self, n_train: int) -> list[Stage]:
         return [Stage("train", self.batch_size, epochs=self.epochs, max_steps=self.max_steps, drop_last=False)]
 
-    def _fit(self, x_train: torch.Tensor, epoch_callback: Optional[EpochCallback]) -> None:
+    def _build_networks(self, x_train: torch.Tensor) -> None:
         self.transformer_ = GeometricTransformer(geometric_transformations(self.max_shift))
-        n_transforms = self.transformer_.n_transforms
-        self.net_ = WideResNet(self.depth, self.widen_factor, n_transforms, x_train.shape[1],
+        self.net_ = WideResNet(self.depth, self.widen_factor, self.transformer_.n_transforms, x_train.shape[1],
                                mid_bn_relu=False, conv_init="fan_out", base_width=self.base_width).to(self.device_)
-        optimizer = torch.optim.Adam(self.net_.parameters(), lr=self.lr)
-        feature_sums = torch.zeros(n_transforms, self.net_.feature_dim, device=self.device_)
-        images_seen = torch.zeros((), device=self.device_)
 
-        (stage,) = self._stages(len(x_train))
-        steps_per_epoch = stage.steps_per_epoch(len(x_train))
+    def _step_losses(self, x: torch.Tensor) -> tuple[list[torch.Tensor], dict[str, torch.Tensor], list]:
+        """The step's loss for the engine: `goad_loss` and its terms, logged; the (B, T, D) features
+        go to `after_step` for the epoch's centres."""
+        loss, cross_entropy, triplet, mean_square, features = goad_loss(
+            self.net_, x, self.transformer_, self.lmbda, self.margin, self.feature_reg)
+        logged = {"loss": loss, "cross_entropy": cross_entropy, "triplet_centre": triplet,
+                  "feature_mean_square": mean_square}
+        return [loss], logged, [features]
 
-        def step(idx: torch.Tensor, step_number: int) -> torch.Tensor:
-            if (step_number - 1) % steps_per_epoch == 0:  # an epoch's first step: its centres start afresh
-                feature_sums.zero_()
-                images_seen.zero_()
-            loss, cross_entropy, triplet, mean_square, features = goad_loss(
-                self.net_, x_train[idx], self.transformer_, self.lmbda, self.margin, self.feature_reg)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            feature_sums.add_(features.detach().float().sum(0))
-            images_seen.add_(len(idx))
-            return torch.stack([loss.detach(), cross_entropy.detach(), triplet.detach(), mean_square.detach()])
+    def _stage_plans(self, n_train: int) -> list[StagePlan]:
+        """The training, described once for any number of jobs: one stage over the images (each step
+        all 72 transformations of each), Adam on the whole network. Per job the features of the
+        epoch's steps are summed (`after_step`, from the weights before each update, as the
+        authors' loop) and, after each epoch, their mean per transformation is the centres
+        (``centres="last_epoch"``); the sums then start afresh for the next epoch. With
+        ``"train_pass"`` the centres come from one eval-mode pass after the stage (and after each
+        epoch for an epoch callback, which scores). The last incomplete batch is kept, so stacked
+        jobs' training sets must have one size."""
+        n_transforms = len(geometric_transformations(self.max_shift))
+        # Per job (by Job.k): the epoch's feature sums per transformation and its image count.
+        sums: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
-        def end_epoch(epoch: int, result: StageResult) -> None:
-            self.centres_ = feature_sums / images_seen
-            if epoch_callback is not None and self.centres == "train_pass":
-                self._fit_centres(x_train)
-                self._set_mode(train=True)
+        def begin(job: Job) -> None:
+            det = job.detector
+            sums[job.k] = (torch.zeros(n_transforms, det.net_.feature_dim, device=det.device_),
+                           torch.zeros((), device=det.device_))
 
-        self.net_.train()
-        result = self._train_stage(stage, len(x_train), step, ("loss", "cross_entropy", "triplet_centre",
-                                                               "feature_mean_square"), epoch_callback,
-                                   end_epoch=end_epoch)
-        if self.centres == "train_pass":
-            self._fit_centres(x_train)
-        self.training_log_ = {"epoch_mean_" + key: values for key, values in result.history.items()}
-        self.training_log_["steps"] = result.steps
+        def after_step(event: StepEvent) -> None:
+            features = event.outputs[1]  # (K, B, T, D), detached
+            for k in np.flatnonzero(event.active):
+                feature_sums, images_seen = sums[event.jobs[k].k]
+                feature_sums.add_(features[k].float().sum(0))
+                images_seen.add_(features.shape[1])
+
+        def end_epoch(job: Job, result: StageResult) -> None:
+            det = job.detector
+            feature_sums, images_seen = sums[job.k]
+            det.centres_ = feature_sums / images_seen
+            feature_sums.zero_()  # the next epoch's centres start afresh
+            images_seen.zero_()
+            det.training_log_ = {**{"epoch_mean_" + key: values for key, values in result.history.items()},
+                                 "steps": result.steps}
+            if job.callback is not None and det.centres == "train_pass":
+                det._fit_centres(job.x)
+                det._set_mode(train=True)
+
+        def end(job: Job, result: StageResult) -> None:
+            if job.detector.centres == "train_pass":
+                job.detector._fit_centres(job.x)
+
+        (stage,) = self._stages(n_train)
+        phase = Phase(type(self)._step_losses, (ParamGroup(("net_",), OptimiserSpec("adam", self.lr)),))
+        return [StagePlan(stage, ("net_",), (phase,), begin=begin, after_step=after_step, end_epoch=end_epoch,
+                          end=end)]
 
     @torch.no_grad()
     def _features(self, x: torch.Tensor) -> torch.Tensor:

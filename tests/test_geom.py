@@ -11,6 +11,7 @@ import pytest
 import torch
 from scipy import ndimage
 
+from methods.base import iterate_minibatches
 from methods.geom import GEOM, dirichlet_normality, fit_dirichlet, geom_loss, inverse_digamma
 from methods.transformations import (
     GeometricTransformer,
@@ -180,6 +181,35 @@ def test_the_trained_pattern_scores_lower_than_noise_and_a_seed_repeats():
     for simple in (simple_normal, simple_noise):
         assert ((simple >= -1) & (simple <= 0)).all() and abs(simple.mean() + 1 / 72) < 0.01
     assert not np.allclose(simple_normal, normal)
+
+
+def test_a_solo_fit_is_the_hand_written_loop_over_pairs_bit_for_bit():
+    # 8 images x 72 = 576 pairs, 9 steps of 64 per epoch: 12 steps cross an epoch boundary. Written out
+    # by hand: one shuffle of the pairs per epoch, pair p = (image p // 72, transformation p % 72),
+    # Keras' Adam, zero_grad, backward, step; then the Dirichlets on the training images.
+    x_train, x_normal, x_noise = pattern_and_noise(n_train=8)
+    params = dict(SMALL, batch_size=64, epochs=2, max_steps=12)
+    engine = GEOM(**params).fit(x_train)
+    by_hand = GEOM(**params)
+    x = by_hand._begin_fit(x_train)
+    by_hand._build_networks(x)
+    by_hand.net_.train()
+    adam = torch.optim.Adam(by_hand.net_.parameters(), lr=by_hand.lr, eps=1e-7, weight_decay=by_hand.weight_decay)
+    steps = 0
+    for _ in range(2):
+        for pairs in iterate_minibatches(len(x) * 72, 64, False, by_hand.generator_, by_hand.device_):
+            if steps < 12:
+                loss, _ = geom_loss(by_hand.net_, x[pairs // 72], pairs % 72, by_hand.transformer_)
+                adam.zero_grad()
+                loss.backward()
+                adam.step()
+                steps += 1
+    by_hand._fit_score_model(x)
+    by_hand._finish_fit()
+    x_test = np.concatenate([x_normal[:4], x_noise[:4]])
+    np.testing.assert_array_equal(engine.decision_function(x_test), by_hand.decision_function(x_test))
+    assert engine.training_log_["steps"] == 12 and len(engine.training_log_["epoch_mean_loss"]) == 2
+    assert engine.planned_steps(8) == {"train": 12}
 
 
 def test_bad_hyperparameters_are_named():

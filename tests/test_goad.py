@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from methods.base import iterate_minibatches
 from methods.goad import GOAD, goad_loss, goad_scores, triplet_centre_loss
 from methods.transformations import GeometricTransformer, geometric_transformations
 from methods.wrn import WideResNet
@@ -78,6 +79,38 @@ def test_the_trained_pattern_scores_lower_than_noise_and_a_seed_repeats():
     other = GOAD(**SMALL, random_state=0, centres="train_pass").fit(x_train)
     assert normal.max() < other.decision_function(x_noise).min()
     assert not torch.equal(other.centres_, detector.centres_)  # eval-mode pass vs the last epoch's features
+
+
+def test_a_solo_fit_is_the_hand_written_loop_with_per_epoch_centres_bit_for_bit():
+    # 12 images, 3 steps of 4 per epoch, 5 steps: the centres are the mean features of the second
+    # epoch's 2 steps (8 images), summed after each step from the features of its forward pass.
+    x_train, x_normal, x_noise = pattern_and_noise(n_train=12)
+    params = dict(SMALL, epochs=2, max_steps=5)
+    engine = GOAD(**params).fit(x_train)
+    by_hand = GOAD(**params)
+    x = by_hand._begin_fit(x_train)
+    by_hand._build_networks(x)
+    by_hand.net_.train()
+    adam = torch.optim.Adam(by_hand.net_.parameters(), lr=by_hand.lr)
+    steps = 0
+    for _ in range(2):
+        sums, seen = torch.zeros(72, by_hand.net_.feature_dim), torch.zeros(())
+        for idx in iterate_minibatches(len(x), 4, False, by_hand.generator_, by_hand.device_):
+            if steps < 5:
+                loss, *_, features = goad_loss(by_hand.net_, x[idx], by_hand.transformer_, by_hand.lmbda,
+                                               by_hand.margin, by_hand.feature_reg)
+                adam.zero_grad()
+                loss.backward()
+                adam.step()
+                sums += features.detach().sum(0)
+                seen += len(idx)
+                steps += 1
+        by_hand.centres_ = sums / seen
+    by_hand._finish_fit()
+    assert seen == 8 and torch.equal(engine.centres_, by_hand.centres_)
+    x_test = np.concatenate([x_normal[:4], x_noise[:4]])
+    np.testing.assert_array_equal(engine.decision_function(x_test), by_hand.decision_function(x_test))
+    assert engine.training_log_["steps"] == 5 and len(engine.training_log_["epoch_mean_loss"]) == 2
 
 
 def test_the_shift_is_a_hyperparameter():

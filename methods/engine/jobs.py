@@ -1,6 +1,7 @@
 """Per-job randomness and data of K jobs trained in lockstep: each job's global-RNG stream
 (`JobRNG`), its random draws made outside vmap (`job_draws`), its shuffled minibatches
-(`LockstepBatches`, drawn as a solo fit draws them), its divergence monitor (`JobMonitor`), and
+(`LockstepBatches`, drawn as a solo fit draws them, and `minibatch`, what a phase's loss gets of
+them), its divergence monitor (`JobMonitor`), and
 the check that K detectors can train together (`check_stackable`)."""
 from __future__ import annotations
 
@@ -142,6 +143,29 @@ class LockstepBatches:
             real[k] = step < n_steps
             out.append(perm[s * self.batch_size:(s + 1) * self.batch_size])
         return out, real
+
+
+def minibatch(x: torch.Tensor, indices: torch.Tensor, copies: int = 1) -> tuple[torch.Tensor, ...]:
+    """One job's minibatch as a phase's loss receives it, from its sample indices.
+
+    Parameters
+    ----------
+    x : torch.Tensor
+        The job's (preprocessed) training images, (N, ...).
+    indices : torch.Tensor
+        Sample indices into the stage's N * copies samples (`Stage.copies`): sample s is copy
+        s % copies of image s // copies.
+    copies : int
+        Samples per image.
+
+    Returns
+    -------
+    tuple of torch.Tensor
+        (images,) when copies is 1; else (images, copy indices), one row per sample.
+    """
+    if copies == 1:
+        return (x[indices],)
+    return x[indices // copies], indices % copies
 
 
 class JobMonitor:

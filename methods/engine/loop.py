@@ -6,7 +6,8 @@ so a solo fit's scores are bit-identical to those of a hand-written loop. K > 1:
 stacked and every phase's loss is vmapped (methods/engine/modules.py), updated by the stacked
 optimisers with per-job masks (methods/engine/optimisers.py); jobs with fewer steps in an epoch
 sit its last steps out (parameters, optimiser state and BatchNorm buffers unchanged). Both run
-the same loop: per epoch the jobs' shuffled minibatches (`LockstepBatches`, a solo fit's draws),
+the same loop: per epoch the jobs' shuffled minibatches (`LockstepBatches`, a solo fit's draws,
+of images or, with `Stage.copies` > 1, of (image, copy) pairs: `minibatch`),
 per step each phase that is due (`Phase.every`) with its draws (`Phase.draws`, per job outside
 vmap), the logged values summed on the device and watched per job (`JobMonitor`, one host sync
 per epoch), `after_step`; per epoch and job the means, `end_epoch`, the progress callback and
@@ -23,7 +24,7 @@ import torch
 
 from methods.base import DivergedError, TrainOptions
 from methods.engine.graphs import GraphedStep
-from methods.engine.jobs import JobMonitor, LockstepBatches, job_draws
+from methods.engine.jobs import JobMonitor, LockstepBatches, job_draws, minibatch
 from methods.engine.modules import SoloModules, StackedModules
 from methods.engine.optimisers import clip_grad_norm_per_job
 from methods.engine.plan import Job, Phase, Stage, StagePlan, StageResult, StepEvent, default_epoch_means
@@ -70,16 +71,18 @@ class _PhaseRunner:
                 det.graph_stats_ = {**getattr(det, "graph_stats_", {}), graph_key: graphed.stats}
             self.fn = graphed
 
-    def _step(self, x: torch.Tensor, mask_t: torch.Tensor, *draws: torch.Tensor) -> tuple[list, torch.Tensor]:
+    def _step(self, x: torch.Tensor, mask_t: torch.Tensor, *inputs: torch.Tensor) -> tuple[list, torch.Tensor]:
+        """One update; `inputs` are the loss's further inputs (copy indices with `Stage.copies` > 1,
+        then the phase's draws)."""
         phase, optimisers = self.phase, self.optimisers
         with autocast(self.options, self.device):
             if self.stacked:
                 view = self.modules.view
-                losses, logged, extras = self.modules.call(lambda xk, *dk: phase.loss(view, xk, *dk), x, *draws,
+                losses, logged, extras = self.modules.call(lambda xk, *dk: phase.loss(view, xk, *dk), x, *inputs,
                                                            context=lambda: autocast(self.options, self.device),
                                                            weight_dtype=self.weight_dtype)
             else:
-                losses, logged, extras = phase.loss(self.modules.view, x, *draws)
+                losses, logged, extras = phase.loss(self.modules.view, x, *inputs)
             for optimiser in optimisers:
                 optimiser.zero_grad()
             for i, (loss, optimiser) in enumerate(zip(losses, optimisers)):
@@ -143,7 +146,7 @@ def run_stage(plan: StagePlan, stage: Stage, jobs: list[Job], options: TrainOpti
         if plan.lr_factor is not None:
             for runner in runners:
                 runner.set_lr_factor(plan.lr_factor(epoch))
-        batches = LockstepBatches([len(x) for x in xs], stage.batch_size, stage.drop_last,
+        batches = LockstepBatches([stage.samples(len(x)) for x in xs], stage.batch_size, stage.drop_last,
                                   [det.generator_ for det in dets], device)
         in_epoch = alive.copy()
         sums: Optional[torch.Tensor] = None
@@ -163,8 +166,12 @@ def run_stage(plan: StagePlan, stage: Stage, jobs: list[Job], options: TrainOpti
                 outputs: list[torch.Tensor] = []
                 phase_runs[0] += active
             else:
-                x = torch.stack([xs[k][idx[k]] for k in range(k_jobs)]) if stacked else xs[0][idx[0]]
-                outputs, values = _run_phases(runners, jobs, x, active, number, phase_runs, stacked, device)
+                if stacked:
+                    inputs = [torch.stack(part) for part in
+                              zip(*(minibatch(xs[k], idx[k], stage.copies) for k in range(k_jobs)))]
+                else:
+                    inputs = list(minibatch(xs[0], idx[0], stage.copies))
+                outputs, values = _run_phases(runners, jobs, inputs, active, number, phase_runs, stacked, device)
             if clocks:
                 seconds = dets[0]._clock_now() - step_started
                 for clock in clocks:
@@ -213,13 +220,15 @@ def run_stage(plan: StagePlan, stage: Stage, jobs: list[Job], options: TrainOpti
                 job.error = exc
 
 
-def _run_phases(runners: list[_PhaseRunner], jobs: list[Job], x: torch.Tensor, active: np.ndarray,
+def _run_phases(runners: list[_PhaseRunner], jobs: list[Job], inputs: list[torch.Tensor], active: np.ndarray,
                 number: np.ndarray, phase_runs: np.ndarray, stacked: bool,
                 device: torch.device) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """One step: each phase due for some active job, its draws made per job, its update masked to
-    those jobs (their BatchNorm buffers alone move). Returns the first phase's outputs and the
-    step's logged values (K, V), 0 for a phase a job did not run."""
+    """One step on the minibatch `inputs` (`minibatch`'s tensors; (K, ...) when stacked): each phase
+    due for some active job, its draws made per job, its update masked to those jobs (their
+    BatchNorm buffers alone move). Returns the first phase's outputs and the step's logged values
+    (K, V), 0 for a phase a job did not run."""
     parts, first_outputs = [], []
+    x = inputs[0]
     rows = x.shape[1] if stacked else x.shape[0]
     for p, runner in enumerate(runners):
         phase = runner.phase
@@ -235,7 +244,7 @@ def _run_phases(runners: list[_PhaseRunner], jobs: list[Job], x: torch.Tensor, a
                 draws = phase.draws(jobs[0].detector, rows)
         mask_t = torch.from_numpy(mask).to(device)
         snapshot = runner.modules.buffers_snapshot() if stacked and not mask.all() else None
-        outputs, values = runner.fn(x, mask_t, *draws)
+        outputs, values = runner.fn(x, mask_t, *inputs[1:], *draws)
         if snapshot is not None:
             runner.modules.restore_buffers(snapshot, mask_t)
             values = torch.where(mask_t[:, None], values, torch.zeros_like(values))

@@ -19,7 +19,9 @@ class Stage:
     """The budget of one training stage.
 
     Shuffled minibatches of `batch_size` for `epochs` epochs (None: until `max_steps`), at most
-    `max_steps` optimiser steps in all (None: no cap).
+    `max_steps` optimiser steps in all (None: no cap). A stage's samples are its training images,
+    or with `copies` > 1 (image, copy) pairs: sample s is copy s % copies of image s // copies (GEOM:
+    an image and one of its 72 transformations), and an epoch is one pass over the n * copies pairs.
 
     Attributes
     ----------
@@ -44,6 +46,11 @@ class Stage:
     period : int
         The steps' cost repeats with this period (f-AnoGAN: a generator update every n_critic
         critic steps), so timing runs cover whole periods.
+    copies : int
+        Samples per training image (1: the images themselves). With more, minibatches are drawn
+        from the n * copies (image, copy) pairs, steps and epochs counted on them, and each phase's
+        loss receives the pairs' images and their copy indices (`LossFn`). Every method here
+        still takes the number of images n.
     """
 
     name: str
@@ -56,9 +63,10 @@ class Stage:
     epochs_param: Optional[str] = "epochs"
     first_epoch: int = 1
     period: int = 1
+    copies: int = 1
 
-    def steps_per_epoch(self, n: int) -> int:
-        """Optimiser steps in one full epoch over n images (as `iterate_minibatches` draws them).
+    def samples(self, n: int) -> int:
+        """The stage's samples on n training images: n * copies.
 
         Parameters
         ----------
@@ -69,9 +77,25 @@ class Stage:
         -------
         int
         """
-        if self.drop_last and n >= self.batch_size:
-            return n // self.batch_size
-        return math.ceil(n / self.batch_size)
+        return n * self.copies
+
+    def steps_per_epoch(self, n: int) -> int:
+        """Optimiser steps in one full epoch over the samples of n images (as `iterate_minibatches`
+        draws them from n * copies samples).
+
+        Parameters
+        ----------
+        n : int
+            Number of training images.
+
+        Returns
+        -------
+        int
+        """
+        samples = self.samples(n)
+        if self.drop_last and samples >= self.batch_size:
+            return samples // self.batch_size
+        return math.ceil(samples / self.batch_size)
 
     def planned_steps(self, n: int) -> int:
         """Optimiser steps this stage runs on n training images.
@@ -158,8 +182,10 @@ class ParamGroup:
 
 # loss(view, x, *draws) -> (losses, logged, extras): `view` is the detector (K = 1) or a copy of it
 # whose module attributes are the vmapped templates (K > 1); x one job's minibatch; draws that job's
-# random draws (`Phase.draws`). losses: one scalar per parameter group; logged: name -> scalar, the
-# values the epoch means and the divergence check see; extras: further tensors for `after_step`.
+# random draws (`Phase.draws`). In a stage with `Stage.copies` > 1 it is loss(view, x, copy, *draws):
+# x the images of the minibatch's (image, copy) pairs, copy their copy indices (long, one per row).
+# losses: one scalar per parameter group; logged: name -> scalar, the values the epoch means and the
+# divergence check see; extras: further tensors for `after_step`.
 LossFn = Callable[..., tuple[list[torch.Tensor], dict[str, torch.Tensor], list[torch.Tensor]]]
 
 
