@@ -249,7 +249,7 @@ class TorchDetector(Detector, abc.ABC):
         epoch_callback : EpochCallback or None
             The fit's callback.
         end_epoch : callable, optional
-            end_epoch(epoch, result so far) after each epoch, before the epoch callback (e.g. GOAD's
+            end_epoch(epoch, result so far) after each epoch, before the epoch callback (e.g. per-epoch
             centres from the epoch's features).
 
         Returns
