@@ -648,7 +648,9 @@ class _DaskDispatch:
     it was running. Those are handed out again, up to `distributed.scheduler.allowed-failures`
     (the runner's Dask config, default 3) deaths per job, then reported `Lost`; the jobs never
     handed out are untouched. A worker is probed (`probe_expression`) before its first job; one
-    that cannot import the package is named on stderr and never given a job. When no worker can
+    that cannot import the package is named on stderr and never given a job. A worker that dies after
+    a job ended but before its result was fetched yields a `Lost` for it (its records are written: the
+    runner reads them back) instead of a fetch that would wait forever. When no worker can
     take jobs (none left, or none imports the package) for `timeout` seconds, `ClusterUnusable`
     is raised, saying why.
     """
@@ -780,8 +782,12 @@ class _DaskDispatch:
                 for future, (index, where) in list(self.running.items()):
                     if where == address and not future.done():
                         del self.running[future]
+                        ended = future.status == "lost"  # it had finished; its result went with the worker
                         self.client.cancel([future], force=True)
-                        yield from self._died(index, f"worker {address} died while running it")
+                        if ended:
+                            yield self.items[index], Lost(self._ended_then_died(address))
+                        else:
+                            yield from self._died(index, f"worker {address} died while running it")
             self._check_probes()
             self._hand_out()
             self._check_usable()
@@ -813,8 +819,27 @@ class _DaskDispatch:
                                           f"{first}; cause: {exc.__cause__!r}). The scheduler and every worker need "
                                           f"the Python environment of this command. {_INSTALL_HINT}") from exc
                 else:
-                    _, result = future.result()  # results-folder write errors propagate
-                    yield self.items[index], result
+                    fetched, value = self._fetch(future, address)  # results-folder write errors propagate
+                    if fetched:
+                        yield self.items[index], value[1]
+                    else:  # the unit finished, so its records are written; the runner reads them back
+                        self.client.cancel([future], force=True)
+                        yield self.items[index], Lost(self._ended_then_died(address))
+
+    @staticmethod
+    def _ended_then_died(address: str) -> str:
+        return f"worker {address} died after the job ended, before its result reached the runner"
+
+    def _fetch(self, future: Any, address: str) -> tuple[bool, Any]:
+        """(True, a finished job's result), or (False, None) when the worker holding the result left
+        before it was fetched. A plain `future.result()` would then wait forever: the client asks for
+        the task to be computed again, and a task pinned to a worker that is gone never is."""
+        while True:
+            try:
+                return True, future.result(timeout=POLL_SECONDS)
+            except TimeoutError:
+                if address not in self.client.nthreads():
+                    return False, None
 
     def cancel(self) -> None:
         futures = list(self.running) + [w.probe for w in self.workers.values() if w.probe is not None]

@@ -33,7 +33,7 @@ from benchmark.jobs import NOT_STARTED, Job, JobOutcome, RunSettings, run_jobs
 from benchmark.jobs import SUGGESTED_VAL_FRACTION as SUGGESTED_VAL_FRACTION
 from benchmark.jobs import build_detector as build_detector
 from benchmark.jobs import run_job as run_job
-from benchmark.records import JobKey
+from benchmark.records import JobKey, existing_record
 from benchmark.stacking import group_jobs
 
 
@@ -97,6 +97,17 @@ def _install_sigterm_handler() -> None:
         raise KeyboardInterrupt(f"signal {signum}")
     if hasattr(signal, "SIGTERM"):
         signal.signal(signal.SIGTERM, handler)
+
+
+def _lost(job: Job, settings: RunSettings, why: str) -> JobOutcome:
+    """The outcome of a job whose worker process died: `lost` (a rerun does it), unless that worker had
+    recorded it first (a record written since this run began), then the record's status and AUROC."""
+    record, _ = existing_record(Path(settings.results_dir), job.key)
+    if record is None or record.get("status") not in ("ok", "diverged", "failed") or \
+            job.key.json_path(Path(settings.results_dir)).stat().st_mtime < settings.started_at:
+        return JobOutcome(job.key, "lost", why)
+    return JobOutcome(job.key, record["status"], f"recorded before {why[0].lower()}{why[1:]}",
+                      (record.get("metrics") or {}).get("auroc"), float(record.get("seconds") or 0.0))
 
 
 def execute(jobs: list[Job], settings: RunSettings, n_parallel: int, progress: bool = True,
@@ -182,9 +193,8 @@ def execute(jobs: list[Job], settings: RunSettings, n_parallel: int, progress: b
         try:
             with closing(results):
                 for unit, result in results:
-                    if isinstance(result, Lost):  # the worker died: every job of the unit is lost
-                        result = [JobOutcome(job.key, "lost", f"its worker process died: {result.error}")
-                                  for job in unit]
+                    if isinstance(result, Lost):  # the worker died: every job of the unit not recorded is lost
+                        result = [_lost(job, settings, f"its worker process died: {result.error}") for job in unit]
                     take(result)
         except ClusterUnusable as exc:
             if not outcomes and not deferred:
@@ -193,7 +203,7 @@ def execute(jobs: list[Job], settings: RunSettings, n_parallel: int, progress: b
             seen = {o.key for o in outcomes} | {job.key for job in deferred}
             interrupted = {job.key for unit in exc.interrupted for job in unit}
             for job in (job for unit in units for job in unit if job.key not in seen):
-                outcomes.append(JobOutcome(job.key, "lost", f"its worker process died, then: {exc}")
+                outcomes.append(_lost(job, settings, f"its worker process died, then: {exc}")
                                 if job.key in interrupted else JobOutcome(job.key, NOT_STARTED, str(exc)))
             deferred.clear()
         for job in deferred:

@@ -259,7 +259,10 @@ def write_fake_cifar_py(root: Path, per_class: tuple = (2, 3)) -> dict:
 REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
 # What a test subprocess runs: the CLI with the fault detectors registered (and the kill hook).
-LAUNCH_CODE = ("import sys, fault_methods; fault_methods.register_all(); fault_methods.install_kill_hook(); "
+# SIGUSR1 makes a launched CLI print every thread's stack (`finish` sends it to a run that hangs).
+LAUNCH_CODE = ("import faulthandler, signal, sys, fault_methods; "
+               "faulthandler.register(signal.SIGUSR1, all_threads=True); "
+               "fault_methods.register_all(); fault_methods.install_kill_hook(); fault_methods.install_fetch_hold(); "
                "from benchmark.cli import main; sys.exit(main(sys.argv[1:]))")
 
 
@@ -295,6 +298,25 @@ def install_kill_hook() -> None:
     records._atomic_write = atomic_write
 
 
+def install_fetch_hold() -> None:
+    """FAULT_HOLD_FETCH=<path>: a Dask run fetches no finished job's result until that file exists
+    (so a test can end the worker between a job's end and the fetch of its result)."""
+    gate = os.environ.get("FAULT_HOLD_FETCH")
+    if not gate:
+        return
+    from benchmark.backends import _DaskDispatch
+
+    original = _DaskDispatch._fetch
+
+    def held_fetch(self, future, address):
+        deadline = time.monotonic() + 300
+        while not Path(gate).exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return original(self, future, address)
+
+    _DaskDispatch._fetch = held_fetch
+
+
 def cli_args(data: Path, results: Path, reports: Path, *extra: str, methods: tuple = ("slow",),
              classes: Iterable[int] = range(4), dataset: str = "mnist") -> list[str]:
     return ["--dataset", dataset, "--methods", *methods, "--classes", *map(str, classes), "--profile", "smoke",
@@ -317,6 +339,20 @@ def launch(args: list[str], workdir: Path, **env: str) -> subprocess.Popen:
 
 def output_of(process: subprocess.Popen) -> str:
     return process.output_path.read_text()
+
+
+def finish(process: subprocess.Popen, timeout: float, *logs: Path) -> int:
+    """The exit code of a `launch`ed CLI; one still running after `timeout` seconds fails the test
+    with its threads' stacks (SIGUSR1), its output and the tail of each of `logs`."""
+    try:
+        return process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGUSR1)
+        time.sleep(3)
+        tails = "".join(f"\n--- {log}:\n" + "\n".join(Path(log).read_text(errors="replace").splitlines()[-60:])
+                        for log in logs if Path(log).exists())
+        raise AssertionError(f"still running after {timeout} s; its output and stacks:\n{output_of(process)}"
+                             f"{tails}") from None
 
 
 def wait_for(condition, timeout: float, what: str) -> None:

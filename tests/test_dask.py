@@ -268,3 +268,50 @@ def test_backend_usage_errors_exit_2_and_write_nothing(extra, message, data, tmp
     assert main(cli_args(data, tmp_path / "results", tmp_path / "reports", *extra)) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "results").exists() and not (tmp_path / "reports").exists()
+
+
+# ---- a worker that dies between a job's end and the fetch of its result (stop 25's CI hang) ---
+class _FakeFuture:
+    """A finished job whose result is on a worker that has gone (`result` times out, as distributed's
+    does while it waits for a recomputation that never comes)."""
+
+    def __init__(self, status: str) -> None:
+        self.status = status
+
+    def done(self) -> bool:
+        return self.status == "finished"
+
+    def result(self, timeout=None):
+        raise TimeoutError
+
+
+class _FakeClient:
+    def __init__(self, nthreads_answers: list) -> None:
+        self.answers, self.cancelled = nthreads_answers, []
+
+    def nthreads(self) -> dict:
+        return self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
+
+    def cancel(self, futures, force=False) -> None:
+        self.cancelled += futures
+
+
+@pytest.mark.parametrize("status, answers", [
+    ("finished", [{"tcp://a:1": 1}, {}]),  # seen finished, the worker gone when its result is fetched
+    ("lost", [{}]),                        # the scheduler said the finished job's data went with its worker
+])
+def test_a_result_whose_worker_is_gone_is_reported_lost_instead_of_awaited(status, answers, monkeypatch):
+    import distributed
+
+    from benchmark.backends import Lost, _DaskDispatch, _DaskWorker
+
+    monkeypatch.setattr(distributed, "wait", lambda *args, **kwargs: None)
+    client = _FakeClient(answers)
+    dispatch = _DaskDispatch(client, len, ["job0"], None, (), timeout=60, where="here")
+    dispatch.workers["tcp://a:1"] = _DaskWorker("tcp://a:1", 1, "a", cores=1)
+    future = _FakeFuture(status)
+    dispatch.pending, dispatch.running = [], {future: (0, "tcp://a:1")}
+    (item, result), = list(dispatch.run())
+    assert item == "job0" and isinstance(result, Lost)
+    assert result.error == "worker tcp://a:1 died after the job ended, before its result reached the runner"
+    assert client.cancelled == [future] and not dispatch.running and not dispatch.pending

@@ -33,6 +33,7 @@ from fault_methods import (  # noqa: E402,F401
     TESTS,
     assert_same_outcomes,
     cli_args,
+    finish,
     in_process,
     job_classes,
     launch,
@@ -111,6 +112,10 @@ class Cluster:
             os.killpg(process.pid, signal.SIGKILL)
         process.wait()
 
+    def logs(self) -> list[Path]:
+        """The scheduler's and workers' log files."""
+        return [Path(process.log_path) for process in self.processes]
+
     def close(self) -> None:
         for process in reversed(self.processes):
             self.stop(process)
@@ -148,7 +153,7 @@ def test_a_worker_that_cannot_import_the_package_is_named_and_the_run_exits_2(cl
     started = time.monotonic()
     runner = _run(cluster, data, tmp_path)
     processes.append(runner)
-    code = runner.wait(timeout=STARTUP)
+    code = finish(runner, STARTUP, *cluster.logs())
     out = output_of(runner)
     print(f"exit {code} after {time.monotonic() - started:.1f} s:\n{out}")
     assert code == 2, out
@@ -165,7 +170,7 @@ def test_a_scheduler_that_cannot_unpickle_the_jobs_exits_2_saying_so(data, tmp_p
         cluster.add_worker()
         runner = _run(cluster, data, tmp_path)
         processes.append(runner)
-        code = runner.wait(timeout=STARTUP)
+        code = finish(runner, STARTUP, *cluster.logs())
     finally:
         cluster.close()
     out = output_of(runner)
@@ -183,9 +188,11 @@ def test_a_cluster_that_loses_all_workers_ends_the_run_and_keeps_finished_record
     processes.append(runner)
     wait_for(lambda: [e for e, _, _ in log_events(log)].count("end") >= 1, STARTUP, "a first job to finish")
     wait_for(lambda: len(_records(tmp_path / "results")) >= 1, 30, "its record")
+    # A second job starts only once the runner has the first one's result: the kill hits a running job.
+    wait_for(lambda: [e for e, _, _ in log_events(log)].count("start") >= 2, STARTUP, "a second job to start")
     cluster.stop(worker)  # the worker and its nanny: the cluster has no worker left
     lost_at = time.monotonic()
-    code = runner.wait(timeout=STARTUP)
+    code = finish(runner, STARTUP, *cluster.logs())
     out = output_of(runner)
     print(f"exit {code} {time.monotonic() - lost_at:.1f} s after the last worker went:\n{out}")
     assert code == 1, out
@@ -200,8 +207,37 @@ def test_a_cluster_that_loses_all_workers_ends_the_run_and_keeps_finished_record
     cluster.add_worker()
     rerun = _run(cluster, data, tmp_path)
     processes.append(rerun)
-    assert rerun.wait(timeout=STARTUP) == 0, output_of(rerun)
+    assert finish(rerun, STARTUP, *cluster.logs()) == 0, output_of(rerun)
     assert f"4 jobs: {len(done)} already recorded, {4 - len(done)} to run" in output_of(rerun)
+    assert_same_outcomes(outcomes(tmp_path / "results"), reference[0])
+
+
+def test_a_worker_that_dies_before_its_result_is_fetched_neither_hangs_the_run_nor_loses_the_record(
+        cluster, data, reference, tmp_path, processes):
+    """The CI hang of stop 25: the worker died after a job ended, before the runner fetched its result,
+    and the runner waited forever for a recomputation that a job pinned to that worker never gets."""
+    log, gate = tmp_path / "log", tmp_path / "fetch"
+    worker = cluster.add_worker(FAULT_LOG=str(log), FAULT_EPOCH_SECONDS="1")
+    runner = _run(cluster, data, tmp_path, FAULT_HOLD_FETCH=str(gate))
+    processes.append(runner)
+    wait_for(lambda: [e for e, _, _ in log_events(log)].count("end") >= 1, STARTUP, "a first job to finish")
+    wait_for(lambda: len(_records(tmp_path / "results")) >= 1, 30, "its record")
+    cluster.stop(worker)
+    wait_for(lambda: cluster.n_workers() == 0, 60, "the scheduler to see the worker go")
+    gate.touch()  # now the runner fetches the result, from a worker that is gone
+    code = finish(runner, STARTUP, *cluster.logs())
+    out = output_of(runner)
+    assert code == 1, out  # three jobs not started
+    assert f"the Dask cluster at {cluster.address} has had no worker for {WORKER_WAIT} s" in out, out
+    assert re.search(r"ran 1 jobs in .*: 1 ok, 0 failed, 0 diverged, 3 not started \(rerun to do them: ", out), out
+    done = _records(tmp_path / "results")
+    assert len(done) == 1 and all(r["status"] == "ok" for r in done.values())
+
+    cluster.add_worker()
+    rerun = _run(cluster, data, tmp_path)
+    processes.append(rerun)
+    assert finish(rerun, STARTUP, *cluster.logs()) == 0, output_of(rerun)
+    assert "4 jobs: 1 already recorded, 3 to run" in output_of(rerun)
     assert_same_outcomes(outcomes(tmp_path / "results"), reference[0])
 
 
@@ -216,7 +252,7 @@ def test_a_killed_worker_loses_only_the_job_it_was_running(cluster, data, refere
     wait_for(lambda: any(names[job] == 1 for e, _, job in log_events(log) if e == "start"), STARTUP, "class 1 to start")
     pid = next(pid for e, pid, job in log_events(log) if e == "start" and names[job] == 1)
     os.kill(pid, signal.SIGKILL)
-    code = runner.wait(timeout=STARTUP)
+    code = finish(runner, STARTUP, *cluster.logs())
     out = output_of(runner)
     assert code == 1, out
     assert "3 ok, 0 failed, 0 diverged, 1 lost (worker died; rerun to do them: mnist/slow/class1/seed0)" in out, out
@@ -241,7 +277,7 @@ def test_a_worker_that_cannot_see_the_data_fails_its_jobs_naming_the_path_and_ne
     wait_for(lambda: "to run" in output_of(runner), STARTUP, "the runner to check the data")
     copy.rename(tmp_path / "data-elsewhere")
     cluster.add_worker()
-    code = runner.wait(timeout=STARTUP)
+    code = finish(runner, STARTUP, *cluster.logs())
     out = output_of(runner)
     assert code == 1, out
     assert "0 ok, 2 failed" in out, out
