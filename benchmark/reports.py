@@ -335,8 +335,14 @@ def auroc_tables(
     diff_table = None
     if with_paper:
         class_diff = values.loc[classes, with_paper] - paper.loc[classes, with_paper].astype(float)
-        if class_diff.notna().any().any():
-            diff = pd.concat([class_diff, class_diff.mean().to_frame("mean").T])
+        mean_diff = class_diff.mean()
+        # A source that gives only the mean over the classes (GEOM's, GOAD's): our complete mean minus it.
+        mean_only = [m for m in with_paper if class_diff[m].isna().all() and complete_mean[m]
+                     and pd.notna(paper.loc["mean"].get(m))]
+        for m in mean_only:
+            mean_diff[m] = means[m] - float(paper.loc["mean", m])
+        if class_diff.notna().any().any() or mean_only:
+            diff = pd.concat([class_diff, mean_diff.to_frame("mean").T])
             diff = diff.map(lambda v: DASH if pd.isna(v) else f"{v:+.4f}")
             diff.index.name = "normal class"
             the = "the paper's" if protocol == "paper" else "the published values"
@@ -345,7 +351,9 @@ def auroc_tables(
                 label=f"{number}_{dataset}_auroc_difference" + ("" if protocol == "paper" else f"_{protocol}"),
                 frame=diff,
                 notes="The mean row averages the per-class differences, so a partial column is compared with "
-                f"{'the paper' if protocol == 'paper' else 'the published values'} on the same classes only.",
+                f"{'the paper' if protocol == 'paper' else 'the published values'} on the same classes only"
+                + (f"; for {', '.join(mean_only)}, whose source gives only the mean over the classes, it is our "
+                   "complete mean minus that mean." if mean_only else "."),
             )
     return paired, diff_table
 

@@ -120,6 +120,10 @@ def test_verdict_against_ruff_per_class_and_mean_only_source(tmp_path):
     assert verdicts["Mem_GANomaly"].eq("–").all()  # never the Mem_GANomaly paper's value here
     assert "GOAD: its source gives only the mean over the classes, so the verdict is on the mean row only." in footer
     assert "the published value lies within" in footer
+    # ours minus published: GOAD's complete mean 0.88 minus its source's mean 0.882, on the mean row only.
+    diff = auroc_tables(frame, "cifar10", "quick", "standard")[1]
+    assert diff.frame.loc["mean", "GOAD"] == "-0.0020" and (diff.frame["GOAD"].iloc[:-1] == "–").all()
+    assert "for GOAD, whose source gives only the mean over the classes, it is our complete mean" in diff.notes
     context = ReportContext(results, "quick", "standard", frame)
     section = verdict_sections(context)[0]
     assert section.title.startswith("AUROC over seeds and the verdict against the published values")
