@@ -819,8 +819,8 @@ class _DaskDispatch:
                                           f"{first}; cause: {exc.__cause__!r}). The scheduler and every worker need "
                                           f"the Python environment of this command. {_INSTALL_HINT}") from exc
                 else:
-                    fetched, value = self._fetch(future, address)  # results-folder write errors propagate
-                    if fetched:
+                    value = self._fetch(future, address)  # results-folder write errors propagate
+                    if value is not None:
                         yield self.items[index], value[1]
                     else:  # the unit finished, so its records are written; the runner reads them back
                         self.client.cancel([future], force=True)
@@ -830,16 +830,16 @@ class _DaskDispatch:
     def _ended_then_died(address: str) -> str:
         return f"worker {address} died after the job ended, before its result reached the runner"
 
-    def _fetch(self, future: Any, address: str) -> tuple[bool, Any]:
-        """(True, a finished job's result), or (False, None) when the worker holding the result left
-        before it was fetched. A plain `future.result()` would then wait forever: the client asks for
-        the task to be computed again, and a task pinned to a worker that is gone never is."""
+    def _fetch(self, future: Any, address: str) -> Optional[tuple]:
+        """A finished job's (index, result) pair, or None when the worker holding it left before it was
+        fetched. A plain `future.result()` would then wait forever: the client asks for the task to be
+        computed again, and a task pinned to a worker that is gone never is."""
         while True:
             try:
-                return True, future.result(timeout=POLL_SECONDS)
+                return future.result(timeout=POLL_SECONDS)
             except TimeoutError:
                 if address not in self.client.nthreads():
-                    return False, None
+                    return None
 
     def cancel(self) -> None:
         futures = list(self.running) + [w.probe for w in self.workers.values() if w.probe is not None]

@@ -102,9 +102,9 @@ def _install_sigterm_handler() -> None:
 def _lost(job: Job, settings: RunSettings, why: str) -> JobOutcome:
     """The outcome of a job whose worker process died: `lost` (a rerun does it), unless that worker had
     recorded it first (a record written since this run began), then the record's status and AUROC."""
-    record, _ = existing_record(Path(settings.results_dir), job.key)
-    if record is None or record.get("status") not in ("ok", "diverged", "failed") or \
-            job.key.json_path(Path(settings.results_dir)).stat().st_mtime < settings.started_at:
+    results_dir = Path(settings.results_dir)
+    record, _ = existing_record(results_dir, job.key)
+    if record is None or job.key.json_path(results_dir).stat().st_mtime < settings.started_at:
         return JobOutcome(job.key, "lost", why)
     return JobOutcome(job.key, record["status"], f"recorded before {why[0].lower()}{why[1:]}",
                       (record.get("metrics") or {}).get("auroc"), float(record.get("seconds") or 0.0))

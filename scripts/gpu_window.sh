@@ -45,7 +45,8 @@ prepare() {
 
 run() {
     local out="${OUT:-gpu_out}" budget="${RUN_SECONDS:-540}" start=$SECONDS
-    local device="${DEVICE:-cuda}" profile="${PROFILE:-paper}" parts=" ${PARTS:-1 2 3 4} " graphs=()
+    local device="${DEVICE:-cuda}" profile="${PROFILE:-paper}" graphs=()
+    local -a parts=(${PARTS:-1 2 3 4})
     [ "$device" = cpu ] || graphs=(--cuda-graphs)
     mkdir -p "$out" gpu_results gpu_reports
     local log="gpu_reports/gpu_window.log"
@@ -60,7 +61,7 @@ run() {
             echo "pyod does not import here (numba missing?): iForest left out of this run"
         fi
         local common=(--dataset mnist --data-root "$CARRY/data" --no-download --device "$device" --no-progress)
-        for part in $parts; do
+        for part in "${parts[@]}"; do
             case "$part" in
             1)
                 echo "== 1. speed ($(left) s left)"
@@ -68,7 +69,7 @@ run() {
             2)
                 echo "== 2. MNIST paper profile, stacked + graphs ($(left) s left)"
                 # Part 2 leaves 60 s for what follows it, when anything does.
-                local keep=$([ "$(echo $parts | awk '{print $NF}')" = 2 ] && echo 10 || echo 60)
+                local keep=$([ "${parts[-1]}" = 2 ] && echo 10 || echo 60)
                 timeout -s INT $(( $(left) > keep ? $(left) - keep : 1 )) python run_all.py "${common[@]}" \
                     --profile "$profile" --methods $methods --track-auroc --stack auto "${graphs[@]}" \
                     --results-dir gpu_results --reports-dir gpu_reports ;;
@@ -89,13 +90,13 @@ run() {
             *) echo "unknown part $part (PARTS: 1 2 3 4)" ;;
             esac
         done
-        case "$parts" in *" 2 "* | *" 3 "*)
-            python run_all.py --report-only --profile "$profile" --results-dir gpu_results --reports-dir gpu_reports ;;
-        esac
-        case "$parts" in *" 4 "*)
+        if [[ " ${parts[*]} " == *" 2 "* || " ${parts[*]} " == *" 3 "* ]]; then
+            python run_all.py --report-only --profile "$profile" --results-dir gpu_results --reports-dir gpu_reports
+        fi
+        if [[ " ${parts[*]} " == *" 4 "* ]]; then
             python run_all.py --report-only --profile "$profile" --protocol standard --dataset fashion_mnist \
-                --results-dir gpu_results --reports-dir gpu_reports ;;
-        esac
+                --results-dir gpu_results --reports-dir gpu_reports
+        fi
         echo "== done after $((SECONDS - start)) s"
     } > "$log" 2>&1
     tar czf "$out/gpu_window.tgz" gpu_results gpu_reports
